@@ -1,0 +1,64 @@
+"""Which models take the fused path, and the reasons given when one does not."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_mirage.models import support
+
+
+def _config(**overrides):
+    hf = SimpleNamespace(model_type="qwen3", hidden_act="silu", attention_bias=False)
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf, dtype=torch.float32),
+        quant_config=None,
+        lora_config=None,
+    )
+    for key, value in overrides.items():
+        target = hf if hasattr(hf, key) or key in ("is_causal", "dual_chunk_attention_config") else cfg
+        setattr(target, key, value)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    monkeypatch.setattr(support, "platform_name", lambda: "cpu")
+
+
+def test_plain_qwen3_is_supported():
+    assert support.model_unsupported_reason(_config()) is None
+
+
+class _Quant:
+    def get_name(self):
+        return "fp8"
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"quant_config": _Quant()}, "quantized weights (fp8)"),
+        ({"lora_config": object()}, "LoRA is enabled"),
+        ({"model_type": "qwen3_moe"}, "'qwen3_moe' is not dense Qwen3"),
+        ({"model_type": "llama"}, "'llama' is not dense Qwen3"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"hidden_act": "gelu"}, "activation 'gelu'"),
+        ({"is_causal": False}, "bidirectional"),
+        ({"dual_chunk_attention_config": {"chunk_size": 8}}, "dual-chunk"),
+    ],
+)
+def test_unsupported_models_name_the_reason(overrides, expected):
+    assert expected in support.model_unsupported_reason(_config(**overrides))
+
+
+def test_dtype_rules_differ_by_platform(monkeypatch):
+    cfg = _config()
+    cfg.model_config.dtype = torch.float16
+    assert "dtype float16 is not supported on cpu" in support.model_unsupported_reason(cfg)
+    monkeypatch.setattr(support, "platform_name", lambda: "cuda")
+    assert support.model_unsupported_reason(cfg) is None
+    cfg.model_config.dtype = torch.float32
+    assert "dtype float32 is not supported on cuda" in support.model_unsupported_reason(cfg)
+    monkeypatch.setattr(support, "platform_name", lambda: "rocm")
+    assert "platform 'rocm' is not supported" in support.model_unsupported_reason(cfg)

@@ -1,0 +1,23 @@
+"""What the plugin did to a model, for ``LLM.apply_model(describe_model)``.
+
+A module-level function, so vLLM can ship it to an engine process by reference (a lambda or a
+function defined in ``__main__`` does not unpickle there). Multiprocess engines also need
+``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for ``apply_model``.
+"""
+
+from torch import nn
+
+
+def describe_model(model: nn.Module) -> dict:
+    from vllm_mirage import ops
+
+    return {
+        "class": type(model).__name__,
+        # None when our model class was not used (another architecture).
+        "mirage_status": getattr(model, "mirage_status", None),
+        "module_types": sorted({type(m).__name__ for m in model.modules()}),
+        "params": [[name, list(p.shape)] for name, p in model.named_parameters()],
+        "state_dict_keys": sorted(model.state_dict().keys()),
+        # Calls of each fused op in this process, by backend ("triton" or "reference").
+        "dispatch_counts": [[op, backend, n] for (op, backend), n in ops.dispatch_counts.items()],
+    }

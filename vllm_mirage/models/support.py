@@ -1,0 +1,75 @@
+"""Can this model take the fused path? Each check returns a reason string when it cannot.
+
+The rule is: run a model through our kernels only when every assumption they make holds; otherwise
+leave vLLM's stock path in place and say why. Wrong tokens are never an acceptable fallback.
+"""
+
+import torch
+from torch import nn
+
+# The Triton kernels are written and measured for 16-bit weights on CUDA. On CPU (CI, laptops) the
+# fused modules run the PyTorch references (or the kernels in Triton's interpreter), where float32 is
+# the precision the token-equality tests use.
+SUPPORTED_DTYPES = {
+    "cuda": (torch.bfloat16, torch.float16),
+    "cpu": (torch.float32, torch.bfloat16),
+}
+
+
+def platform_name() -> str:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return str(getattr(current_platform, "device_name", "unknown"))
+
+
+def model_unsupported_reason(vllm_config) -> str | None:
+    """Whole-model checks, made before any layer is touched."""
+    hf_config = vllm_config.model_config.hf_config
+    platform = platform_name()
+    if platform not in SUPPORTED_DTYPES:
+        return f"platform {platform!r} is not supported (CUDA and CPU are)"
+    dtype = vllm_config.model_config.dtype
+    if dtype not in SUPPORTED_DTYPES[platform]:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES[platform])
+        return f"dtype {str(dtype).removeprefix('torch.')} is not supported on {platform} ({allowed} are)"
+    if vllm_config.quant_config is not None:
+        name = vllm_config.quant_config.get_name()
+        return f"quantized weights ({name}) are not supported: the kernels read 16-bit weights"
+    if vllm_config.lora_config is not None:
+        return "LoRA is enabled: adapters add deltas around qkv_proj/gate_up_proj that the fused kernels skip"
+    if getattr(hf_config, "model_type", None) != "qwen3":
+        return f"model_type {getattr(hf_config, 'model_type', None)!r} is not dense Qwen3"
+    if not getattr(hf_config, "is_causal", True):
+        return "bidirectional (is_causal=False) Qwen3 variants are not supported"
+    if getattr(hf_config, "dual_chunk_attention_config", None):
+        return "dual-chunk attention is not supported"
+    if getattr(hf_config, "attention_bias", False):
+        return "attention_bias=True is not supported"
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        return f"activation {hf_config.hidden_act!r} is not supported (silu is)"
+    return None
+
+
+def layer_unsupported_reason(layer: nn.Module) -> str | None:
+    """Per-layer checks on the modules the fused kernels will read through."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    attn = layer.self_attn
+    for name, linear in (("qkv_proj", attn.qkv_proj), ("gate_up_proj", layer.mlp.gate_up_proj)):
+        if not isinstance(linear.quant_method, UnquantizedLinearMethod):
+            return f"{name} uses {type(linear.quant_method).__name__}, not unquantized weights"
+        if getattr(linear, "bias", None) is not None:
+            return f"{name} has a bias"
+    rope = attn.rotary_emb
+    # Scaled variants (YaRN, dynamic NTK, mrope...) subclass RotaryEmbedding and some change
+    # forward(): only the plain class is known to be "look up cos/sin by position, rotate".
+    if type(rope) is not RotaryEmbedding:
+        return f"rotary embedding {type(rope).__name__} is not supported (plain RotaryEmbedding is)"
+    if not rope.is_neox_style or rope.rotary_dim != attn.head_dim:
+        return "only neox-style rotary over the full head dim is supported"
+    return None
