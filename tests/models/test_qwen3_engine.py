@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.models.conftest import PROMPTS
+from tests.conftest import PROMPTS
 
 MAX_TOKENS = 24
 FUSED_TYPES = {"MirageQwen3DecoderLayer", "FusedRMSNormQKV", "FusedQKNormRope", "FusedRMSNormGateUp"}
