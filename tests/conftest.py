@@ -17,7 +17,7 @@ PROMPTS = [
     "Once upon a time there was",
 ]
 
-_JOB = Path(__file__).with_name("engine_job.py")
+_JOB = Path(__file__).parent / "models" / "engine_job.py"
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,25 @@ class _Records(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def _probe_limits(llm, params, max_model_len: int) -> dict:
+    """Edge cases whose handling belongs to vLLM: record what happens, for stock and Mirage alike."""
+    from vllm import SamplingParams
+
+    out = {"empty": len(llm.generate([], params))}
+    try:
+        llm.generate([{"prompt_token_ids": [7] * (max_model_len + 8)}], params)
+        out["too_long"] = None
+    except Exception as e:  # vLLM's own validation error is the expected outcome
+        out["too_long"] = type(e).__name__
+    # A prompt that leaves room for fewer tokens than asked: generation stops at max_model_len.
+    near = llm.generate(
+        [{"prompt_token_ids": [(13 * i) % 500 for i in range(max_model_len - 5)]}],
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+    )[0].outputs[0]
+    out["near_limit"] = [list(near.token_ids), near.finish_reason]
+    return out
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     records = _Records()
@@ -54,6 +73,8 @@ def main(spec_path: str, out_path: str) -> None:
         ],
         "model": llm.apply_model(describe_model)[0],
     }
+    if spec.get("probe_limits"):
+        result["limits"] = _probe_limits(llm, params, spec["max_model_len"])
     # The model is built in the worker; in-process that is this process, so its log lines land here.
     result["mirage_log"] = records.lines
     json.dump(result, open(out_path, "w"))
