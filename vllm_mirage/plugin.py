@@ -30,10 +30,11 @@ def register() -> None:
 
 
 def _setup_logging() -> None:
-    # vLLM configures only the "vllm" logger tree; give ours the same shape of output.
-    if logger.handlers:
+    # vLLM configures only the "vllm" logger tree; give ours the same shape of output, once per process.
+    if any(getattr(h, "_vllm_mirage", False) for h in logger.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
+    handler._vllm_mirage = True
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [vllm_mirage] %(message)s", "%m-%d %H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

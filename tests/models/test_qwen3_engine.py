@@ -158,3 +158,12 @@ def test_tensor_parallel_shards_give_the_same_tokens(tiny_qwen3, run_engine, sto
     assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == [(2 + 1 + 1) * 64, 128]
     assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == [2 * 128, 128]
     assert result["token_ids"] == stock_fp32["token_ids"]
+
+
+def test_triton_kernels_inside_vllm_give_stock_tokens(tiny_qwen3, run_engine, stock_fp32):
+    """The real Triton kernels (in Triton's interpreter) drive the engine: same greedy tokens."""
+    result = run_engine(_spec(tiny_qwen3), env={"VLLM_USE_MIRAGE": "1", "TRITON_INTERPRET": "1"})
+    counts = {(op, backend): n for op, backend, n in result["model"]["dispatch_counts"]}
+    for op in ("rms_norm_linear", "qk_norm_rope", "rms_norm_linear_silu_mul"):
+        assert counts.get((op, "triton"), 0) > 0 and (op, "reference") not in counts, op
+    assert result["token_ids"] == stock_fp32["token_ids"]

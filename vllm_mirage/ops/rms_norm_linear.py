@@ -1,0 +1,57 @@
+"""RMSNorm (+ residual add) fused into the following linear layer: Mirage's RMSNorm+QKV fusion.
+
+``rms_norm_linear(x, norm_weight, weight, eps)`` = ``rmsnorm(x) @ weight.T``; with ``residual`` it returns
+``(rmsnorm(x + residual) @ weight.T, x + residual)``. The normalised activations are computed inside the
+matmul kernel's prologue and never written to memory (kernel: ``_norm_gemv.py``).
+"""
+
+import torch
+
+from vllm_mirage.ops import reference
+from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._norm_gemv import fused_or_unfused
+
+_NAME = "rms_norm_linear"
+
+
+@torch.library.custom_op("vllm_mirage::rms_norm_linear", mutates_args=())
+def _rms_norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    triton_ok = use_triton(x)
+    record(_NAME, triton_ok)
+    if not triton_ok:
+        return reference.rms_norm_linear(x, norm_weight, weight, eps)
+    return fused_or_unfused(x, weight, norm_weight, eps)[0]
+
+
+@_rms_norm_linear_op.register_fake
+def _(x, norm_weight, weight, eps):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("vllm_mirage::add_rms_norm_linear", mutates_args=())
+def _add_rms_norm_linear_op(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    triton_ok = use_triton(x)
+    record(_NAME, triton_ok)
+    if not triton_ok:
+        return reference.rms_norm_linear(x, norm_weight, weight, eps, residual=residual)
+    return fused_or_unfused(x, weight, norm_weight, eps, residual=residual)
+
+
+@_add_rms_norm_linear_op.register_fake
+def _(x, residual, norm_weight, weight, eps):
+    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
+
+
+def rms_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+):
+    """``x``, ``residual``: ``[T, H]``; ``norm_weight``: ``[H]``; ``weight``: ``[N, H]`` (vLLM's layout)."""
+    if residual is None:
+        return _rms_norm_linear_op(x, norm_weight, weight, eps)
+    return _add_rms_norm_linear_op(x, residual, norm_weight, weight, eps)
