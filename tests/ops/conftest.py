@@ -1,7 +1,8 @@
 """Op tests run the Triton kernels in Triton's interpreter on CPU (or natively on CUDA with -m gpu).
 
-The ops read TRITON_INTERPRET per call, so setting it here affects only these tests; Triton itself
-reads it when a kernel is first launched, which in this process only happens through these tests.
+``triton.jit`` decides at decoration time whether a kernel is interpreted, so the variable must be set
+before ``vllm_mirage.ops`` is first imported: here, at collection. Engine subprocesses started by other
+tests do not inherit it (tests/conftest.py removes it unless a test asks for it).
 """
 
 import os
@@ -9,7 +10,8 @@ import os
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from vllm_mirage.ops import dispatch_counts  # noqa: E402
 

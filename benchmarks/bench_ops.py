@@ -1,0 +1,244 @@
+"""Time each fused op against the unfused kernels it replaces, on Qwen3 shapes (CUDA only).
+
+    python benchmarks/bench_ops.py --output benchmarks/results/ops_h100.json
+
+Method (/work/.library/device/METHOD.md): every variant is checked against the PyTorch reference
+first; then R calls, each on its own copy of the weights (R copies exceed the 50 MB L2, so we measure
+HBM, not cache), are captured in one CUDA graph, and the graph replay is timed with
+``triton.testing.do_bench`` (median) and divided by R. Graphs remove Python and launch overhead,
+as vLLM's decode does. The copy bandwidth measured in the same run is the roofline.
+
+Unfused baselines are what stock vLLM launches, built from single kernels of equal quality:
+norm = our one-kernel add+RMSNorm (like vLLM's fused_add_rms_norm), GEMM = cuBLAS
+(``F.linear``), SiLU·mul and rotary = one torch.compile'd (inductor) kernel each, q/k norm = two.
+"""
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_mirage import ops  # noqa: E402
+from vllm_mirage.ops import reference  # noqa: E402
+from vllm_mirage.ops._norm_gemv import GEMV_MAX_TOKENS, default_config, norm_gemv  # noqa: E402
+from vllm_mirage.ops.add_rms_norm import rms_norm_triton  # noqa: E402
+
+MODELS = {  # H, q heads, kv heads, head_dim, I
+    "qwen3-0.6b": (1024, 16, 8, 128, 3072),
+    "qwen3-1.7b": (2048, 16, 8, 128, 6144),
+    "qwen3-8b": (4096, 32, 8, 128, 12288),
+}
+EPS = 1e-6
+L2_BYTES = 50 * 2**20
+DT = torch.bfloat16
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.randn(256 * 2**20, device="cuda", dtype=DT)  # 512 MB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def graph_time_us(fn, n_calls: int) -> float:
+    """Median time of one call: ``fn(i)`` for i in range(n_calls) captured in a graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(n_calls):  # warm-up: compile kernels, settle allocator
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            fn(i)
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    return ms * 1e3 / n_calls
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-4 * L2_BYTES // nbytes))
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# Unfused pieces that stock vLLM launches one kernel each for.
+silu_mul_compiled = torch.compile(lambda y: F.silu(y[:, : y.shape[1] // 2]) * y[:, y.shape[1] // 2 :], dynamic=True)
+head_rms_compiled = torch.compile(lambda x, w, d: reference._rms_norm(x.view(x.shape[0], -1, d), w, EPS).view(x.shape[0], -1), dynamic=True)
+
+
+def _rope(q, k, pos, cache):
+    d = cache.shape[1]
+    cos, sin = cache[pos].float().chunk(2, dim=-1)
+
+    def rot(x):
+        h = x.view(x.shape[0], -1, d).float()
+        x1, x2 = h.chunk(2, dim=-1)
+        c, s = cos[:, None], sin[:, None]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).to(x.dtype).view(x.shape)
+
+    return rot(q), rot(k)
+
+
+rope_compiled = torch.compile(_rope, dynamic=True)
+
+
+def bench_linear_ops(name, H, N_rows, T, silu, cfg=None):
+    """rms_norm_linear (silu=False, weight [N, H]) or rms_norm_linear_silu_mul (silu=True, [2I, H]),
+    both with a residual, as in every layer but the first. Returns a result row."""
+    wbytes = N_rows * H * 2
+    R = copies_for(wbytes)
+    weights = [torch.randn(N_rows, H, device="cuda", dtype=DT) * H**-0.5 for _ in range(R)]
+    x = torch.randn(T, H, device="cuda", dtype=DT)
+    res = torch.randn(T, H, device="cuda", dtype=DT)
+    nw = (1 + 0.3 * torch.randn(H, device="cuda")).to(DT)
+    n_out = N_rows // 2 if silu else N_rows
+
+    def fused(i):
+        if cfg is not None:
+            return norm_gemv(x, weights[i], nw, EPS, residual=res, silu_mul=silu, config=cfg)
+        if silu:
+            return ops.rms_norm_linear_silu_mul(x, nw, weights[i], EPS, residual=res)
+        return ops.rms_norm_linear(x, nw, weights[i], EPS, residual=res)
+
+    def unfused(i):
+        normed, new_res = rms_norm_triton(x, nw, EPS, residual=res)
+        y = F.linear(normed, weights[i])
+        return (silu_mul_compiled(y) if silu else y), new_res
+
+    ref_fn = reference.rms_norm_linear_silu_mul if silu else reference.rms_norm_linear
+    ref_out, _ = ref_fn(x.float(), nw.float(), weights[0].float(), EPS, residual=res.float())
+    err = rel_err(fused(0)[0], ref_out)
+    assert err < 1e-2, f"{name} T={T}: fused relative error {err:.2e}"
+    err_u = rel_err(unfused(0)[0], ref_out)
+    t_f, t_u = graph_time_us(fused, R), graph_time_us(unfused, R)
+    moved = wbytes + (3 * T * H + T * n_out) * 2  # weights, x, residual in, residual out, output
+    return {"fused_us": t_f, "unfused_us": t_u, "bytes": moved, "err_fused": err, "err_unfused": err_u}
+
+
+def bench_qk_norm_rope(hq, hk, D, T):
+    R = 64
+    qkvs = [torch.randn(T, (hq + 2 * hk) * D, device="cuda", dtype=DT) for _ in range(R)]
+    splits = [q.split([hq * D, hk * D, hk * D], dim=-1) for q in qkvs]
+    qw, kw = [(1 + 0.3 * torch.randn(D, device="cuda")).to(DT) for _ in range(2)]
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    cache = torch.randn(40960, D, device="cuda").to(DT)
+
+    def fused(i):
+        q, k, _ = splits[i]
+        return ops.qk_norm_rope(q, k, qw, kw, pos, cache, EPS)
+
+    def unfused(i):
+        q, k, _ = splits[i]
+        return rope_compiled(head_rms_compiled(q, qw, D), head_rms_compiled(k, kw, D), pos, cache)
+
+    q, k, _ = splits[0]
+    ref = reference.qk_norm_rope(q.float(), k.float(), qw.float(), kw.float(), pos, cache.float(), EPS)
+    err = max(rel_err(a, b) for a, b in zip(fused(0), ref))
+    assert err < 1e-2, f"qk_norm_rope T={T}: relative error {err:.2e}"
+    t_f, t_u = graph_time_us(fused, R), graph_time_us(unfused, R)
+    moved = 2 * T * (hq + hk) * D * 2 + T * D * 2 * 2  # q, k in and out; cos/sin rows
+    return {"fused_us": t_f, "unfused_us": t_u, "bytes": moved, "err_fused": err}
+
+
+def bench_add_rms_norm(H, T):
+    R = 64
+    xs = [torch.randn(T, H, device="cuda", dtype=DT) for _ in range(R)]
+    res = torch.randn(T, H, device="cuda", dtype=DT)
+    w = (1 + 0.3 * torch.randn(H, device="cuda")).to(DT)
+    compiled = torch.compile(lambda x, r, w: reference.add_rms_norm(x, r, w, EPS), dynamic=True)
+    fused = lambda i: ops.add_rms_norm(xs[i], res, w, EPS)  # noqa: E731
+    unfused = lambda i: compiled(xs[i], res, w)  # noqa: E731
+    ref = reference.add_rms_norm(xs[0].float(), res.float(), w.float(), EPS)[0]
+    err = rel_err(fused(0)[0], ref)
+    assert err < 1e-2
+    return {"fused_us": graph_time_us(fused, R), "unfused_us": graph_time_us(unfused, R),
+            "bytes": 4 * T * H * 2, "err_fused": err}
+
+
+def sweep(models, tokens):
+    """Block-size sweep of the fused GEMV kernel, to justify default_config()."""
+    rows = []
+    grid = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 4]))
+    for model in models:
+        H, hq, hk, D, I = MODELS[model]
+        for what, n_rows, silu in (("qkv", (hq + 2 * hk) * D, False), ("gate_up", 2 * I, True)):
+            for T in tokens:
+                best = None
+                for bn, bk, nw, ns in grid:
+                    cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+                    try:
+                        r = bench_linear_ops(what, H, n_rows, T, silu, cfg=cfg)
+                    except Exception as e:  # e.g. out of shared memory for big tiles
+                        print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
+                        continue
+                    rows.append({"model": model, "op": what, "T": T, **cfg, "us": r["fused_us"]})
+                    if best is None or r["fused_us"] < best[1]:
+                        best = (cfg, r["fused_us"])
+                default = default_config(T, H, n_rows // 2 if silu else n_rows)
+                print(f"sweep {model} {what} T={T}: best {best[0]} {best[1]:.2f} us; default {default}")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 512])
+    p.add_argument("--sweep", action="store_true", help="also sweep GEMV block sizes at T=1 and 8")
+    p.add_argument("--output", default="benchmarks/results/ops_h100.json")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    rows = []
+    for model in args.models:
+        H, hq, hk, D, I = MODELS[model]
+        for T in args.tokens:
+            cases = {
+                "rms_norm_linear (norm+QKV)": lambda: bench_linear_ops("qkv", H, (hq + 2 * hk) * D, T, False),
+                "rms_norm_linear_silu_mul (norm+gate_up+SiLU)": lambda: bench_linear_ops("gate_up", H, 2 * I, T, True),
+                "qk_norm_rope": lambda: bench_qk_norm_rope(hq, hk, D, T),
+                "add_rms_norm": lambda: bench_add_rms_norm(H, T),
+            }
+            for op, run in cases.items():
+                r = run()
+                r.update(model=model, op=op, T=T, speedup=r["unfused_us"] / r["fused_us"],
+                         fused_bw_pct=100 * r["bytes"] / (r["fused_us"] * 1e-6) / bw,
+                         unfused_bw_pct=100 * r["bytes"] / (r["unfused_us"] * 1e-6) / bw,
+                         path="fused GEMV" if ("linear" in op and T <= GEMV_MAX_TOKENS) else
+                         ("norm kernel + cuBLAS" if "linear" in op else "fused"))
+                rows.append(r)
+                print(f"{model:11s} T={T:<4d} {op:46s} fused {r['fused_us']:8.2f} us  unfused "
+                      f"{r['unfused_us']:8.2f} us  x{r['speedup']:.2f}  BW {r['fused_bw_pct']:5.1f}%", flush=True)
+
+    sweep_rows = sweep(args.models, [1, 8]) if args.sweep else []
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "dtype": "bfloat16",
+        "copy_bandwidth_GBps": bw / 1e9, "gemv_max_tokens": GEMV_MAX_TOKENS,
+        "command": " ".join(sys.argv),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"meta": meta, "results": rows, "sweep": sweep_rows}, indent=1))
+    print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s on {meta['gpu']}")
+    print("| model | T | op | fused µs | unfused µs | speed-up | fused % of copy BW |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['T']} | {r['op']} | {r['fused_us']:.2f} | {r['unfused_us']:.2f} | "
+              f"{r['speedup']:.2f}× | {r['fused_bw_pct']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

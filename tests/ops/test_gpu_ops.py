@@ -1,0 +1,93 @@
+"""The ops on a real GPU at Qwen3 shapes: bf16/fp16 accuracy and CUDA-graph capture.
+
+Run on a CUDA machine with ``python -m pytest -m gpu tests/ops``; deselected by default (see pyproject).
+"""
+
+import pytest
+import torch
+
+from tests.ops.test_qk_norm_rope import _cos_sin_cache
+from vllm_mirage import ops
+from vllm_mirage.ops import reference
+
+pytestmark = pytest.mark.gpu
+
+# Qwen3-0.6B and 8B (H, q heads, kv heads, I) and the 8B at TP=4 (per-rank heads and I).
+SHAPES = [(1024, 16, 8, 3072), (4096, 32, 8, 12288), (4096, 8, 2, 3072)]
+D = 128
+
+
+def _err(out, ref):
+    assert not out.isnan().any()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("GPU test selected on a machine without CUDA")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,hq,hk,I", SHAPES)
+@pytest.mark.parametrize("T", [1, 8, 16, 64, 512])
+def test_ops_match_reference(T, H, hq, hk, I, dtype):
+    dev = "cuda"
+    x, res = torch.randn(T, H, device=dev, dtype=dtype), torch.randn(T, H, device=dev, dtype=dtype)
+    nw = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
+    qkv_w = (torch.randn((hq + 2 * hk) * D, H, device=dev) * H**-0.5).to(dtype)
+    gu_w = (torch.randn(2 * I, H, device=dev) * H**-0.5).to(dtype)
+    f = lambda *ts: [t.float() for t in ts]  # noqa: E731
+
+    out, new_res = ops.rms_norm_linear(x, nw, qkv_w, 1e-6, residual=res)
+    ref_out, ref_res = reference.rms_norm_linear(*f(x, nw, qkv_w), 1e-6, residual=res.float())
+    assert _err(out, ref_out) < 1e-2 and _err(new_res, ref_res) < 1e-2
+    assert _err(ops.rms_norm_linear(x, nw, qkv_w, 1e-6), reference.rms_norm_linear(*f(x, nw, qkv_w), 1e-6)) < 1e-2
+
+    out, new_res = ops.rms_norm_linear_silu_mul(x, nw, gu_w, 1e-6, residual=res)
+    ref_out, _ = reference.rms_norm_linear_silu_mul(*f(x, nw, gu_w), 1e-6, residual=res.float())
+    assert _err(out, ref_out) < 1e-2
+    assert _err(ops.linear_silu_mul(x, gu_w), reference.linear_silu_mul(*f(x, gu_w))) < 1e-2
+
+    q, k, _ = torch.randn(T, (hq + 2 * hk) * D, device=dev, dtype=dtype).split([hq * D, hk * D, hk * D], -1)
+    qw, kw = [(1 + 0.3 * torch.randn(D, device=dev)).to(dtype) for _ in range(2)]
+    pos = torch.randint(0, 40960, (T,), device=dev)
+    cache = _cos_sin_cache(40960, D).to(dev, dtype)
+    got = ops.qk_norm_rope(q, k, qw, kw, pos, cache, 1e-6)
+    want = reference.qk_norm_rope(*f(q, k, qw, kw), pos, cache.float(), 1e-6)
+    assert max(_err(a, b) for a, b in zip(got, want)) < 1e-2
+
+
+def test_cuda_graph_capture_and_replay():
+    """vLLM captures decode in CUDA graphs: the ops must capture and replay on new inputs."""
+    H, hq, hk, I = SHAPES[0]
+    dt, dev = torch.bfloat16, "cuda"
+    x, res = torch.randn(4, H, device=dev, dtype=dt), torch.randn(4, H, device=dev, dtype=dt)
+    nw = torch.ones(H, device=dev, dtype=dt)
+    w = (torch.randn((hq + 2 * hk) * D, H, device=dev) * H**-0.5).to(dt)
+    gu = (torch.randn(2 * I, H, device=dev) * H**-0.5).to(dt)
+    pos = torch.arange(4, device=dev)
+    cache = _cos_sin_cache(64, D).to(dev, dt)
+
+    def step():
+        qkv, r = ops.rms_norm_linear(x, nw, w, 1e-6, residual=res)
+        q, k, _ = qkv.split([hq * D, hk * D, hk * D], -1)
+        q, k = ops.qk_norm_rope(q, k, nw[:D], nw[:D], pos, cache, 1e-6)
+        h, r = ops.rms_norm_linear_silu_mul(q[:, :H], nw, gu, 1e-6, residual=r)
+        return h, r, k
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        res.copy_(torch.randn_like(res))
+        g.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, step()):
+            torch.testing.assert_close(got, want)
