@@ -1,0 +1,31 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_mirage.cli.models import resolve_model
+
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory) -> Path:
+    """A --cache-dir with the tiny preset already built (once per session, ~7 s)."""
+    cache = tmp_path_factory.mktemp("cli-cache")
+    resolve_model("tiny", cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run the installed ``vllm-mirage`` console script; return the CompletedProcess."""
+    script = Path(sys.executable).with_name("vllm-mirage")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "vllm_mirage.cli.main"]
+
+    def run(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("VLLM_USE_MIRAGE", None)  # the CLI sets it per side; a stray value is an error
+        full_env.update(env or {})
+        return subprocess.run([*base, *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,0 +1,110 @@
+import pytest
+
+from vllm_mirage.cli.check import compare, format_verdict
+from vllm_mirage.cli.errors import EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
+from vllm_mirage.cli.status import assess_mirage
+
+
+def side(token_ids, logprobs):
+    return {"token_ids": token_ids, "logprobs": logprobs}
+
+
+def steps(*ranked):
+    """One prompt's logprobs: per step, [[token, logprob], ...] best first."""
+    return [list(map(list, r)) for r in ranked]
+
+
+STOCK = side([[5, 6, 7]], [steps([(5, -0.1), (9, -2.0)], [(6, -0.50), (8, -0.52)], [(7, -0.3), (1, -3.0)])])
+
+
+def test_identical_outputs_pass_and_measure_logprob_drift():
+    mirage = side([[5, 6, 7]], [steps([(5, -0.1001), (9, -2.0)], [(6, -0.5), (8, -0.52)], [(7, -0.35), (1, -3)])])
+    c = compare(STOCK, mirage, "bfloat16")
+    assert (c["exact_matches"], c["exact_match_rate"], c["real_mismatches"]) == (1, 1.0, 0)
+    assert c["max_logprob_diff"] == pytest.approx(0.05)
+    assert "Verdict: PASS: identical tokens" in format_verdict(c)
+
+
+def near_tie_mirage(second_token=8):
+    # Mirage takes the stock run's second choice at step 1, where stock's gap is 0.02 nats.
+    return side([[5, second_token, 3]], [steps([(5, -0.2), (9, -2.0)], [(second_token, -0.5), (6, -0.51)], [(3, -1.0)])])
+
+
+def test_near_tie_is_tolerated_in_16_bit():
+    c = compare(STOCK, near_tie_mirage(), "bfloat16")
+    row = c["per_prompt"][0]
+    assert (row["first_divergence"], row["stock_token"], row["mirage_token"]) == (1, 6, 8)
+    assert row["stock_gap"] == pytest.approx(0.02) and row["near_tie"]
+    # Only the prefix before the divergence is compared: step 2 ran on different contexts.
+    assert c["max_logprob_diff"] == pytest.approx(0.1)
+    assert (c["exact_match_rate"], c["near_ties"], c["real_mismatches"]) == (0.0, 1, 0)
+    text = format_verdict(c)
+    assert "first divergence at token 1" in text and "near-tie, tolerated" in text and "Verdict: PASS" in text
+
+
+def test_default_tolerance_follows_the_dtype():
+    # A 0.0625-nat gap is one bfloat16 rounding step of a logit near 10, but a real gap in float16.
+    stock = side([[5, 6]], [steps([(5, -0.1)], [(6, -1.0), (8, -1.0625)])])
+    mirage = side([[5, 8]], [steps([(5, -0.1)], [(8, -1.0)])])
+    assert compare(stock, mirage, "bfloat16")["near_ties"] == 1
+    assert compare(stock, mirage, "float16")["real_mismatches"] == 1
+    assert compare(stock, mirage, "float16", tolerance=0.07)["near_ties"] == 1
+
+
+def test_real_mismatches_are_listed_first():
+    ties = side([[8, 1]] * 30, [steps([(8, -0.5)], [(1, -1)])] * 30)
+    stock = side([[6, 1]] * 30 + [[6, 1]], [steps([(6, -0.5), (8, -0.52)], [(1, -1)])] * 30 + [steps([(6, -0.1), (8, -3.0)], [(1, -1)])])
+    mirage = side(ties["token_ids"] + [[8, 1]], ties["logprobs"] + [steps([(8, -0.1)], [(1, -1)])])
+    c = compare(stock, mirage, "bfloat16")
+    assert (c["near_ties"], c["real_mismatches"]) == (30, 1)
+    assert "prompt 30: first divergence" in format_verdict(c, max_listed=5)
+
+
+def test_same_divergence_is_real_below_the_tolerance_or_in_float32():
+    assert compare(STOCK, near_tie_mirage(), "bfloat16", tolerance=0.01)["real_mismatches"] == 1
+    c = compare(STOCK, near_tie_mirage(), "float32")
+    assert c["real_mismatches"] == 1 and c["rule"] == "exact"
+    assert "REAL MISMATCH" in format_verdict(c) and "Verdict: FAIL" in format_verdict(c)
+
+
+def test_token_outside_stock_candidates_is_real_even_when_the_top2_gap_is_small():
+    c = compare(STOCK, near_tie_mirage(second_token=42), "float16")
+    row = c["per_prompt"][0]
+    assert c["real_mismatches"] == 1 and not row["near_tie"] and row["mirage_token_gap"] is None
+    assert "not in stock top-5" in format_verdict(c)
+
+
+def test_three_way_tie_is_a_near_tie_and_a_distant_third_is_not():
+    stock = side([[5, 6]], [steps([(5, -0.1)], [(6, -1.10), (8, -1.11), (9, -1.12), (3, -1.9)])])
+    tie = side([[5, 9]], [steps([(5, -0.1)], [(9, -1.0)])])
+    row = compare(stock, tie, "bfloat16")["per_prompt"][0]
+    assert row["near_tie"] and row["stock_gap"] == pytest.approx(0.01) and row["mirage_token_gap"] == pytest.approx(0.02)
+    far = side([[5, 3]], [steps([(5, -0.1)], [(3, -1.0)])])
+    assert compare(stock, far, "bfloat16")["real_mismatches"] == 1
+
+
+def test_shorter_output_is_a_divergence():
+    mirage = side([[5, 6]], [steps([(5, -0.1)], [(6, -0.5)])])
+    row = compare(STOCK, mirage, "bfloat16")["per_prompt"][0]
+    assert row["first_divergence"] == 2 and row["stock_token"] is None and not row["near_tie"]
+
+
+def result(status, archs=("Qwen3ForCausalLM",), model_type="qwen3"):
+    return {"mirage_status": status, "engine": {"architectures": list(archs), "model_type": model_type}}
+
+
+def test_assess_mirage():
+    code, msg = assess_mirage(result({"mode": "fused", "fused_layers": 28, "reason": None}))
+    assert code == EXIT_OK and "28 fused decoder layers" in msg
+    code, msg = assess_mirage(result(None, ["LlamaForCausalLM"], "llama"))
+    assert code == EXIT_NOT_APPLICABLE and msg.startswith("Mirage did not apply: ") and "LlamaForCausalLM" in msg
+    code, msg = assess_mirage(result({"mode": "off", "fused_layers": 0, "reason": "dtype float16 is not supported"}))
+    assert code == EXIT_NOT_APPLIED and msg.endswith("dtype float16 is not supported")
+    code, msg = assess_mirage(result(None))
+    assert code == EXIT_NOT_APPLIED and "plugin" in msg
+
+
+def test_unreadable_status_is_not_reported_as_applied():
+    r = {**result(None), "mirage_status_error": "RuntimeError: cannot pickle"}
+    code, msg = assess_mirage(r)
+    assert code == EXIT_NOT_APPLIED and "could not read mirage_status" in msg and "cannot pickle" in msg

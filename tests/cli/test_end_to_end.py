@@ -1,0 +1,77 @@
+"""The console script against real vLLM on the tiny Qwen3 (each engine here costs ~15-25 s on CPU)."""
+
+import json
+
+import pytest
+
+from vllm_mirage.cli.errors import EXIT_ENGINE, EXIT_NOT_APPLICABLE, EXIT_OK
+
+pytestmark = pytest.mark.slow
+
+
+def _clean_error(proc) -> str:
+    # The tail of the engine log is shown as "  | ..." lines; our own output has no traceback.
+    own = [l for l in proc.stderr.splitlines() if not l.startswith("  | ")]
+    assert not any("Traceback" in l for l in own)
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_check_tiny(run_cli, cli_cache, tmp_path):
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache),
+                   "--output", str(tmp_path))
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    out = proc.stdout
+    # Plugin-dependent: the Mirage side must report fused layers through mirage_status.
+    assert "Mirage applied: fused, 2 fused decoder layers" in out
+    assert "dtype float32 (exact)" in out and "Verdict: PASS" in out
+
+    report = json.loads((tmp_path / "check.json").read_text())
+    stock, mirage = report["sides"]["stock"], report["sides"]["mirage"]
+    assert stock["mirage_status"]["mode"] == "off" and mirage["mirage_status"]["mode"] == "fused"
+    n_prompts = report["comparison"]["prompts"]
+    assert n_prompts >= 120 and len(stock["token_ids"]) == len(mirage["token_ids"]) == n_prompts
+    assert all(len(ids) == 8 for ids in stock["token_ids"] + mirage["token_ids"])
+    # The tiny model's continuations must vary, or "identical tokens" would prove little.
+    assert len({tuple(ids) for ids in stock["token_ids"]}) > n_prompts // 2
+    assert report["comparison"]["exact_match_rate"] == 1.0
+    assert (tmp_path / "stock.log").stat().st_size > 0 and (tmp_path / "mirage.log").stat().st_size > 0
+
+
+def test_bench_tiny(run_cli, cli_cache, tmp_path):
+    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", "1",
+                   "--num-warmup", "1", "--max-tokens", "4", "--cache-dir", str(cli_cache), "--output", str(tmp_path))
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert "| batch | side |" in proc.stdout and "engine ready" in proc.stderr  # table and progress bars
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["batch_size"] for r in results["rows"]] == [1, 2]
+    for row in results["rows"]:
+        for side in ("stock", "mirage"):
+            f = row[side]
+            assert 0 < f["ttft_s"] < f["latency_mean_s"] and f["decode_step_s"] > 0 and f["output_tokens_per_s"] > 0
+            assert f["gpu_step_s"] is None  # CPU: n/a
+        assert row["speedup_tokens_per_s"] > 0
+    for side in ("stock", "mirage"):
+        timing = results["sides"][side]["timings"]["2"]
+        assert timing["output_tokens"] == [2 * 4]
+    assert results["system"]["vllm"] and results["system"]["torch"] and results["model"]["config"]["hidden_size"] == 128
+    assert results["command"].startswith("vllm-mirage bench")
+    assert (tmp_path / "report.md").read_text().count("| 2 | ") == 2
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_non_qwen3_model_says_mirage_did_not_apply(run_cli, tiny_llama, tmp_path):
+    proc = run_cli("check", "--model", str(tiny_llama), "--skip-baseline", "--max-tokens", "2",
+                   "--max-model-len", "256")
+    assert proc.returncode == EXIT_NOT_APPLICABLE, proc.stdout + proc.stderr
+    assert _clean_error(proc).startswith("vllm-mirage: Mirage did not apply: ")
+    assert "LlamaForCausalLM" in proc.stdout
+
+
+def test_engine_failure_is_one_classified_line(run_cli, tmp_path):
+    # An architecture neither transformers nor vLLM knows: the child fails while building its config.
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
+    proc = run_cli("check", "--model", str(tmp_path), "--skip-baseline")
+    assert proc.returncode == EXIT_ENGINE
+    last = _clean_error(proc)
+    assert last.startswith("vllm-mirage: error: mirage side: engine failed: ") and "nope" in last
+    assert "mirage.log" in last

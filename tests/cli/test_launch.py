@@ -1,0 +1,54 @@
+import gzip
+import json
+
+from vllm_mirage.cli.launch import side_env
+from vllm_mirage.cli.main import build_parser
+from vllm_mirage.cli import context
+from vllm_mirage.cli.runner import sum_kernel_seconds
+
+
+def test_side_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a user's own setting wins over our default
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    stock, mirage = side_env("stock", tmp_path / "a", on_cuda=False), side_env("mirage", tmp_path / "b", on_cuda=False)
+    assert (stock["VLLM_USE_MIRAGE"], mirage["VLLM_USE_MIRAGE"]) == ("0", "1")
+    assert stock["VLLM_CACHE_ROOT"] != mirage["VLLM_CACHE_ROOT"]
+    assert stock["VLLM_CPU_KVCACHE_SPACE"] == "3" and stock["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    gpu = side_env("mirage", tmp_path / "c", on_cuda=True)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu  # benchmark the engine as users run it
+
+
+def test_cpu_defaults(cli_cache, monkeypatch):
+    monkeypatch.setattr(context, "has_cuda_gpu", lambda: False)
+    args = build_parser().parse_args(["bench", "--cache-dir", str(cli_cache)])
+    ctx = context.prepare(args, "bench")
+    assert ctx.model.kind == "tiny" and ctx.max_tokens == context.CPU_DEFAULTS["bench_max_tokens"]
+    e = ctx.engine_args
+    assert e["dtype"] == "float32" and e["enforce_eager"] and "gpu_memory_utilization" not in e
+    assert any("no CUDA GPU" in n for n in ctx.notes)
+
+
+def test_gpu_defaults_for_a_preset(tmp_path, monkeypatch):
+    monkeypatch.setattr(context, "has_cuda_gpu", lambda: True)
+    args = build_parser().parse_args(["check", "--cache-dir", str(tmp_path), "--engine-args", '{"max_num_seqs": 8}'])
+    ctx = context.prepare(args, "check")
+    e = ctx.engine_args
+    assert ctx.model.model.endswith("qwen3-0.6b") and e["load_format"] == "dummy" and e["skip_tokenizer_init"]
+    assert (e["max_model_len"], e["gpu_memory_utilization"], e["enforce_eager"], e["dtype"]) == (2048, 0.85, False, "auto")
+    assert e["max_num_seqs"] == 8
+    assert any("byte fallback" in n for n in ctx.notes)
+
+
+def test_sum_kernel_seconds(tmp_path):
+    events = [
+        {"cat": "kernel", "name": "fused_rms_norm_qkv", "dur": 12.5},
+        {"cat": "kernel", "name": "flash_attn", "dur": 7.5},
+        {"cat": "cpu_op", "name": "aten::mm", "dur": 1000},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "dur": 100},
+    ]
+    plain = tmp_path / "rank0.pt.trace.json"
+    plain.write_text(json.dumps({"traceEvents": events}))
+    packed = tmp_path / "rank0.pt.trace.json.gz"
+    with gzip.open(packed, "wt") as f:
+        json.dump({"traceEvents": events[:1]}, f)
+    assert sum_kernel_seconds([plain, packed]) * 1e6 == 32.5

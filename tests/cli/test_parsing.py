@@ -1,0 +1,94 @@
+import subprocess
+import sys
+
+import pytest
+
+from vllm_mirage.cli.errors import EXIT_USAGE
+from vllm_mirage.cli.main import build_parser, main
+
+
+def test_bench_arguments():
+    args = build_parser().parse_args([
+        "bench", "--model", "qwen3-8b", "--batch-sizes", "1", "8", "64", "--num-warmup", "0",
+        "--num-iterations", "3", "--baseline-args", "{}", '{"async_scheduling": true}',
+        "--mirage-args", "{}", "--profile-gpu", "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
+    ])
+    assert args.func == "bench"
+    assert args.batch_sizes == [1, 8, 64]
+    assert args.num_warmup == 0 and args.num_iterations == 3
+    assert args.baseline_args == ["{}", '{"async_scheduling": true}']
+    assert args.profile_gpu and args.max_model_len == 4096 and args.gpu_memory_utilization == 0.5
+
+
+def test_check_arguments_and_defaults():
+    args = build_parser().parse_args(["check", "--skip-baseline", "--tolerance", "0.1"])
+    assert args.func == "check" and args.skip_baseline and args.tolerance == 0.1
+    # Unset means "pick for the device" (see context.defaults), not a fixed number.
+    assert args.model is None and args.max_tokens is None and args.dtype is None
+    assert args.gpu_memory_utilization == 0.85
+
+
+@pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"]])
+def test_bad_usage_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_parent_never_imports_vllm_or_torch():
+    # Fast --help, and a parent process that never touches the GPU.
+    code = (
+        "import sys\n"
+        "from vllm_mirage.cli import main, check, bench, launch, report, context, stats, status\n"
+        "heavy = sorted(m for m in ('vllm', 'torch', 'matplotlib') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("vllm-mirage: error: ")
+    return last
+
+
+def test_invalid_switch_in_environment(monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_USE_MIRAGE", "yes")
+    assert main(["check", "--model", "tiny"]) == EXIT_USAGE
+    assert "VLLM_USE_MIRAGE='yes' is not valid" in _one_line_error(capsys)
+
+
+def test_invalid_engine_args_json(cli_cache, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
+    argv = ["bench", "--model", "tiny", "--cache-dir", str(cli_cache), "--engine-args", "{not json"]
+    assert main(argv) == EXIT_USAGE
+    assert "--engine-args is not valid JSON" in _one_line_error(capsys)
+    assert main([*argv[:-1], "[1, 2]"]) == EXIT_USAGE
+    assert "must be a JSON object" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "qwen3-7b"], "unknown model 'qwen3-7b'"),
+        (["--model", "./no/such/dir"], "model directory not found"),
+        (["--prompts", "/no/such/prompts.txt"], "prompts file not found"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ],
+)
+def test_usage_errors_are_one_line(extra, message, cli_cache, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
+    argv = ["check", "--model", "tiny", "--cache-dir", str(cli_cache), *extra]
+    assert main(argv) == EXIT_USAGE
+    assert message in _one_line_error(capsys)
+
+
+def test_empty_prompts_file(tmp_path, cli_cache, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n   \n")
+    assert main(["bench", "--model", "tiny", "--cache-dir", str(cli_cache), "--prompts", str(empty)]) == EXIT_USAGE
+    assert "has no prompts" in _one_line_error(capsys)

@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+
+from vllm_mirage.cli import stats
+from vllm_mirage.cli.report import render_table, write_reports
+
+N = 5  # max_tokens in the synthetic runs
+
+
+def runner_result(label, seconds_per_step, ttft=0.010, iterations=3, gpu=None):
+    """A runner result shaped like runner.py's, with timings that follow a known model."""
+    timings = {}
+    for bs in (1, 8):
+        first = [ttft * (1 + 0.1 * k) for k in range(iterations)]
+        total = [t1 + (N - 1) * seconds_per_step * (1 + bs / 100) for t1 in first]
+        timings[str(bs)] = {"first_token_s": first, "total_s": total, "output_tokens": [bs * N] * iterations}
+        if gpu is not None:
+            timings[str(bs)]["gpu_kernel_s"] = {"first_token": 0.001, "total": 0.001 + (N - 1) * gpu}
+    return {"label": label, "side": label.split("[")[0], "timings": timings, "mirage_status": None,
+            "system": {"vllm": "0.32.0", "torch": "2.13", "triton": "3.9", "vllm_mirage": "0.1.0", "cpu": "Test CPU"},
+            "engine": {"dtype": "bfloat16", "architectures": ["Qwen3ForCausalLM"]}}
+
+
+def test_percentile_and_batch_figures():
+    assert stats.percentile([3.0], 90) == 3.0
+    assert stats.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert stats.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == pytest.approx(9.1)
+    assert math.isnan(stats.percentile([], 50))
+    fig = stats.batch_figures({"first_token_s": [0.1, 0.2], "total_s": [0.5, 0.6], "output_tokens": [10, 10],
+                               "gpu_kernel_s": {"first_token": 0.05, "total": 0.25}}, max_tokens=5)
+    assert fig["decode_step_s"] == pytest.approx(0.1)  # (0.5 - 0.1) / 4 and (0.6 - 0.2) / 4
+    assert fig["ttft_s"] == pytest.approx(0.15) and fig["latency_mean_s"] == pytest.approx(0.55)
+    assert fig["output_tokens_per_s"] == pytest.approx((10 / 0.5 + 10 / 0.6) / 2)
+    assert fig["gpu_step_s"] == pytest.approx(0.05)
+    assert stats.batch_figures({"first_token_s": [0.1], "total_s": [0.1], "output_tokens": [1]}, 1)["decode_step_s"] is None
+
+
+def test_stronger_baseline_is_reported_as_stock():
+    slow, fast = runner_result("stock[0]", 0.004), runner_result("stock[1]", 0.002)
+    mirage = runner_result("mirage", 0.001)
+    rows = stats.summarize([slow, fast], mirage, N)
+    assert [r["batch_size"] for r in rows] == [1, 8]
+    assert all(r["stock_label"] == "stock[1]" for r in rows)
+    for r in rows:
+        assert r["speedup_tokens_per_s"] == pytest.approx(r["mirage"]["output_tokens_per_s"] / r["stock"]["output_tokens_per_s"])
+        assert r["speedup_decode_step"] == pytest.approx(2.0)
+        assert r["speedup_tokens_per_s"] > 1
+
+
+def synthetic_results(gpu):
+    stock = runner_result("stock", 0.004, gpu=0.003 if gpu else None)
+    mirage = runner_result("mirage", 0.002, gpu=0.0015 if gpu else None)
+    rows = stats.summarize([stock], mirage, N)
+    return {
+        "command": "vllm-mirage bench --model qwen3-0.6b", "created": "2026-01-01T00:00:00",
+        "system": {**mirage["system"], **({"gpu": "NVIDIA H100", "driver": "570.1"} if gpu else {})},
+        "model": {"name": "qwen3-0.6b", "kind": "preset", "load_format": "dummy"},
+        "dtype": "bfloat16",
+        "prompts": {"file": "p.txt", "count": 3, "tokens": [4, 5, 6], "truncated": 0},
+        "settings": {"max_tokens": N, "batch_sizes": [1, 8], "num_warmup": 1, "num_iterations": 3},
+        "baselines": [{"label": "stock", "extra_engine_args": {}}],
+        "mirage_status": {"mode": "fused", "fused_layers": 28, "reason": None},
+        "mirage_assessment": "Mirage applied: fused, 28 fused decoder layers",
+        "notes": ["batch size 8 is larger than the 3 prompts: batches cycle through the prompts"],
+        "rows": rows,
+        "sides": {"stock": stock, "mirage": mirage},
+    }
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_reports_are_written(tmp_path, gpu):
+    results = synthetic_results(gpu)
+    paths = write_reports(results, tmp_path / "out")
+
+    saved = json.loads(paths["json"].read_text())
+    assert saved["sides"]["mirage"]["timings"]["8"]["total_s"] == results["sides"]["mirage"]["timings"]["8"]["total_s"]
+    assert saved["rows"][0]["batch_size"] == 1
+
+    md = paths["markdown"].read_text()
+    table = [l for l in md.splitlines() if l.startswith("| ")]
+    assert len(table) == 1 + 2 * 2  # header + (stock, mirage) per batch size
+    mirage_b8 = next(l for l in table if l.startswith("| 8 | mirage"))
+    assert mirage_b8.rstrip(" |").endswith(f"{results['rows'][1]['speedup_tokens_per_s']:.2f}x")
+    assert ("NVIDIA H100, driver 570.1" in md) == gpu and ("CPU: Test CPU" in md) != gpu
+    gpu_cell = mirage_b8.split("|")[8].strip()
+    assert gpu_cell == ("1.50" if gpu else "n/a")
+    assert "batches cycle through the prompts" in md and "Mirage applied" in md
+
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_table_prints_without_reports():
+    text = render_table(synthetic_results(False)["rows"])
+    assert text.count("\n") == 6 and "speed-up" in text

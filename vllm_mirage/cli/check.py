@@ -1,0 +1,189 @@
+"""``vllm-mirage check``: do stock vLLM and vLLM with Mirage produce the same greedy tokens?
+
+What counts as a real mismatch:
+
+* float32: any token that differs. Fused kernels reorder float32 sums, which moves logits by ~1e-6;
+  greedy tokens only flip on exact ties, so a flip is a bug until shown otherwise.
+* bfloat16/float16: a divergence where the token Mirage picked scores, in the stock run, within
+  ``--tolerance`` nats of the stock top-1 is a *near-tie*: reported, tolerated. A different (equally
+  valid) summation order rounds 16-bit logits differently, enough to flip a tie. The default
+  tolerance is one rounding step of a typical logit: float16 keeps 11 significant bits, so 0.05 nats
+  is generous; bfloat16 keeps 8, so a logit between 8 and 16 moves in steps of 0.0625 and two
+  tokens one step apart are a tie in all but name: its default is 0.1. Usually that token is the stock second choice, so the test is "top-1/top-2 gap
+  <= tolerance"; the stock run returns its top-5 so ties between several tokens (common with
+  dummy weights) are judged the same way. Anything else (a wide gap, or a token outside the stock
+  top-5) is real. After a divergence the two continuations have different contexts, so only the
+  prefix up to the first divergence is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_mirage.cli.context import prepare, runner_spec
+from vllm_mirage.cli.errors import EXIT_MISMATCH, EXIT_OK
+from vllm_mirage.cli.launch import SideRun, run_side
+from vllm_mirage.cli.status import assess_mirage
+
+DEFAULT_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # nats; float32 is compared exactly
+TOP_LOGPROBS = 5  # candidates per step each side returns
+
+
+@dataclass
+class PromptComparison:
+    index: int
+    tokens: int  # tokens compared (the shorter of the two outputs)
+    first_divergence: int | None  # position of the first differing token, None if identical
+    stock_token: int | None = None
+    mirage_token: int | None = None
+    stock_gap: float | None = None  # stock top-1 minus top-2 logprob at the divergence
+    mirage_token_gap: float | None = None  # stock top-1 minus the stock logprob of Mirage's token
+    near_tie: bool = False
+    max_logprob_diff: float = 0.0  # over the matched prefix, on the chosen tokens
+
+    @property
+    def real_mismatch(self) -> bool:
+        return self.first_divergence is not None and not self.near_tie
+
+
+def compare(stock: dict, mirage: dict, dtype: str, tolerance: float | None = None) -> dict:
+    """Compare two runner results (token ids and top logprobs per prompt)."""
+    exact_only = dtype == "float32"
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["float16"])
+    rows = [
+        _compare_one(i, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance)
+        for i, (s_ids, m_ids, s_lps, m_lps) in enumerate(
+            zip(stock["token_ids"], mirage["token_ids"], stock["logprobs"], mirage["logprobs"])
+        )
+    ]
+    n = len(rows)
+    matches = sum(r.first_divergence is None for r in rows)
+    return {
+        "dtype": dtype,
+        "rule": "exact" if exact_only else f"near-ties within {tolerance} nats tolerated",
+        "tolerance": None if exact_only else tolerance,
+        "prompts": n,
+        "exact_matches": matches,
+        "exact_match_rate": matches / n if n else 1.0,
+        "near_ties": sum(r.near_tie for r in rows),
+        "real_mismatches": sum(r.real_mismatch for r in rows),
+        "max_logprob_diff": max((r.max_logprob_diff for r in rows), default=0.0),
+        "per_prompt": [asdict(r) for r in rows],
+    }
+
+
+def _compare_one(index, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance) -> PromptComparison:
+    n = min(len(s_ids), len(m_ids))
+    row = PromptComparison(index=index, tokens=n, first_divergence=None)
+    diverged_at = next((t for t in range(n) if s_ids[t] != m_ids[t]), None)
+    if diverged_at is None and len(s_ids) != len(m_ids):
+        diverged_at = n  # one side stopped early: with ignore_eos that is itself a difference
+    prefix = n if diverged_at is None else diverged_at
+    for t in range(min(prefix, len(s_lps), len(m_lps))):
+        s_lp, m_lp = _logprob_of(s_lps[t], s_ids[t]), _logprob_of(m_lps[t], m_ids[t])
+        if s_lp is not None and m_lp is not None:
+            row.max_logprob_diff = max(row.max_logprob_diff, abs(s_lp - m_lp))
+    if diverged_at is None:
+        return row
+    row.first_divergence = diverged_at
+    if diverged_at < n:
+        row.stock_token, row.mirage_token = s_ids[diverged_at], m_ids[diverged_at]
+        ranked = s_lps[diverged_at] if diverged_at < len(s_lps) else []
+        if len(ranked) >= 2:
+            row.stock_gap = ranked[0][1] - ranked[1][1]
+        mirage_in_stock = _logprob_of(ranked, row.mirage_token)
+        if ranked and mirage_in_stock is not None:
+            row.mirage_token_gap = ranked[0][1] - mirage_in_stock
+            row.near_tie = not exact_only and row.mirage_token_gap <= tolerance
+    return row
+
+
+def _logprob_of(ranked: list, token: int) -> float | None:
+    return next((lp for t, lp in ranked if t == token), None)
+
+
+def format_verdict(comparison: dict, max_listed: int = 20) -> str:
+    c = comparison
+    lines = [
+        f"Prompts: {c['prompts']}, exact token match: {c['exact_matches']}/{c['prompts']} "
+        f"({100 * c['exact_match_rate']:.1f}%), dtype {c['dtype']} ({c['rule']})",
+        f"Max |logprob difference| on matched tokens: {c['max_logprob_diff']:.3g} nats",
+    ]
+    # Real mismatches first: they are what a truncated list must not hide.
+    diverged = sorted(
+        (r for r in c["per_prompt"] if r["first_divergence"] is not None), key=lambda r: r["near_tie"]
+    )
+    for r in diverged[:max_listed]:
+        if r["stock_token"] is None:
+            what = "one side produced fewer tokens"
+        else:
+            gap = "n/a" if r["stock_gap"] is None else f"{r['stock_gap']:.3g} nats"
+            behind = (
+                f"{r['mirage_token_gap']:.3g} nats behind stock top-1"
+                if r["mirage_token_gap"] is not None else f"not in stock top-{TOP_LOGPROBS}"
+            )
+            what = (
+                f"stock {r['stock_token']} vs mirage {r['mirage_token']} "
+                f"(stock top-1/top-2 gap {gap}; mirage's token {behind})"
+            )
+        kind = "near-tie, tolerated" if r["near_tie"] else "REAL MISMATCH"
+        lines.append(f"  prompt {r['index']}: first divergence at token {r['first_divergence']}: {what}: {kind}")
+    if len(diverged) > max_listed:
+        lines.append(f"  ... and {len(diverged) - max_listed} more (all are in check.json with --output DIR)")
+    if c["real_mismatches"]:
+        lines.append(f"Verdict: FAIL: {c['real_mismatches']} prompt(s) with a real token mismatch")
+    elif c["near_ties"]:
+        lines.append(f"Verdict: PASS ({c['near_ties']} near-tie divergence(s) tolerated)")
+    else:
+        lines.append("Verdict: PASS: identical tokens")
+    return "\n".join(lines)
+
+
+
+def run_check(args) -> int:
+    ctx = prepare(args, "check")
+    # Logs outlive the run (an error message points at them); spec files and caches do not.
+    log_dir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="vllm-mirage-check-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sides = ["mirage"] if args.skip_baseline else ["stock", "mirage"]
+    with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
+        results = {
+            side: run_side(SideRun(side, side, runner_spec(ctx, "check", side, logprobs=TOP_LOGPROBS), steps=2),
+                           Path(work), log_dir, ctx.on_cuda, args.verbose)
+            for side in sides
+        }
+    mirage = results["mirage"]
+    if mirage["truncated_prompts"]:
+        ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
+    code, assessment = assess_mirage(mirage)
+    engine = mirage["engine"]
+    print(f"Model: {', '.join(engine['architectures'])} ({ctx.model.model}), dtype {engine['dtype']}")
+    print(assessment)
+    comparison = None
+    if "stock" in results:
+        comparison = compare(results["stock"], mirage, engine["dtype"], args.tolerance)
+        print(format_verdict(comparison))
+        if comparison["real_mismatches"] and code == EXIT_OK:
+            code = EXIT_MISMATCH
+    else:
+        n = sum(len(t) for t in mirage["token_ids"])
+        print(f"Mirage side only (--skip-baseline): {len(mirage['token_ids'])} prompts, {n} tokens generated")
+    if args.output:
+        out = log_dir / "check.json"
+        sides_raw = {
+            k: {x: v.get(x) for x in ("system", "engine", "mirage_status", "token_ids", "log")}
+            for k, v in results.items()
+        }
+        out.write_text(json.dumps(
+            {"notes": ctx.notes, "mirage_assessment": assessment, "comparison": comparison, "sides": sides_raw},
+            indent=2, default=str,
+        ))
+        print(f"Wrote {out}")
+    if code not in (EXIT_OK, EXIT_MISMATCH):
+        print(f"vllm-mirage: {assessment}", file=sys.stderr)
+    return code

@@ -1,0 +1,113 @@
+"""Start one side's engine in a fresh process and collect its JSON result (parent side).
+
+This module never imports vLLM or torch: the parent stays light, and every engine gets a clean GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_mirage.cli.errors import EXIT_ENGINE, CliError
+
+SIDES = {"stock": "0", "mirage": "1"}
+LOG_TAIL_LINES = 15
+
+
+def has_cuda_gpu() -> bool:
+    """A CUDA GPU is visible, judged without initialising CUDA in this process."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def side_env(side: str, workdir: Path, on_cuda: bool) -> dict:
+    env = dict(os.environ)
+    env["VLLM_USE_MIRAGE"] = SIDES[side]
+    # Compile caches are keyed on the model, not on our plugin: a shared cache would hand the
+    # Mirage side the stock graphs (or the reverse).
+    env["VLLM_CACHE_ROOT"] = str(workdir / "vllm-cache")
+    # apply_model() pickles the probe function to the worker; vLLM wants this opt-in for that.
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if not on_cuda:
+        # The CPU backend sizes its KV cache from this (GiB); its default does not fit small machines.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # One process instead of three: halves start-up time, and the CPU numbers are only indicative.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return env
+
+
+@dataclass
+class SideRun:
+    side: str
+    label: str  # "stock", "mirage", or "stock[1]" for the second of several baselines
+    spec: dict
+    steps: int  # progress steps the runner will report
+
+
+def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose: bool) -> dict:
+    """Run one side; return its result dict or raise CliError with a one-line diagnosis."""
+    side_dir = Path(tempfile.mkdtemp(prefix=f"{run.side}-", dir=workdir))
+    spec_path, result_path = side_dir / "spec.json", side_dir / "result.json"
+    spec_path.write_text(json.dumps(run.spec))
+    log_path = log_dir / f"{_safe(run.label)}.log"
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
+    with open(log_path, "w") as log:
+        out = None if verbose else log
+        proc = subprocess.Popen(
+            cmd, env=side_env(run.side, side_dir, on_cuda), stdout=out, stderr=out, pass_fds=(write_fd,)
+        )
+        os.close(write_fd)
+        _follow_progress(read_fd, run)
+        code = proc.wait()
+    if not result_path.is_file():
+        raise CliError(
+            f"{run.label} side exited with code {code} without a result (log: {log_path})",
+            EXIT_ENGINE,
+            details="" if verbose else _tail(log_path),
+        )
+    result = json.loads(result_path.read_text())
+    if not result.get("ok"):
+        raise CliError(
+            f"{run.label} side: {result['diagnosis']} (log: {log_path})",
+            EXIT_ENGINE,
+            details="" if verbose else _tail(log_path),
+        )
+    result["label"] = run.label
+    result["log"] = None if verbose else str(log_path)
+    return result
+
+
+def _follow_progress(read_fd: int, run: SideRun) -> None:
+    bar = tqdm(total=run.steps, desc=f"{run.label:>8}", unit="step", file=sys.stderr, leave=True)
+    with os.fdopen(read_fd) as lines:
+        for line in lines:  # ends when the runner exits (or closes the pipe)
+            bar.set_postfix_str(line.strip(), refresh=False)
+            bar.update(1)
+    bar.close()
+
+
+def _tail(log_path: Path) -> str:
+    lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    return "\n".join(f"  | {l}" for l in lines[-LOG_TAIL_LINES:])
+
+
+def _safe(label: str) -> str:
+    # "stock[1]" -> "stock-1"
+    return re.sub(r"[^\w-]+", "-", label).strip("-")

