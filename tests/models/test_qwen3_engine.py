@@ -167,3 +167,10 @@ def test_triton_kernels_inside_vllm_give_stock_tokens(tiny_qwen3, run_engine, st
     for op in ("rms_norm_linear", "qk_norm_rope", "rms_norm_linear_silu_mul"):
         assert counts.get((op, "triton"), 0) > 0 and (op, "reference") not in counts, op
     assert result["token_ids"] == stock_fp32["token_ids"]
+
+
+def test_lora_enabled_falls_back_with_reason(tiny_qwen3, run_engine, stock_fp32):
+    result = run_engine(_spec(tiny_qwen3, engine_args={"enable_lora": True}), env={"VLLM_USE_MIRAGE": "1"})
+    status = result["model"]["mirage_status"]
+    assert status["mode"] == "off" and status["reason"].startswith("LoRA is enabled")
+    assert result["token_ids"] == stock_fp32["token_ids"]
