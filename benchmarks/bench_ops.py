@@ -27,7 +27,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_mirage import ops  # noqa: E402
 from vllm_mirage.ops import reference  # noqa: E402
-from vllm_mirage.ops._norm_gemv import GEMV_MAX_TOKENS, default_config, norm_gemv  # noqa: E402
+from vllm_mirage.ops._norm_gemv import GEMV_MAX_TOKENS, default_config, norm_gemv, use_gemv  # noqa: E402
 from vllm_mirage.ops.add_rms_norm import rms_norm_triton  # noqa: E402
 
 MODELS = {  # H, q heads, kv heads, head_dim, I
@@ -93,37 +93,49 @@ def _rope(q, k, pos, cache):
 rope_compiled = torch.compile(_rope, dynamic=True)
 
 
-def bench_linear_ops(name, H, N_rows, T, silu, cfg=None):
+def bench_linear_ops(name, H, N_rows, T, silu, cfg=None, norm=True, force_gemv=False, time_unfused=True,
+                     with_residual=True):
     """rms_norm_linear (silu=False, weight [N, H]) or rms_norm_linear_silu_mul (silu=True, [2I, H]),
-    both with a residual, as in every layer but the first. Returns a result row."""
+    both with a residual, as in every layer but the first; ``norm=False`` gives linear_silu_mul.
+    ``cfg``/``force_gemv`` run the fused GEMV kernel whatever the shape rule says. Returns a result row."""
     wbytes = N_rows * H * 2
     R = copies_for(wbytes)
     weights = [torch.randn(N_rows, H, device="cuda", dtype=DT) * H**-0.5 for _ in range(R)]
     x = torch.randn(T, H, device="cuda", dtype=DT)
-    res = torch.randn(T, H, device="cuda", dtype=DT)
-    nw = (1 + 0.3 * torch.randn(H, device="cuda")).to(DT)
+    res = torch.randn(T, H, device="cuda", dtype=DT) if norm and with_residual else None
+    nw = (1 + 0.3 * torch.randn(H, device="cuda")).to(DT) if norm else None
     n_out = N_rows // 2 if silu else N_rows
 
     def fused(i):
-        if cfg is not None:
+        if cfg is not None or force_gemv:
             return norm_gemv(x, weights[i], nw, EPS, residual=res, silu_mul=silu, config=cfg)
-        if silu:
-            return ops.rms_norm_linear_silu_mul(x, nw, weights[i], EPS, residual=res)
-        return ops.rms_norm_linear(x, nw, weights[i], EPS, residual=res)
+        if not norm:
+            return ops.linear_silu_mul(x, weights[i]), None
+        op = ops.rms_norm_linear_silu_mul if silu else ops.rms_norm_linear
+        y = op(x, nw, weights[i], EPS, residual=res)
+        return y if isinstance(y, tuple) else (y, None)
 
     def unfused(i):
-        normed, new_res = rms_norm_triton(x, nw, EPS, residual=res)
+        normed, new_res = rms_norm_triton(x, nw, EPS, residual=res) if norm else (x, None)
         y = F.linear(normed, weights[i])
         return (silu_mul_compiled(y) if silu else y), new_res
 
-    ref_fn = reference.rms_norm_linear_silu_mul if silu else reference.rms_norm_linear
-    ref_out, _ = ref_fn(x.float(), nw.float(), weights[0].float(), EPS, residual=res.float())
+    if not norm:
+        ref_out = reference.linear_silu_mul(x.float(), weights[0].float())
+    else:
+        ref_fn = reference.rms_norm_linear_silu_mul if silu else reference.rms_norm_linear
+        ref_out = ref_fn(x.float(), nw.float(), weights[0].float(), EPS,
+                         residual=None if res is None else res.float())
+        ref_out = ref_out[0] if isinstance(ref_out, tuple) else ref_out
     err = rel_err(fused(0)[0], ref_out)
-    assert err < 1e-2, f"{name} T={T}: fused relative error {err:.2e}"
-    err_u = rel_err(unfused(0)[0], ref_out)
-    t_f, t_u = graph_time_us(fused, R), graph_time_us(unfused, R)
-    moved = wbytes + (3 * T * H + T * n_out) * 2  # weights, x, residual in, residual out, output
-    return {"fused_us": t_f, "unfused_us": t_u, "bytes": moved, "err_fused": err, "err_unfused": err_u}
+    assert err < 1e-2, f"{name} T={T} cfg={cfg}: fused relative error {err:.2e}"
+    t_f = graph_time_us(fused, R)
+    row = {"fused_us": t_f, "err_fused": err}
+    if time_unfused:
+        row.update(unfused_us=graph_time_us(unfused, R), err_unfused=rel_err(unfused(0)[0], ref_out))
+    acts = (3 * T * H if norm else T * H) + T * n_out  # x (+ residual in and out), output
+    row["bytes"] = wbytes + acts * 2
+    return row
 
 
 def bench_qk_norm_rope(hq, hk, D, T):
@@ -154,12 +166,12 @@ def bench_qk_norm_rope(hq, hk, D, T):
 def bench_add_rms_norm(H, T):
     R = 64
     xs = [torch.randn(T, H, device="cuda", dtype=DT) for _ in range(R)]
-    res = torch.randn(T, H, device="cuda", dtype=DT)
+    rs = [torch.randn(T, H, device="cuda", dtype=DT) for _ in range(R)]
     w = (1 + 0.3 * torch.randn(H, device="cuda")).to(DT)
     compiled = torch.compile(lambda x, r, w: reference.add_rms_norm(x, r, w, EPS), dynamic=True)
-    fused = lambda i: ops.add_rms_norm(xs[i], res, w, EPS)  # noqa: E731
-    unfused = lambda i: compiled(xs[i], res, w)  # noqa: E731
-    ref = reference.add_rms_norm(xs[0].float(), res.float(), w.float(), EPS)[0]
+    fused = lambda i: ops.add_rms_norm(xs[i], rs[i], w, EPS)  # noqa: E731
+    unfused = lambda i: compiled(xs[i], rs[i], w)  # noqa: E731
+    ref = reference.add_rms_norm(xs[0].float(), rs[0].float(), w.float(), EPS)[0]
     err = rel_err(fused(0)[0], ref)
     assert err < 1e-2
     return {"fused_us": graph_time_us(fused, R), "unfused_us": graph_time_us(unfused, R),
@@ -169,25 +181,53 @@ def bench_add_rms_norm(H, T):
 def sweep(models, tokens):
     """Block-size sweep of the fused GEMV kernel, to justify default_config()."""
     rows = []
-    grid = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 4]))
+    grid = list(itertools.product([1, 3], [256, 512, 1024], [32, 64], [256]))
     for model in models:
         H, hq, hk, D, I = MODELS[model]
         for what, n_rows, silu in (("qkv", (hq + 2 * hk) * D, False), ("gate_up", 2 * I, True)):
             for T in tokens:
                 best = None
-                for bn, bk, nw, ns in grid:
-                    cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+                for ns, nbk, bn, bk in grid:
+                    cfg = {"NORM_STAGES": ns, "NORM_BLOCK_K": nbk, "BLOCK_N": bn, "BLOCK_K": bk}
                     try:
-                        r = bench_linear_ops(what, H, n_rows, T, silu, cfg=cfg)
+                        r = bench_linear_ops(what, H, n_rows, T, silu, cfg=cfg, time_unfused=False)
                     except Exception as e:  # e.g. out of shared memory for big tiles
-                        print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                         continue
                     rows.append({"model": model, "op": what, "T": T, **cfg, "us": r["fused_us"]})
                     if best is None or r["fused_us"] < best[1]:
                         best = (cfg, r["fused_us"])
-                default = default_config(T, H, n_rows // 2 if silu else n_rows)
-                print(f"sweep {model} {what} T={T}: best {best[0]} {best[1]:.2f} us; default {default}")
+                default = default_config(T, H, n_rows // 2 if silu else n_rows, silu)
+                d_us = [x["us"] for x in rows if x["model"] == model and x["op"] == what and x["T"] == T
+                        and all(x[k] == default[k] for k in ("NORM_STAGES", "NORM_BLOCK_K", "BLOCK_N", "BLOCK_K"))]
+                no_res = bench_linear_ops(what, H, n_rows, T, silu, force_gemv=True, time_unfused=False,
+                                          with_residual=False)["fused_us"]
+                rows.append({"model": model, "op": what + " (no residual)", "T": T, **default, "us": no_res})
+                print(f"sweep {model} {what} T={T}: best {best[0]} {best[1]:.2f} us; default {default} "
+                      f"{d_us[0] if d_us else float('nan'):.2f} us; default without residual {no_res:.2f} us", flush=True)
     return rows
+
+
+def crossover(models, tokens):
+    """The fused GEMV kernel forced at prefill-ish T against the unfused norm + cuBLAS path: where the
+    shape rule (GEMV_MAX_TOKENS) should switch."""
+    rows = []
+    for model in models:
+        H, hq, hk, D, I = MODELS[model]
+        for what, n_rows, silu in (("qkv", (hq + 2 * hk) * D, False), ("gate_up", 2 * I, True)):
+            for T in tokens:
+                r = bench_linear_ops(what, H, n_rows, T, silu, force_gemv=True)
+                rows.append({"model": model, "op": what, "T": T, "gemv_us": r["fused_us"], "unfused_us": r["unfused_us"]})
+                print(f"crossover {model} {what} T={T}: forced GEMV {r['fused_us']:.2f} us, "
+                      f"norm+cuBLAS {r['unfused_us']:.2f} us", flush=True)
+    return rows
+
+
+def _path(op: str, T: int, H: int) -> str:
+    if "linear" not in op:
+        return "fused"
+    has_norm, silu = op.startswith("rms_norm"), "silu" in op
+    return "fused GEMV" if use_gemv(T, H, has_norm, silu) else "norm kernel + cuBLAS"
 
 
 def main():
@@ -195,6 +235,8 @@ def main():
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 512])
     p.add_argument("--sweep", action="store_true", help="also sweep GEMV block sizes at T=1 and 8")
+    p.add_argument("--crossover", nargs="*", type=int, default=[], metavar="T",
+                   help="also time the forced GEMV kernel against norm+cuBLAS at these T")
     p.add_argument("--output", default="benchmarks/results/ops_h100.json")
     args = p.parse_args()
 
@@ -207,21 +249,27 @@ def main():
             cases = {
                 "rms_norm_linear (norm+QKV)": lambda: bench_linear_ops("qkv", H, (hq + 2 * hk) * D, T, False),
                 "rms_norm_linear_silu_mul (norm+gate_up+SiLU)": lambda: bench_linear_ops("gate_up", H, 2 * I, T, True),
+                "linear_silu_mul (gate_up+SiLU)": lambda: bench_linear_ops("gate_up", H, 2 * I, T, True, norm=False),
                 "qk_norm_rope": lambda: bench_qk_norm_rope(hq, hk, D, T),
                 "add_rms_norm": lambda: bench_add_rms_norm(H, T),
             }
             for op, run in cases.items():
-                r = run()
+                try:
+                    r = run()
+                except Exception as e:  # keep the other rows; the error is part of the record
+                    print(f"{model} T={T} {op}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    rows.append({"model": model, "op": op, "T": T, "error": f"{type(e).__name__}: {e}"[:500]})
+                    continue
                 r.update(model=model, op=op, T=T, speedup=r["unfused_us"] / r["fused_us"],
                          fused_bw_pct=100 * r["bytes"] / (r["fused_us"] * 1e-6) / bw,
                          unfused_bw_pct=100 * r["bytes"] / (r["unfused_us"] * 1e-6) / bw,
-                         path="fused GEMV" if ("linear" in op and T <= GEMV_MAX_TOKENS) else
-                         ("norm kernel + cuBLAS" if "linear" in op else "fused"))
+                         path=_path(op, T, H))
                 rows.append(r)
                 print(f"{model:11s} T={T:<4d} {op:46s} fused {r['fused_us']:8.2f} us  unfused "
                       f"{r['unfused_us']:8.2f} us  x{r['speedup']:.2f}  BW {r['fused_bw_pct']:5.1f}%", flush=True)
 
     sweep_rows = sweep(args.models, [1, 8]) if args.sweep else []
+    cross_rows = crossover(args.models, args.crossover) if args.crossover else []
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
@@ -231,13 +279,16 @@ def main():
         "command": " ".join(sys.argv),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"meta": meta, "results": rows, "sweep": sweep_rows}, indent=1))
+    Path(args.output).write_text(json.dumps({"meta": meta, "results": rows, "sweep": sweep_rows, "crossover": cross_rows}, indent=1))
     print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s on {meta['gpu']}")
-    print("| model | T | op | fused µs | unfused µs | speed-up | fused % of copy BW |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | T | op | path | fused µs | unfused µs | speed-up | fused % of copy BW | unfused % |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['T']} | {r['op']} | {r['fused_us']:.2f} | {r['unfused_us']:.2f} | "
-              f"{r['speedup']:.2f}× | {r['fused_bw_pct']:.0f}% |")
+        if "error" in r:
+            print(f"| {r['model']} | {r['T']} | {r['op']} | FAILED | | | | | |")
+            continue
+        print(f"| {r['model']} | {r['T']} | {r['op']} | {r['path']} | {r['fused_us']:.2f} | {r['unfused_us']:.2f} | "
+              f"{r['speedup']:.2f}× | {r['fused_bw_pct']:.0f}% | {r['unfused_bw_pct']:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,36 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         for got, want in zip(outs, step()):
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("T", [1, 5, 16, 40])
+def test_fused_kernels_write_every_element(T, dtype, tol):
+    """Odd sizes, poisoned outputs, and the fp32 path (ieee dot): every element written, right values."""
+    from vllm_mirage.ops._norm_gemv import norm_gemv, silu_mul_triton
+
+    dev, H, N = "cuda", 1000, 2 * 760
+    x, res = torch.randn(T, H, device=dev, dtype=dtype), torch.randn(T, H, device=dev, dtype=dtype)
+    nw = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
+    w = (torch.randn(N, H, device=dev) * H**-0.5).to(dtype)
+    d = lambda *ts: [t.double() for t in ts]  # noqa: E731
+    for silu in (False, True):
+        n_out = N // 2 if silu else N
+        out = torch.full((T, n_out), float("nan"), device=dev, dtype=dtype)
+        new_res = torch.full((T, H), float("nan"), device=dev, dtype=dtype)
+        norm_gemv(x, w, nw, 1e-6, residual=res, silu_mul=silu, out=out, new_residual=new_res)
+        ref_fn = reference.rms_norm_linear_silu_mul if silu else reference.rms_norm_linear
+        ref_out, ref_res = ref_fn(*d(x, nw, w), 1e-6, residual=res.double())
+        assert _err(out, ref_out) < tol and _err(new_res, ref_res) < tol
+    y = torch.randn(T, N, device=dev, dtype=dtype)
+    out = torch.full((T, N // 2), float("nan"), device=dev, dtype=dtype)
+    silu_mul_triton(y, out=out)
+    g, u = y.double().chunk(2, -1)
+    assert _err(out, torch.nn.functional.silu(g) * u) < tol
+
+
+def test_dispatch_counts_triton_on_cuda():
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    before = ops.dispatch_counts[("add_rms_norm", "triton")]
+    ops.add_rms_norm(x, x, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6)
+    assert ops.dispatch_counts[("add_rms_norm", "triton")] == before + 1

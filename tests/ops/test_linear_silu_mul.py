@@ -23,3 +23,15 @@ def test_fused_kernel_writes_every_element():
     out = poisoned((9, 136), torch.float32)
     norm_gemv(x, w, silu_mul=True, out=out)
     assert_close(out, reference.linear_silu_mul(x.double(), w.double()), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_path_silu_mul_kernel(dtype):
+    """The prefill path's SiLU-mul epilogue kernel (after cuBLAS): odd width, more than one column block."""
+    from vllm_mirage.ops._norm_gemv import silu_mul_triton
+
+    y = randn(3, 2 * 1100, dtype=dtype)
+    out = poisoned((3, 1100), dtype)
+    silu_mul_triton(y, out=out)
+    gate, up = y.double().chunk(2, dim=-1)
+    assert_close(out, torch.nn.functional.silu(gate) * up, dtype)

@@ -1,12 +1,16 @@
-"""The decode-shaped matmul shared by the norm+linear ops: RMSNorm prologue, GEMV-style tiles, optional
+"""The decode-shaped matmul shared by the norm+linear ops: RMSNorm folded into GEMV-style tiles, optional
 SiLU-and-mul epilogue.
 
 At decode sizes (a few tokens) a linear layer is a weight stream: every weight byte is read once and
 used for only ``T`` multiply-adds, so the kernel's job is to keep HBM busy. Each program owns a
 ``BLOCK_N`` slice of output features for a ``BLOCK_T`` block of tokens and streams the matching weight
-rows in ``BLOCK_K`` chunks. The activations are tiny and L2-resident, so each program first re-reads
-them to compute the per-token RMS (the Mirage trick: recompute instead of a second launch), then
-normalises each chunk in registers just before the dot: normalised activations never reach memory.
+rows in ``BLOCK_K`` chunks. The activations are tiny and L2-resident, so every program re-reads them
+(the Mirage trick: recompute instead of a second launch); normalised activations never reach memory.
+
+Each program first makes a pass over x (+ residual) for the RMS, then streams its weight rows and
+normalises each activation chunk in registers just before the dot, with RMSNorm's rounding points.
+(A one-pass variant that feeds ``x * norm_weight`` to the dot and applies ``rstd`` in the epilogue was
+measured and lost at every shape: benchmarks/NOTES.md.)
 
 ``tl.dot`` needs at least 16 rows; padding T up to 16 costs tensor-core cycles we have to spare.
 """
@@ -19,9 +23,10 @@ import triton.language as tl
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops.add_rms_norm import rms_norm_triton
 
-# Up to this many tokens the fused GEMV kernel runs; above it, the norm kernel then cuBLAS. Chosen from
-# benchmarks/bench_ops.py on an H100 (see benchmarks/NOTES.md): at T=64 cuBLAS's tiled GEMM wins.
-GEMV_MAX_TOKENS = 16
+# Up to this many tokens the fused GEMV kernel runs; above it, our norm kernel then cuBLAS. From
+# benchmarks/bench_ops.py on an H100 (benchmarks/NOTES.md): the forced GEMV lost to norm + cuBLAS at
+# T = 16 on every Qwen3 shape measured.
+GEMV_MAX_TOKENS = 8
 
 
 @triton.jit
@@ -37,7 +42,7 @@ def _dot(a, b, UPCAST: tl.constexpr):
 def _norm_gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr,
     T, H, N, eps,
-    stride_x, stride_res, stride_w, stride_out,
+    stride_x, stride_res, stride_w, stride_out, stride_new_res,
     HAS_NORM: tl.constexpr,
     HAS_RES: tl.constexpr,
     SILU_MUL: tl.constexpr,
@@ -45,33 +50,43 @@ def _norm_gemv_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_BLOCK_K: tl.constexpr,
+    NORM_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
     n_mask = offs_n < N
     x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_x
     res_rows = res_ptr + offs_t[:, None].to(tl.int64) * stride_res
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     dtype = out_ptr.dtype.element_ty
 
     if HAS_NORM:
+        # The RMS needs all of H before the first normalised chunk. This loop has no dot, so Triton
+        # only pipelines it when asked (tl.range num_stages): otherwise every chunk is a serial L2 round
+        # trip, which at H = 4096 cost more than the weight stream (benchmarks/NOTES.md).
+        # One program per token block also writes x + residual, with a predicated store rather than
+        # an `if`, which keeps the loop body branch-free.
+        writer_t = t_mask & ((offs_t * 0 + pid_n) == 0)
+        offs_nk = tl.arange(0, NORM_BLOCK_K)
         sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k = k0 + offs_k
+        for k0 in tl.range(0, H, NORM_BLOCK_K, num_stages=NORM_STAGES):
+            k = k0 + offs_nk
             m = t_mask[:, None] & (k < H)[None, :]
             xv = tl.load(x_rows + k[None, :], mask=m, other=0.0)
             if HAS_RES:
                 # The residual stream is stored in the activation dtype: normalise the rounded sum.
                 xv = (xv.to(tl.float32) + tl.load(res_rows + k[None, :], mask=m, other=0.0).to(tl.float32)).to(dtype)
-                if pid_n == 0:
-                    tl.store(new_res_ptr + offs_t[:, None].to(tl.int64) * stride_x + k[None, :], xv, mask=m)
+                new_res = new_res_ptr + offs_t[:, None].to(tl.int64) * stride_new_res + k[None, :]
+                tl.store(new_res, xv, mask=writer_t[:, None] & (k < H)[None, :])
             xf = xv.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
         rstd = tl.rsqrt(sumsq / H + eps)
 
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     if SILU_MUL:
         acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -84,16 +99,16 @@ def _norm_gemv_kernel(
             if HAS_RES:
                 a = (a.to(tl.float32) + tl.load(res_rows + k[None, :], mask=m, other=0.0).to(tl.float32)).to(dtype)
             nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            # Same rounding points as RMSNorm: normalise in fp32, round, scale by the weight, round.
+            # RMSNorm's rounding points: normalise in fp32, round, scale by the weight, round.
             a = ((a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
         wm = n_mask[:, None] & k_mask[None, :]
-        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + k[None, :]
-        acc += _dot(a, tl.trans(tl.load(w_rows, mask=wm, other=0.0)), UPCAST)
+        acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
         if SILU_MUL:
             # vLLM's merged gate_up weight: gate rows [0, N), up rows [N, 2N).
-            acc_up += _dot(a, tl.trans(tl.load(w_rows + N * stride_w, mask=wm, other=0.0)), UPCAST)
+            acc_up += _dot(a, tl.trans(tl.load(w_rows + N * stride_w + k[None, :], mask=wm, other=0.0)), UPCAST)
 
     if SILU_MUL:
+        # Rounding points of the unfused path: linear output, then SiLU, then the product.
         gate = acc.to(dtype).to(tl.float32)
         y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     else:
@@ -102,16 +117,68 @@ def _norm_gemv_kernel(
     tl.store(out, y.to(dtype), mask=t_mask[:, None] & n_mask[None, :])
 
 
-def default_config(T: int, H: int, N: int) -> dict:
+@triton.jit
+def _silu_mul_kernel(y_ptr, out_ptr, I, stride_y, stride_out, BLOCK: tl.constexpr):
+    # Epilogue of the unfused (cuBLAS) path: one pass over [gate | up] instead of eager torch's three.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+    up = tl.load(y_ptr + row * stride_y + I + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # F.silu rounds to the activation dtype before the multiply: so do we.
+    y = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, y.to(gate.dtype), mask=mask)
+
+
+def silu_mul_triton(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(y[:, :I]) * y[:, I:]`` for ``y`` of shape ``[T, 2I]`` with unit column stride."""
+    T, I = y.shape[0], y.shape[1] // 2
+    out = y.new_empty((T, I)) if out is None else out
+    if T > 0:
+        block = min(1024, triton.next_power_of_2(I))
+        _silu_mul_kernel[(T, triton.cdiv(I, block))](y, out, I, y.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+# Shared memory the pipeliner may use for its stages (H100: 227 KB per block; leave room for the
+# epilogue's layout conversions).
+_SMEM_BUDGET = 160 * 1024
+
+
+def default_config(T: int, H: int, N: int, silu_mul: bool = False, elem_size: int = 2) -> dict:
     """Block sizes by shape. No run-time autotuning: vLLM captures CUDA graphs, and a first call inside
     a capture must not benchmark. See benchmarks/NOTES.md for the sweep behind these numbers."""
-    return {
-        "BLOCK_T": 16,
-        "BLOCK_N": 16 if N <= 8192 else 32,
+    cfg = {
+        # One token block covers every token up to 64, so each weight byte leaves HBM once.
+        "BLOCK_T": min(64, max(16, triton.next_power_of_2(T))),
+        # Sweep (run 3): BLOCK_N 32 x BLOCK_K 256 was best or within 2% of best at every Qwen3 shape.
+        "BLOCK_N": 32,
         "BLOCK_K": min(256, max(16, triton.next_power_of_2(H))),
         "num_warps": 4,
-        "num_stages": 4,
+        # The RMS pre-pass: fewer, wider chunks, pipelined (see the kernel).
+        "NORM_BLOCK_K": min(512, max(16, triton.next_power_of_2(H))),
+        "NORM_STAGES": 3,
     }
+    while cfg["BLOCK_K"] > 32 and 2 * _stage_bytes(cfg, silu_mul, elem_size) > _SMEM_BUDGET:
+        cfg["BLOCK_K"] //= 2
+    # The RMS pre-pass buffers x and residual tiles per stage; shrink it for big token blocks / fp32.
+    norm_stage = lambda: 2 * cfg["BLOCK_T"] * cfg["NORM_BLOCK_K"] * elem_size  # noqa: E731
+    while cfg["NORM_BLOCK_K"] > 64 and cfg["NORM_STAGES"] * norm_stage() > _SMEM_BUDGET // 2:
+        cfg["NORM_BLOCK_K"] //= 2
+    if cfg["NORM_STAGES"] * norm_stage() > _SMEM_BUDGET // 2:
+        cfg["NORM_STAGES"] = 1
+    return cfg
+
+
+def _stage_bytes(cfg: dict, silu_mul: bool, elem_size: int) -> int:
+    # Per pipeline stage: the x and residual tiles and one weight tile (two with SiLU-mul).
+    rows = 2 * cfg["BLOCK_T"] + (2 if silu_mul else 1) * cfg["BLOCK_N"]
+    return rows * cfg["BLOCK_K"] * elem_size
+
+
+def _num_stages(cfg: dict, silu_mul: bool, elem_size: int) -> int:
+    return max(2, min(4, _SMEM_BUDGET // _stage_bytes(cfg, silu_mul, elem_size)))
 
 
 def norm_gemv(
@@ -138,7 +205,9 @@ def norm_gemv(
     if has_res:
         residual = residual.contiguous()
         new_residual = torch.empty_like(x) if new_residual is None else new_residual
-    cfg = {**default_config(T, H, N), **(config or {})}
+    elem = x.element_size()
+    cfg = {**default_config(T, H, N, silu_mul, elem), **(config or {})}
+    cfg.setdefault("num_stages", _num_stages(cfg, silu_mul, elem))
     block_t = cfg.pop("BLOCK_T")
     if T > 0:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(T, block_t))
@@ -147,6 +216,7 @@ def norm_gemv(
             weight, out, new_residual if has_res else out,
             T, H, N, eps,
             x.stride(0), residual.stride(0) if has_res else 0, weight.stride(0), out.stride(0),
+            new_residual.stride(0) if has_res else 0,
             HAS_NORM=norm_weight is not None,
             HAS_RES=has_res,
             SILU_MUL=silu_mul,
@@ -171,12 +241,32 @@ def norm_then_linear(
         x, new_residual = rms_norm_triton(x, norm_weight, eps, residual=residual)
     y = F.linear(x, weight)
     if silu_mul:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
+        y = silu_mul_triton(y)
     return y, new_residual
 
 
-def fused_or_unfused(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if x.shape[0] <= GEMV_MAX_TOKENS:
-        return norm_gemv(x, *args, **kwargs)
-    return norm_then_linear(x, *args, **kwargs)
+def use_gemv(T: int, H: int, has_norm: bool, silu_mul: bool) -> bool:
+    """The shape rule: where the fused GEMV kernel beat our norm kernel + cuBLAS on an H100
+    (benchmarks/results/ops_h100.json, read in benchmarks/NOTES.md). Fixed, so CUDA-graph safe.
+
+    - T > 8: never (the forced GEMV lost at T = 16 on 5 of 6 Qwen3 shapes).
+    - gate_up + SiLU without norm: always at T <= 8 (1.03-1.23x: the [T, 2I] tensor never exists).
+    - norm + gate_up + SiLU: only at H <= 1024 (1.16x on 0.6B; 0.90-0.97x at H = 2048 and 4096,
+      where the RMS pre-pass over x and the residual costs more than the saved launches).
+    - norm + QKV: never (0.81-0.97x: with one weight tile per program, cuBLAS's GEMV streams faster).
+    """
+    if T > GEMV_MAX_TOKENS or (has_norm and not silu_mul):
+        return False
+    return not has_norm or H <= 1024
+
+
+def fused_or_unfused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    silu_mul: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    path = norm_gemv if use_gemv(x.shape[0], x.shape[1], norm_weight is not None, silu_mul) else norm_then_linear
+    return path(x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)

@@ -1,8 +1,10 @@
 """RMSNorm (+ residual add) fused into the following linear layer: Mirage's RMSNorm+QKV fusion.
 
 ``rms_norm_linear(x, norm_weight, weight, eps)`` = ``rmsnorm(x) @ weight.T``; with ``residual`` it returns
-``(rmsnorm(x + residual) @ weight.T, x + residual)``. The normalised activations are computed inside the
-matmul kernel's prologue and never written to memory (kernel: ``_norm_gemv.py``).
+``(rmsnorm(x + residual) @ weight.T, x + residual)``. The fused kernel (``_norm_gemv.py``) normalises the
+activations in registers just before the dot, so they never reach memory; but on an H100 it was slower
+than our norm kernel + cuBLAS at every measured Qwen3 QKV shape, so the shape rule (``use_gemv``)
+currently sends this op to that unfused path on GPU. See benchmarks/NOTES.md.
 """
 
 import torch

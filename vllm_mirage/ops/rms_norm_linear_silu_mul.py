@@ -1,8 +1,10 @@
 """RMSNorm (+ residual add) → merged gate_up linear → SiLU-and-mul, in one kernel.
 
 Returns ``silu(n @ gate.T) * (n @ up.T)`` for ``n = rmsnorm(x [+ residual])``, and with ``residual`` also
-``x + residual``. Neither the normalised activations nor the ``[T, 2I]`` gate/up tensor reach memory:
-each program owns matching rows of gate and up and applies the activation in its epilogue.
+``x + residual``. In the fused kernel neither the normalised activations nor the ``[T, 2I]`` gate/up
+tensor reach memory: each program owns matching rows of gate and up and applies the activation in its
+epilogue. It runs where it measured faster (``_norm_gemv.use_gemv``: T <= 8 and H <= 1024); elsewhere
+our norm kernel, cuBLAS and a one-pass SiLU-mul kernel.
 """
 
 import torch
