@@ -235,7 +235,8 @@ def norm_then_linear(
     residual: torch.Tensor | None = None,
     silu_mul: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unfused path for prefill-sized T: our norm kernel, then cuBLAS (a tiled GEMM wins there)."""
+    """The unfused path, wherever ``use_gemv`` says the fused kernel does not win: our norm kernel, then
+    cuBLAS (a tiled GEMM at prefill sizes, a GEMV that streams faster than ours at some decode shapes)."""
     new_residual = None
     if norm_weight is not None:
         x, new_residual = rms_norm_triton(x, norm_weight, eps, residual=residual)
