@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import openai  # the [test] extra installs it; a missing client must fail, not skip
+import psutil
 import pytest
-
-openai = pytest.importorskip("openai")
-psutil = pytest.importorskip("psutil")
 
 MAX_TOKENS = 16
 # Mixed lengths: a few words up to a few hundred tokens of prompt.
