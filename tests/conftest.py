@@ -20,6 +20,16 @@ PROMPTS = [
 _JOB = Path(__file__).parent / "models" / "engine_job.py"
 
 
+def subprocess_env(**overrides: str) -> dict:
+    """The environment for the vLLM and CLI processes tests start: this one's, plus ``overrides``, minus
+    Triton's interpreter switch, which tests/ops/conftest.py sets for this whole process (Triton needs it
+    at import and at run time). Inherited, it would make those processes run every kernel interpreted;
+    a test that wants that passes it in ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(overrides)
+    return env
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory) -> Path:
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
@@ -40,14 +50,13 @@ def run_engine(tmp_path_factory):
             return cache[key]
         work = tmp_path_factory.mktemp("engine")
         (work / "spec.json").write_text(json.dumps(spec))
-        full_env = {
-            **{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        full_env = subprocess_env(
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",
             # Compile caches are not keyed on the plugin: never share them between runs.
-            "VLLM_CACHE_ROOT": str(work / "cache"),
+            VLLM_CACHE_ROOT=str(work / "cache"),
             **(env or {}),
-        }
+        )
         proc = subprocess.run(
             [sys.executable, str(_JOB), str(work / "spec.json"), str(work / "out.json")],
             env=full_env,

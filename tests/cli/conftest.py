@@ -1,9 +1,10 @@
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 from vllm_mirage.cli.models import resolve_model
 
@@ -23,7 +24,7 @@ def run_cli():
     base = [str(script)] if script.exists() else [sys.executable, "-m", "vllm_mirage.cli.main"]
 
     def run(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, **(env or {})}
+        full_env = subprocess_env()
         full_env.pop("VLLM_USE_MIRAGE", None)  # the CLI sets it per side; a stray value is an error
         full_env.update(env or {})
         return subprocess.run([*base, *args], env=full_env, capture_output=True, text=True, timeout=timeout)

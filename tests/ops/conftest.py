@@ -1,8 +1,9 @@
 """Op tests run the Triton kernels in Triton's interpreter on CPU (or natively on CUDA with -m gpu).
 
 ``triton.jit`` decides at decoration time whether a kernel is interpreted, so the variable must be set
-before ``vllm_mirage.ops`` is first imported: here, at collection. Engine subprocesses started by other
-tests do not inherit it (tests/conftest.py removes it unless a test asks for it).
+before ``vllm_mirage.ops`` is first imported: here, at collection. Triton reads it again at run time, so it
+stays set; the engine, server and CLI processes other tests start get an
+environment without it (``subprocess_env`` in tests/conftest.py).
 """
 
 import os

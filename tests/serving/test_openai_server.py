@@ -13,6 +13,8 @@ import openai  # the [test] extra installs it; a missing client must fail, not s
 import psutil
 import pytest
 
+from tests.conftest import subprocess_env
+
 MAX_TOKENS = 16
 # Mixed lengths: a few words up to a few hundred tokens of prompt.
 PROMPTS = [
@@ -30,12 +32,11 @@ class Server:
     def __init__(self, model: Path, mirage: bool, workdir: Path):
         self.port = _free_port()
         self.log = open(workdir / f"server-{'mirage' if mirage else 'stock'}.log", "w")
-        env = {
-            **os.environ,
-            "VLLM_USE_MIRAGE": "1" if mirage else "0",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CACHE_ROOT": str(workdir / f"cache-{mirage}"),
-        }
+        env = subprocess_env(
+            VLLM_USE_MIRAGE="1" if mirage else "0",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_CACHE_ROOT=str(workdir / f"cache-{mirage}"),
+        )
         # `vllm serve` itself cannot start on vllm-cpu 0.32: its CLI asks for the version of a
         # distribution named "vllm", and the CPU build is named "vllm-cpu". The module below is the
         # same server (what `vllm serve` runs), minus that lookup.
