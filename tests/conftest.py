@@ -51,11 +51,13 @@ def run_engine(tmp_path_factory):
         work = tmp_path_factory.mktemp("engine")
         (work / "spec.json").write_text(json.dumps(spec))
         full_env = subprocess_env(
-            VLLM_CPU_KVCACHE_SPACE="1",
-            VLLM_ENABLE_V1_MULTIPROCESSING="0",
-            # Compile caches are not keyed on the plugin: never share them between runs.
-            VLLM_CACHE_ROOT=str(work / "cache"),
-            **(env or {}),
+            **{
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                # Compile caches are not keyed on the plugin: never share them between runs.
+                "VLLM_CACHE_ROOT": str(work / "cache"),
+                **(env or {}),
+            }
         )
         proc = subprocess.run(
             [sys.executable, str(_JOB), str(work / "spec.json"), str(work / "out.json")],
