@@ -8,13 +8,18 @@ function defined in ``__main__`` does not unpickle there). Multiprocess engines 
 from torch import nn
 
 
+def mirage_status(model: nn.Module) -> dict | None:
+    """``{"mode", "fused_layers", "reason"}``, or None when our model class was not used (another
+    architecture, or the plugin did not load)."""
+    return getattr(model, "mirage_status", None)
+
+
 def describe_model(model: nn.Module) -> dict:
     from vllm_mirage import ops
 
     return {
         "class": type(model).__name__,
-        # None when our model class was not used (another architecture).
-        "mirage_status": getattr(model, "mirage_status", None),
+        "mirage_status": mirage_status(model),
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
         "params": [[name, list(p.shape)] for name, p in model.named_parameters()],
         "state_dict_keys": sorted(model.state_dict().keys()),

@@ -42,7 +42,7 @@ def side_env(side: str, workdir: Path, on_cuda: bool) -> dict:
     # Compile caches are keyed on the model, not on our plugin: a shared cache would hand the
     # Mirage side the stock graphs (or the reverse).
     env["VLLM_CACHE_ROOT"] = str(workdir / "vllm-cache")
-    # apply_model() pickles the probe function to the worker; vLLM wants this opt-in for that.
+    # apply_model() pickles vllm_mirage.introspect.mirage_status to the worker; vLLM wants this opt-in for that.
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if not on_cuda:
         # The CPU backend sizes its KV cache from this (GiB); its default does not fit small machines.

@@ -165,7 +165,7 @@ def _top_logprobs(steps) -> list[list[list]]:
 
 
 def _mirage_status_fn():
-    from vllm_mirage.cli.probe import mirage_status
+    from vllm_mirage.introspect import mirage_status
 
     return mirage_status
 
