@@ -17,8 +17,9 @@ def _clean_error(proc) -> str:
 
 
 def test_check_tiny(run_cli, cli_cache, tmp_path):
+    # Per-side engine arguments (how a TP=2 Mirage is held against a TP=1 stock) reach their side only.
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache),
-                   "--output", str(tmp_path))
+                   "--output", str(tmp_path), "--baseline-args", '{"max_num_seqs": 32}')
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     out = proc.stdout
     # Plugin-dependent: the Mirage side must report fused layers through mirage_status.
@@ -28,6 +29,8 @@ def test_check_tiny(run_cli, cli_cache, tmp_path):
     report = json.loads((tmp_path / "check.json").read_text())
     stock, mirage = report["sides"]["stock"], report["sides"]["mirage"]
     assert stock["mirage_status"]["mode"] == "off" and mirage["mirage_status"]["mode"] == "fused"
+    assert 'stock side only: {"max_num_seqs": 32}' in out
+    assert stock["engine"]["args"]["max_num_seqs"] == 32 and "max_num_seqs" not in mirage["engine"]["args"]
     n_prompts = report["comparison"]["prompts"]
     assert n_prompts >= 120 and len(stock["token_ids"]) == len(mirage["token_ids"]) == n_prompts
     assert all(len(ids) == 8 for ids in stock["token_ids"] + mirage["token_ids"])

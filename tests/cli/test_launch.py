@@ -4,7 +4,7 @@ import json
 from vllm_mirage.cli.launch import side_env
 from vllm_mirage.cli.main import build_parser
 from vllm_mirage.cli import context
-from vllm_mirage.cli.runner import sum_kernel_seconds
+from vllm_mirage.cli.runner import busiest_gpu_kernel_seconds
 
 
 def test_side_env(tmp_path, monkeypatch):
@@ -39,16 +39,18 @@ def test_gpu_defaults_for_a_preset(tmp_path, monkeypatch):
     assert any("byte fallback" in n for n in ctx.notes)
 
 
-def test_sum_kernel_seconds(tmp_path):
+def test_busiest_gpu_kernel_seconds(tmp_path):
     events = [
         {"cat": "kernel", "name": "fused_rms_norm_qkv", "dur": 12.5},
         {"cat": "kernel", "name": "flash_attn", "dur": 7.5},
         {"cat": "cpu_op", "name": "aten::mm", "dur": 1000},
         {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "dur": 100},
     ]
-    plain = tmp_path / "rank0.pt.trace.json"
-    plain.write_text(json.dumps({"traceEvents": events}))
-    packed = tmp_path / "rank0.pt.trace.json.gz"
-    with gzip.open(packed, "wt") as f:
+    rank0 = tmp_path / "rank0.pt.trace.json"
+    rank0.write_text(json.dumps({"traceEvents": events}))
+    rank1 = tmp_path / "rank1.pt.trace.json.gz"
+    with gzip.open(rank1, "wt") as f:
         json.dump({"traceEvents": events[:1]}, f)
-    assert sum_kernel_seconds([plain, packed]) * 1e6 == 32.5
+    # Kernels only (no CPU ops or copies); two tensor-parallel ranks run in parallel: the busier one counts.
+    assert busiest_gpu_kernel_seconds([rank1, rank0]) * 1e6 == 20.0
+    assert busiest_gpu_kernel_seconds([rank1]) * 1e6 == 12.5

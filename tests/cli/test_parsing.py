@@ -68,6 +68,9 @@ def test_invalid_engine_args_json(cli_cache, capsys, monkeypatch):
     assert "--engine-args is not valid JSON" in _one_line_error(capsys)
     assert main([*argv[:-1], "[1, 2]"]) == EXIT_USAGE
     assert "must be a JSON object" in _one_line_error(capsys)
+    check = ["check", "--model", "tiny", "--cache-dir", str(cli_cache), "--mirage-args", "{}"]
+    assert main([*check, "--baseline-args", "[1]"]) == EXIT_USAGE
+    assert "--baseline-args must be a JSON object" in _one_line_error(capsys)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_mirage.cli.context import prepare, runner_spec
+from vllm_mirage.cli.context import parse_json_dict, prepare, runner_spec
 from vllm_mirage.cli.errors import EXIT_MISMATCH, EXIT_OK
 from vllm_mirage.cli.launch import SideRun, run_side
 from vllm_mirage.cli.status import assess_mirage
@@ -150,11 +150,17 @@ def run_check(args) -> int:
     # Logs outlive the run (an error message points at them); spec files and caches do not.
     log_dir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="vllm-mirage-check-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    side_args = {
+        "stock": parse_json_dict(args.baseline_args, "--baseline-args"),
+        "mirage": parse_json_dict(args.mirage_args, "--mirage-args"),
+    }
     sides = ["mirage"] if args.skip_baseline else ["stock", "mirage"]
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         results = {
-            side: run_side(SideRun(side, side, runner_spec(ctx, "check", side, logprobs=TOP_LOGPROBS), steps=2),
-                           Path(work), log_dir, ctx.on_cuda, args.verbose)
+            side: run_side(
+                SideRun(side, side, runner_spec(ctx, "check", side, side_args[side], logprobs=TOP_LOGPROBS), steps=2),
+                Path(work), log_dir, ctx.on_cuda, args.verbose,
+            )
             for side in sides
         }
     mirage = results["mirage"]
@@ -163,6 +169,9 @@ def run_check(args) -> int:
     code, assessment = assess_mirage(mirage)
     engine = mirage["engine"]
     print(f"Model: {', '.join(engine['architectures'])} ({ctx.model.model}), dtype {engine['dtype']}")
+    for side, extra in side_args.items():
+        if extra:
+            print(f"{side} side only: {json.dumps(extra)}")
     print(assessment)
     comparison = None
     if "stock" in results:

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                             + ", ".join(f"{v} for {k}" for k, v in DEFAULT_TOLERANCE.items())
                             + "); float32 is compared exactly")
     check.add_argument("--output", metavar="DIR", help="write check.json and the engine logs here")
+    check.add_argument("--baseline-args", metavar="JSON",
+                       help="engine arguments for the stock side only, e.g. "
+                            "'{\"tensor_parallel_size\": 1}' to hold Mirage at TP=2 against stock at TP=1")
+    check.add_argument("--mirage-args", metavar="JSON", help="engine arguments for the Mirage side only")
     check.set_defaults(func="check")
 
     bench = sub.add_parser("bench", parents=[common], help="measure stock vLLM and Mirage speed",
