@@ -4,13 +4,16 @@
 #   bash benchmarks/tp_device.sh bench OUTDIR   # stock vs Mirage, both at TP=2, Qwen3-8B shapes
 # The token check needs real weights: vLLM's dummy loader fills every rank's shard from the same seed,
 # so a dummy model at TP=2 is a different model from the dummy at TP=1. It writes a random checkpoint
-# of Qwen3-0.6B's shapes instead (std scaled to the width so greedy continuations vary).
+# of Qwen3-0.6B's shapes instead: layer std scaled to the width so continuations vary, and embeddings
+# large enough that logits spread over several nats (flat logits made every choice a bf16 near-tie).
 set -uo pipefail
 what=$1 out=$2
-ckpt=/tmp/qwen3-0.6b-random
-capture='"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}'
-# NVLink multicast stays off (the device docs); keep it so even where a child builds its own environment.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+ckpt=/tmp/qwen3-0.6b-random-peaked
+# NVLink multicast is off on the lent machines (device docs). vLLM 0.26 then still fuses all-reduce+RMSNorm
+# through FlashInfer's "mnnvl" backend, which needs multicast: the first forward dies with an illegal
+# memory access, stock vLLM alike. So both sides run without that fusion and without symmetric memory.
+capture='"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64], "pass_config": {"fuse_allreduce_rms": false}}'
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 case "$what" in
     check)
@@ -21,7 +24,7 @@ c = qwen3_preset_config('qwen3-0.6b')
 keys = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
         'num_key_value_heads', 'head_dim', 'vocab_size', 'max_position_embeddings', 'rope_theta',
         'tie_word_embeddings')
-make_tiny_qwen3('$ckpt', with_tokenizer=False, std=0.15 * (128 / 1024) ** 0.5, **{k: c[k] for k in keys})
+make_tiny_qwen3('$ckpt', with_tokenizer=False, std=0.15 * (128 / 1024) ** 0.5, embed_std=0.3, **{k: c[k] for k in keys})
 " || exit 1
         vllm-mirage check --model "$ckpt" --dtype bfloat16 --max-tokens 64 \
             --engine-args "{$capture, \"tensor_parallel_size\": 2}" \

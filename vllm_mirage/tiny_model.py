@@ -45,12 +45,15 @@ def make_tiny_qwen3(
     *,
     seed: int = 0,
     std: float = 0.15,
+    embed_std: float | None = None,
     with_tokenizer: bool = True,
     **overrides,
 ) -> Path:
     """Write a tiny Qwen3ForCausalLM checkpoint to ``path`` and return it.
 
     ``overrides`` replace entries of :data:`TINY_CONFIG` (e.g. ``num_hidden_layers=4``).
+    ``embed_std`` (default ``std``) scales the embeddings and lm_head: with a large vocabulary, a
+    larger value spreads the logits so that greedy choices are not bf16-rounding near-ties.
     """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -70,6 +73,8 @@ def make_tiny_qwen3(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif embed_std is not None and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.copy_(embed_std * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     model.save_pretrained(path, safe_serialization=True)
