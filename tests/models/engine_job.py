@@ -60,11 +60,21 @@ def main(spec_path: str, out_path: str) -> None:
         seed=0,
         **spec.get("engine_args", {}),
     )
+    if "score" in spec:
+        # Teacher forcing: the logprob each given sequence's tokens get, so runs compare on the same tokens.
+        outs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in spec["score"]],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
+        )
+        scores = [[lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
+        json.dump({"scores": scores, "model": llm.apply_model(describe_model)[0]}, open(out_path, "w"))
+        return
     params = SamplingParams(
         temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=spec.get("logprobs", 2)
     )
     outs = llm.generate(spec["prompts"], params)
     result = {
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         # Per generated token: {token_id: logprob} for the top candidates.
         "logprobs": [
