@@ -1,0 +1,92 @@
+import copy
+
+import pytest
+import torch
+
+from tests.megakernel.conftest import TINY, random_batch, random_weights
+from vllm_mirage.megakernel import reference
+from vllm_mirage.megakernel.graph import (
+    NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
+)
+from vllm_mirage.megakernel.state import DecodeBuffers
+
+
+def _setup(positions, dtype=torch.float32):
+    weights = random_weights(**TINY, dtype=dtype)
+    batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype)
+    hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
+    return weights, batch, hidden
+
+
+def _clone(batch):
+    clone = copy.copy(batch)
+    clone.kv_caches = [c.clone() for c in batch.kv_caches]
+    return clone
+
+
+@pytest.mark.parametrize("workers", [1, 3, 132])
+def test_graph_covers_each_task_once_in_stage_order(workers):
+    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
+                        num_layers=28, vocab=151936, batch=8)
+    g = build_task_graph(shape, workers)
+    tasks = g.tasks.tolist()
+    assert sorted(g.queue.tolist()) == list(range(len(tasks)))
+    per_layer = sum(shape.tasks_in_stage(t) for t in list(Task)[:5])
+    assert len(tasks) == 28 * per_layer + shape.tasks_in_stage(Task.LM)
+    assert shape.tasks_in_stage(Task.QKV) == (16 + 16) * 128 // 32 and shape.tasks_in_stage(Task.ATTN) == 64
+    counts = g.stage_counts.tolist()
+    for row in tasks:
+        if row[WAIT_STAGE] == NO_WAIT:
+            assert row[TYPE] == Task.QKV and row[SIGNAL_STAGE] == 0
+        else:
+            # Each task waits for all of the stage right before its own.
+            assert row[WAIT_STAGE] == row[SIGNAL_STAGE] - 1 and row[WAIT_COUNT] == counts[row[WAIT_STAGE]]
+    for w in range(workers):
+        stages = [tasks[t][SIGNAL_STAGE] for t in g.worker_queue(w)]
+        assert stages == sorted(stages)
+
+
+@pytest.mark.parametrize("workers, lm_head", [(1, True), (2, True), (5, False), (64, True)])
+def test_graph_executes_to_the_layerwise_step(workers, lm_head):
+    weights, batch, hidden = _setup([0, 5, 37])
+    expected_batch = _clone(batch)
+    expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
+    shape = weights.shape(batch=3, lm_head=lm_head)
+    graph = build_task_graph(shape, workers)
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.load_input(hidden)
+    logits = reference.run_graph(graph, weights, batch, buffers)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(batch.kv_caches, expected_batch.kv_caches):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert buffers.counters.tolist() == graph.stage_counts.tolist()
+
+
+def test_a_queue_out_of_stage_order_is_a_deadlock():
+    weights, batch, hidden = _setup([3])
+    shape = weights.shape(batch=1)
+    graph = build_task_graph(shape, 2)
+    graph.queue = graph.queue.flip(0)  # each worker now starts with the lm_head, which waits on the rest
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.load_input(hidden)
+    with pytest.raises(RuntimeError, match="deadlocks"):
+        reference.run_graph(graph, weights, batch, buffers)
+
+
+def test_a_missing_dependency_gives_wrong_logits():
+    # The CPU executor runs whatever a counter allows: a graph whose QKV tiles ignore the previous
+    # layer's down_proj reads stale inputs, and the comparison with the layerwise step catches it.
+    weights, batch, hidden = _setup([4, 9])
+    expected = reference.decode_step(weights, _clone(batch), hidden)
+    shape = weights.shape(batch=2)
+    graph = build_task_graph(shape, 1)
+    layer1_qkv = (graph.tasks[:, TYPE] == Task.QKV) & (graph.tasks[:, 1] == 1)
+    graph.tasks[layer1_qkv, WAIT_STAGE] = NO_WAIT
+    # Run layer 1's QKV first, as a worker with no wait would be free to.
+    order = torch.cat([layer1_qkv.nonzero().flatten(), (~layer1_qkv).nonzero().flatten()]).to(torch.int32)
+    graph.queue = order
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.x.zero_()  # stale but finite
+    buffers.load_input(hidden)
+    logits = reference.run_graph(graph, weights, batch, buffers)
+    assert not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,142 @@
+"""The task graph of one Qwen3 decode step: tile-sized tasks, stage counters, per-worker queues.
+
+A decode step for ``B`` requests (one new token each) is lowered, layer by layer, into tasks:
+
+    QKV    norm(x + residual) @ W_qkv.T, one BLOCK_N slice of the fused q|k|v features
+    ATTN   one (request, kv head): q/k RMSNorm + rotary, KV-cache append, paged decode attention
+    O      attn @ W_o.T, one BLOCK_N slice of the hidden features
+    GU     norm(o + residual) @ W_gate_up.T, SiLU * up, one BLOCK_N slice of the intermediate features
+    DOWN   act @ W_down.T, one BLOCK_N slice of the hidden features
+    LM     final norm(x + residual) @ W_lm_head.T, one BLOCK_N slice of the vocabulary
+    NORM   (instead of LM, when vLLM's own lm_head/logits processor should run) final norm, one request
+
+Dependencies are counted per stage: a task waits until the stage before it has finished all of its
+tasks (a counter in global memory reaches the stage's task count), then bumps its own stage's counter
+when done. Every stage reads all of the previous stage's output (a norm needs the whole row, attention
+needs all of q, k and v), so a per-stage counter loses nothing at these dependencies; finer-grained
+edges (e.g. O tiles per attention head group) are the next refinement.
+
+Tasks are dealt round-robin to ``num_workers`` queues in stage order. A worker only ever waits for an
+earlier stage, and every earlier-stage task precedes it in every queue, so with all workers resident
+(grid ≤ SMs) the step cannot deadlock; :func:`vllm_mirage.megakernel.reference.run_graph` checks that
+by simulation.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Task(enum.IntEnum):
+    QKV = 0
+    ATTN = 1
+    O = 2
+    GU = 3
+    DOWN = 4
+    LM = 5
+    NORM = 6
+
+
+STAGES_PER_LAYER = 5  # QKV, ATTN, O, GU, DOWN; LM (or NORM) is one stage after the last layer
+NO_WAIT = -1
+
+# Columns of the task table.
+TYPE, LAYER, INDEX, WAIT_STAGE, WAIT_COUNT, SIGNAL_STAGE = range(6)
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """One tensor-parallel rank's view of a Qwen3 decode step."""
+
+    hidden: int  # H
+    intermediate: int  # I (this rank's shard)
+    num_heads: int  # Hq (this rank's)
+    num_kv_heads: int  # Hkv (this rank's)
+    head_dim: int  # D
+    num_layers: int
+    vocab: int  # lm_head rows (this rank's shard)
+    batch: int  # B requests, one token each
+    block_n: int = 32  # output features per GEMV task
+    block_n_lm: int = 128
+    lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
+
+    @property
+    def qkv_features(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def tasks_in_stage(self, task: Task) -> int:
+        cdiv = lambda a, b: -(-a // b)  # noqa: E731
+        return {
+            Task.QKV: cdiv(self.qkv_features, self.block_n),
+            Task.ATTN: self.batch * self.num_kv_heads,
+            Task.O: cdiv(self.hidden, self.block_n),
+            Task.GU: cdiv(self.intermediate, self.block_n),
+            Task.DOWN: cdiv(self.hidden, self.block_n),
+            Task.LM: cdiv(self.vocab, self.block_n_lm),
+            Task.NORM: self.batch,
+        }[task]
+
+    @property
+    def last(self) -> Task:
+        return Task.LM if self.lm_head else Task.NORM
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_layers * STAGES_PER_LAYER + 1
+
+
+def stage_of(task: Task, layer: int, shape: DecodeShape) -> int:
+    return shape.num_layers * STAGES_PER_LAYER if task in (Task.LM, Task.NORM) else layer * STAGES_PER_LAYER + int(task)
+
+
+@dataclass
+class TaskGraph:
+    shape: DecodeShape
+    tasks: torch.Tensor  # int32 [num_tasks, 6], in stage order; columns TYPE ... SIGNAL_STAGE
+    queue: torch.Tensor  # int32 [num_tasks]: task ids, worker w's run is queue[offsets[w]:offsets[w+1]]
+    queue_offsets: torch.Tensor  # int32 [num_workers + 1]
+    stage_counts: torch.Tensor  # int32 [num_stages]: tasks per stage (what a waiter waits for)
+
+    @property
+    def num_workers(self) -> int:
+        return self.queue_offsets.numel() - 1
+
+    def worker_queue(self, worker: int) -> list[int]:
+        lo, hi = self.queue_offsets[worker].item(), self.queue_offsets[worker + 1].item()
+        return self.queue[lo:hi].tolist()
+
+    def to(self, device) -> "TaskGraph":
+        return TaskGraph(self.shape, *(t.to(device) for t in (self.tasks, self.queue, self.queue_offsets,
+                                                             self.stage_counts)))
+
+
+def build_task_graph(shape: DecodeShape, num_workers: int) -> TaskGraph:
+    if num_workers < 1:
+        raise ValueError("num_workers must be at least 1")
+    order = [(t, layer) for layer in range(shape.num_layers) for t in list(Task)[:STAGES_PER_LAYER]]
+    order.append((shape.last, shape.num_layers - 1))
+    rows, counts = [], []
+    previous = None  # (stage, count) of the stage before
+    for task, layer in order:
+        n = shape.tasks_in_stage(task)
+        stage = stage_of(task, layer, shape)
+        wait_stage, wait_count = previous if previous else (NO_WAIT, 0)
+        rows += [(int(task), layer, i, wait_stage, wait_count, stage) for i in range(n)]
+        counts.append(n)
+        previous = (stage, n)
+    tasks = torch.tensor(rows, dtype=torch.int32)
+    # Round-robin in stage order: each queue stays sorted by stage.
+    queues = [list(range(w, len(rows), num_workers)) for w in range(num_workers)]
+    offsets = [0]
+    for q in queues:
+        offsets.append(offsets[-1] + len(q))
+    return TaskGraph(
+        shape,
+        tasks,
+        torch.tensor([t for q in queues for t in q], dtype=torch.int32),
+        torch.tensor(offsets, dtype=torch.int32),
+        torch.tensor(counts, dtype=torch.int32),
+    )

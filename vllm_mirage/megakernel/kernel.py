@@ -1,0 +1,311 @@
+"""The persistent decode kernel: one launch runs a whole Qwen3 decode step from a task graph.
+
+Each program is a worker with its own queue of tasks (see :mod:`vllm_mirage.megakernel.graph`). For
+each task it spins on the counter of the stage it depends on (acquire), runs the tile, and bumps its
+own stage's counter (release). The grid must not exceed what the GPU keeps resident at once (one
+program per SM), or a waiting worker could hold the SM its producer needs.
+
+The tiles are the fused ops' math at decode sizes: RMSNorm folded into GEMV tiles (the norm is
+recomputed per tile from L2-resident activations), SiLU·mul as the gate/up epilogue, and one attention
+task per (request, kv head) that normalises and rotates q/k, appends k/v to vLLM's paged cache and
+attends over the cached tokens plus the new one (kept in registers, so no task reads what it just
+stored). Weights are read through a per-layer pointer table: they stay vLLM's tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_mirage.megakernel.graph import TaskGraph
+from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+from vllm_mirage.ops._dispatch import interpreted
+from vllm_mirage.ops._norm_gemv import _dot
+
+
+@triton.jit
+def _gemv_tile(
+    x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr, write_res,
+    B, K, N, n0, eps,
+    HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[:, n0:n0+BLOCK_N] = f(x) @ w[n0:n0+BLOCK_N].T for contiguous x [B, K], w [N(*2), K], out [B, N].
+
+    With HAS_NORM, f(x) = rmsnorm(x + res) and the (rounded) sum is stored to new_res when write_res.
+    With SILU_MUL, w holds gate rows then up rows and out = silu(gate) * up.
+    """
+    dtype = out_ptr.dtype.element_ty
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    for t0 in range(0, B, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < B
+        x_rows = x_ptr + offs_t[:, None] * K
+        res_rows = res_ptr + offs_t[:, None] * K
+        if HAS_NORM:
+            sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                m = t_mask[:, None] & (k < K)[None, :]
+                # Produced by other workers in this launch: bypass L1 (.cg), which is not coherent.
+                xv = tl.load(x_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+                xv += tl.load(res_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+                xv = xv.to(dtype)
+                # A full-shape predicate (not a scalar `if`) keeps the loop branch-free.
+                writer = t_mask & ((offs_t * 0 + write_res) != 0)
+                tl.store(new_res_ptr + offs_t[:, None] * K + k[None, :], xv, mask=writer[:, None] & (k < K)[None, :])
+                xf = xv.to(tl.float32)
+                sumsq += tl.sum(xf * xf, axis=1)
+            rstd = tl.rsqrt(sumsq / K + eps)
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        if SILU_MUL:
+            acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < K
+            m = t_mask[:, None] & k_mask[None, :]
+            a = tl.load(x_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg")
+            if HAS_NORM:
+                a = (a.to(tl.float32) + tl.load(res_rows + k[None, :], mask=m, other=0.0,
+                                                cache_modifier=".cg").to(tl.float32)).to(dtype)
+                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+                # RMSNorm's rounding points: normalise in fp32, round, scale by the weight, round.
+                a = ((a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+            wm = n_mask[:, None] & k_mask[None, :]
+            acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
+            if SILU_MUL:
+                acc_up += _dot(a, tl.trans(tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)), UPCAST)
+        if SILU_MUL:
+            gate = acc.to(dtype).to(tl.float32)
+            y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+        else:
+            y = acc
+        tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], y.to(dtype), mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _norm_row(x_ptr, res_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr):
+    """out = rmsnorm(x + res) * w for one row of K, with RMSNorm's rounding points."""
+    dtype = out_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK_K)
+    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        m = k0 + offs < K
+        xv = (tl.load(x_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+              + tl.load(res_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)).to(dtype)
+        sumsq += xv.to(tl.float32) * xv.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
+    for k0 in range(0, K, BLOCK_K):
+        m = k0 + offs < K
+        xv = (tl.load(x_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+              + tl.load(res_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)).to(dtype)
+        w = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + k0 + offs, ((xv.to(tl.float32) * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=m)
+
+
+@triton.jit
+def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
+    """Per-row RMSNorm over the two halves of a head, then neox rotary; rounded like qk_norm_rope."""
+    dtype = x1.dtype
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / D + eps)[:, None]
+    n1 = ((x1f * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+    n2 = ((x2f * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+    return (n1 * cos - n2 * sin).to(dtype), (n2 * cos + n1 * sin).to(dtype)
+
+
+@triton.jit
+def _attention_tile(
+    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, cs_ptr, kvh, eps, scale,
+    stride_blk, stride_tok, stride_head,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One request, one kv head: q/k norm + rotary, append k/v at ``pos``, attend over [0, pos]."""
+    G: tl.constexpr = HQ // HKV
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = (g < G)[:, None]
+    heads = kvh * G + g
+    q_src = qkv_ptr + heads[:, None] * D + d[None, :]
+    q1 = tl.load(q_src, mask=g_mask, other=0.0, cache_modifier=".cg")
+    q2 = tl.load(q_src + HALF, mask=g_mask, other=0.0, cache_modifier=".cg")
+    dtype = q1.dtype
+    k_src = qkv_ptr + HQ * D + kvh * D + d[None, :]
+    v_src = qkv_ptr + (HQ + HKV) * D + kvh * D + d[None, :]
+    k1 = tl.load(k_src, cache_modifier=".cg")
+    k2 = tl.load(k_src + HALF, cache_modifier=".cg")
+    v1 = tl.load(v_src, cache_modifier=".cg")
+    v2 = tl.load(v_src + HALF, cache_modifier=".cg")
+    cos = tl.load(cs_ptr + pos * D + d).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * D + HALF + d).to(tl.float32)[None, :]
+    q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
+    k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
+
+    # Append this step's key and value where vLLM's slot mapping would put them.
+    slot = tl.load(bt_ptr + pos // BLOCK_S).to(tl.int64) * stride_blk + (pos % BLOCK_S) * stride_tok + kvh * stride_head
+    tl.store(k_cache + slot + d[None, :], k1)
+    tl.store(k_cache + slot + HALF + d[None, :], k2)
+    tl.store(v_cache + slot + d[None, :], v1)
+    tl.store(v_cache + slot + HALF + d[None, :], v2)
+
+    # Online softmax over the cached tokens [0, pos), block by block.
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    s_off = tl.arange(0, BLOCK_S)
+    for j in range(0, tl.cdiv(pos, BLOCK_S)):
+        base = tl.load(bt_ptr + j).to(tl.int64) * stride_blk + kvh * stride_head
+        tok_mask = (j * BLOCK_S + s_off) < pos
+        rows = base + s_off[:, None] * stride_tok + d[None, :]
+        kb1 = tl.load(k_cache + rows, mask=tok_mask[:, None], other=0.0)
+        kb2 = tl.load(k_cache + rows + HALF, mask=tok_mask[:, None], other=0.0)
+        s = (_dot(q1, tl.trans(kb1), UPCAST) + _dot(q2, tl.trans(kb2), UPCAST)) * scale
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb1 = tl.load(v_cache + rows, mask=tok_mask[:, None], other=0.0)
+        vb2 = tl.load(v_cache + rows + HALF, mask=tok_mask[:, None], other=0.0)
+        acc1 = acc1 * alpha[:, None] + _dot(p.to(dtype), vb1, UPCAST)
+        acc2 = acc2 * alpha[:, None] + _dot(p.to(dtype), vb2, UPCAST)
+        m_i = m_new
+    # The new token itself, from registers.
+    s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
+             + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp(m_i - m_new)
+    p_new = tl.exp(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)
+    acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)
+    dst = out_ptr + heads[:, None] * D + d[None, :]
+    tl.store(dst, (acc1 / l_i[:, None]).to(dtype), mask=g_mask)
+    tl.store(dst + HALF, (acc2 / l_i[:, None]).to(dtype), mask=g_mask)
+
+
+@triton.jit
+def _decode_step_kernel(
+    tasks, queue, queue_offsets, counters,
+    wtab, kvtab, final_norm, lm_head, cos_sin, positions, block_tables, stride_bt,
+    x_buf, res_mlp, res_attn, qkv_buf, attn_buf, o_buf, act_buf, final_out,
+    B, H, I, V, eps, scale, stride_blk, stride_tok, stride_head,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    dtype = x_buf.dtype.element_ty
+    ptr = tl.pointer_type(dtype)
+    NQKV: tl.constexpr = (HQ + 2 * HKV) * D
+    NQ: tl.constexpr = HQ * D
+    BH = B * H
+    worker = tl.program_id(0)
+    for qi in range(tl.load(queue_offsets + worker), tl.load(queue_offsets + worker + 1)):
+        row = tasks + tl.load(queue + qi) * 6
+        kind = tl.load(row)
+        layer = tl.load(row + 1)
+        index = tl.load(row + 2)
+        wait_stage = tl.load(row + 3)
+        if wait_stage >= 0:
+            wait_count = tl.load(row + 4)
+            while tl.atomic_add(counters + wait_stage, 0, sem="acquire") < wait_count:
+                pass
+        tl.debug_barrier()
+        w = wtab + layer * 8  # columns: DecodeWeights.TABLE
+        if kind == 0:  # QKV
+            _gemv_tile(x_buf + layer * BH, res_mlp + layer * BH, tl.load(w).to(ptr), tl.load(w + 1).to(ptr),
+                       qkv_buf + layer * B * NQKV, res_attn + layer * BH, (index == 0).to(tl.int32),
+                       B, H, NQKV, index * BLOCK_N, eps, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 1:  # ATTN
+            b = index // HKV
+            _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ,
+                            tl.load(w + 2).to(ptr), tl.load(w + 3).to(ptr),
+                            tl.load(kvtab + layer * 2).to(ptr), tl.load(kvtab + layer * 2 + 1).to(ptr),
+                            block_tables + b * stride_bt, tl.load(positions + b), cos_sin, index % HKV, eps, scale,
+                            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, BLOCK_S, UPCAST)
+        elif kind == 2:  # O
+            _gemv_tile(attn_buf + layer * B * NQ, attn_buf, attn_buf, tl.load(w + 4).to(ptr), o_buf + layer * BH,
+                       o_buf, 0, B, NQ, H, index * BLOCK_N, eps, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 3:  # GU
+            _gemv_tile(o_buf + layer * BH, res_attn + layer * BH, tl.load(w + 5).to(ptr), tl.load(w + 6).to(ptr),
+                       act_buf + layer * B * I, res_mlp + (layer + 1) * BH, (index == 0).to(tl.int32),
+                       B, H, I, index * BLOCK_N, eps, True, True, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 4:  # DOWN
+            _gemv_tile(act_buf + layer * B * I, act_buf, act_buf, tl.load(w + 7).to(ptr), x_buf + (layer + 1) * BH,
+                       x_buf, 0, B, I, H, index * BLOCK_N, eps, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
+            _gemv_tile(x_buf + (layer + 1) * BH, res_mlp + (layer + 1) * BH, final_norm, lm_head, final_out,
+                       final_out, index * 0, B, H, V, index * BLOCK_N_LM, eps, True, False, UPCAST,
+                       BLOCK_T, BLOCK_N_LM, BLOCK_K)
+        else:  # NORM: final norm of request `index`, for vLLM's own lm_head
+            _norm_row(x_buf + (layer + 1) * BH + index * H, res_mlp + (layer + 1) * BH + index * H, final_norm,
+                      final_out + index * H, H, eps, BLOCK_K)
+        tl.debug_barrier()
+        tl.atomic_add(counters + tl.load(row + 5), 1, sem="release")
+
+
+def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
+    """Raise ValueError for what this kernel does not handle (callers fall back to the fused path)."""
+    s = graph.shape
+    if s.head_dim & (s.head_dim - 1) or s.head_dim < 32:
+        raise ValueError(f"megakernel: head_dim {s.head_dim} must be a power of two ≥ 32")
+    bs = batch.block_size
+    if bs & (bs - 1) or bs < 16:
+        raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
+    if s.num_heads % s.num_kv_heads:
+        raise ValueError("megakernel: query heads must be a multiple of kv heads")
+    for cache in batch.kv_caches:
+        if cache.shape[0] != 2 or cache.shape[3:] != (s.num_kv_heads, s.head_dim) or cache.stride(-1) != 1:
+            raise ValueError(f"megakernel: KV cache of shape {tuple(cache.shape)} is not [2, blocks, "
+                             f"block_size, {s.num_kv_heads}, {s.head_dim}] with unit head-dim stride")
+    if batch.positions.shape[0] != s.batch or buffers.x.shape[1] != s.batch:
+        raise ValueError("megakernel: batch size differs between graph, batch and buffers")
+    if not weights.cos_sin_cache.is_contiguous():
+        raise ValueError("megakernel: cos_sin_cache must be contiguous")
+    for t in (weights.lm_head, weights.final_norm):
+        if not t.is_contiguous():
+            raise ValueError("megakernel: final norm and lm_head must be contiguous")
+
+
+def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
+                wtab: torch.Tensor | None = None, kvtab: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
+    (or ``buffers.hidden_out`` for a graph built without the lm_head).
+
+    ``buffers.x[0]`` must hold the embedded tokens. ``wtab``/``kvtab`` (pointer tables) may be built once
+    and passed in: they change only when the weights or caches move.
+    """
+    check_supported(graph, weights, batch, buffers)
+    s = graph.shape
+    if wtab is None:
+        wtab = weights.pointer_table()
+    if kvtab is None:
+        kvtab = torch.tensor([[c[0].data_ptr(), c[1].data_ptr()] for c in batch.kv_caches],
+                             dtype=torch.int64, device=buffers.x.device)
+    cache = batch.kv_caches[0]
+    out = buffers.logits if s.lm_head else buffers.hidden_out
+    buffers.counters.zero_()
+    _decode_step_kernel[(graph.num_workers,)](
+        graph.tasks, graph.queue, graph.queue_offsets, buffers.counters,
+        wtab, kvtab, weights.final_norm, weights.lm_head, weights.cos_sin_cache, batch.positions,
+        batch.block_tables, batch.block_tables.stride(0),
+        buffers.x, buffers.res_mlp, buffers.res_attn, buffers.qkv, buffers.attn, buffers.o, buffers.act, out,
+        s.batch, s.hidden, s.intermediate, s.vocab, weights.eps, s.head_dim ** -0.5,
+        cache.stride(1), cache.stride(2), cache.stride(3),
+        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, BLOCK_S=batch.block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
+        BLOCK_T=16, BLOCK_N=s.block_n, BLOCK_N_LM=s.block_n_lm, BLOCK_K=min(128, triton.next_power_of_2(s.hidden)),
+        UPCAST=interpreted() or buffers.x.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out

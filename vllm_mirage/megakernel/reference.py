@@ -1,0 +1,154 @@
+"""Two PyTorch references for the megakernel.
+
+* :func:`decode_step` computes a Qwen3 decode step layer by layer, the way vLLM's model does, with the
+  fused ops' references: what the megakernel must equal.
+* :func:`run_graph` executes a :class:`~vllm_mirage.megakernel.graph.TaskGraph` tile by tile with the
+  same math, simulating its workers and counters: it proves on any machine that the graph computes the
+  step, that every task's inputs are complete when it runs and that the workers cannot deadlock
+  (Triton's interpreter runs programs one after another, so spin-waits cannot be tested there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_mirage.megakernel.graph import (
+    INDEX,
+    LAYER,
+    NO_WAIT,
+    SIGNAL_STAGE,
+    TYPE,
+    WAIT_COUNT,
+    WAIT_STAGE,
+    Task,
+    TaskGraph,
+)
+from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+from vllm_mirage.ops import reference as ops
+
+
+def decode_attention(q, k_new, v_new, kv_cache, block_table, position: int) -> torch.Tensor:
+    """One request's decode attention for one layer; appends ``k_new``/``v_new`` at ``position``.
+
+    ``q`` [Hq, D] and ``k_new``/``v_new`` [Hkv, D] are after q/k norm and rotary; the cache holds the
+    ``position`` earlier tokens. Softmax in float32, output rounded to the activation dtype.
+    """
+    block_size = kv_cache.shape[2]
+    slot_block, slot = block_table[position // block_size], position % block_size
+    kv_cache[0, slot_block, slot] = k_new
+    kv_cache[1, slot_block, slot] = v_new
+    n = position + 1
+    blocks = block_table[: (n + block_size - 1) // block_size].long()
+    keys = kv_cache[0, blocks].reshape(-1, *kv_cache.shape[3:])[:n].float()  # [n, Hkv, D]
+    values = kv_cache[1, blocks].reshape(-1, *kv_cache.shape[3:])[:n].float()
+    group = q.shape[0] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,nhd->hn", q.float(), keys) * q.shape[-1] ** -0.5
+    return torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), values).to(q.dtype)
+
+
+def decode_step(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor, lm_head: bool = True) -> torch.Tensor:
+    """Logits [B, V] for embedded tokens ``hidden`` [B, H] (or, without ``lm_head``, the final-normed
+    hidden states [B, H]); appends this step's keys and values."""
+    eps, d = weights.eps, weights.q_norm[0].shape[0]
+    residual = torch.zeros_like(hidden)
+    x = hidden
+    for layer in range(weights.num_layers):
+        qkv, residual = ops.rms_norm_linear(x, weights.input_norm[layer], weights.qkv[layer], eps, residual)
+        hq = weights.o[layer].shape[1]
+        hkv = (qkv.shape[1] - hq) // 2
+        q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
+        q, k = ops.qk_norm_rope(q, k, weights.q_norm[layer], weights.k_norm[layer], batch.positions,
+                                weights.cos_sin_cache, eps)
+        attn = torch.stack([
+            decode_attention(q[b].view(-1, d), k[b].view(-1, d), v[b].view(-1, d), batch.kv_caches[layer],
+                             batch.block_tables[b], int(batch.positions[b])).reshape(-1)
+            for b in range(hidden.shape[0])
+        ])
+        o = F.linear(attn, weights.o[layer])
+        act, residual = ops.rms_norm_linear_silu_mul(o, weights.post_norm[layer], weights.gate_up[layer], eps, residual)
+        x = F.linear(act, weights.down[layer])
+    if not lm_head:
+        return ops.add_rms_norm(x, residual, weights.final_norm, eps)[0]
+    return ops.rms_norm_linear(x, weights.final_norm, weights.lm_head, eps, residual)[0]
+
+
+def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> torch.Tensor:
+    """Execute ``graph`` task by task, as its workers would; return the logits (or final hidden) buffer.
+
+    Workers take turns; one whose next task is still waiting on a counter is skipped. If every worker
+    is waiting, the graph would deadlock on the GPU: that raises. Running a task whose wait is met but
+    whose inputs are incomplete would compute garbage; the tests compare the result with
+    :func:`decode_step`.
+    """
+    counters = [0] * graph.shape.num_stages
+    queues = [graph.worker_queue(w) for w in range(graph.num_workers)]
+    heads = [0] * graph.num_workers
+    tasks = graph.tasks.tolist()
+    remaining = len(tasks)
+    while remaining:
+        progressed = False
+        for w, queue in enumerate(queues):
+            if heads[w] == len(queue):
+                continue
+            row = tasks[queue[heads[w]]]
+            if row[WAIT_STAGE] != NO_WAIT and counters[row[WAIT_STAGE]] < row[WAIT_COUNT]:
+                continue
+            run_task(row, graph, weights, batch, buffers)
+            counters[row[SIGNAL_STAGE]] += 1
+            heads[w] += 1
+            remaining -= 1
+            progressed = True
+        if not progressed:
+            waiting = [tasks[q[h]] for q, h in zip(queues, heads) if h < len(q)]
+            raise RuntimeError(f"task graph deadlocks: every worker waits, next tasks {waiting}")
+    buffers.counters.copy_(torch.tensor(counters, dtype=torch.int32))
+    return buffers.logits if graph.shape.lm_head else buffers.hidden_out
+
+
+def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buf: DecodeBuffers) -> None:
+    """One tile of the step, reading and writing the same buffer slots as the kernel."""
+    shape, eps = graph.shape, weights.eps
+    task, layer, index = Task(row[TYPE]), row[LAYER], row[INDEX]
+    cols = lambda block, n: slice(index * block, min((index + 1) * block, n))  # noqa: E731
+    if task == Task.QKV:
+        n = cols(shape.block_n, shape.qkv_features)
+        normed, summed = ops.add_rms_norm(buf.x[layer], buf.res_mlp[layer], weights.input_norm[layer], eps)
+        buf.qkv[layer][:, n] = F.linear(normed, weights.qkv[layer][n])
+        if index == 0:
+            buf.res_attn[layer] = summed
+    elif task == Task.ATTN:
+        b, kvh = divmod(index, shape.num_kv_heads)
+        d, group = shape.head_dim, shape.num_heads // shape.num_kv_heads
+        heads = slice(kvh * group * d, (kvh + 1) * group * d)
+        qkv = buf.qkv[layer][b : b + 1]
+        k_col = shape.num_heads * d + kvh * d
+        v_col = (shape.num_heads + shape.num_kv_heads) * d + kvh * d
+        q, k = ops.qk_norm_rope(qkv[:, heads], qkv[:, k_col : k_col + d], weights.q_norm[layer],
+                                weights.k_norm[layer], batch.positions[b : b + 1], weights.cos_sin_cache, eps)
+        cache = batch.kv_caches[layer][:, :, :, kvh : kvh + 1]
+        out = decode_attention(q.view(group, d), k.view(1, d), qkv[:, v_col : v_col + d].view(1, d), cache,
+                               batch.block_tables[b], int(batch.positions[b]))
+        buf.attn[layer][b, heads] = out.reshape(-1)
+    elif task == Task.O:
+        n = cols(shape.block_n, shape.hidden)
+        buf.o[layer][:, n] = F.linear(buf.attn[layer], weights.o[layer][n])
+    elif task == Task.GU:
+        n = cols(shape.block_n, shape.intermediate)
+        normed, summed = ops.add_rms_norm(buf.o[layer], buf.res_attn[layer], weights.post_norm[layer], eps)
+        gate_up = weights.gate_up[layer]
+        w = torch.cat([gate_up[n], gate_up[shape.intermediate :][n]])
+        buf.act[layer][:, n] = ops.linear_silu_mul(normed, w)
+        if index == 0:
+            buf.res_mlp[layer + 1] = summed
+    elif task == Task.DOWN:
+        n = cols(shape.block_n, shape.hidden)
+        buf.x[layer + 1][:, n] = F.linear(buf.act[layer], weights.down[layer][n])
+    elif task == Task.NORM:  # after the last layer, one request
+        normed, _ = ops.add_rms_norm(buf.x[layer + 1][index], buf.res_mlp[layer + 1][index], weights.final_norm, eps)
+        buf.hidden_out[index] = normed
+    else:  # Task.LM, after the last layer
+        n = cols(shape.block_n_lm, shape.vocab)
+        normed, _ = ops.add_rms_norm(buf.x[layer + 1], buf.res_mlp[layer + 1], weights.final_norm, eps)
+        buf.logits[:, n] = F.linear(normed, weights.lm_head[n])
