@@ -53,7 +53,7 @@ def bench(name: str, batch: int, context: int, bandwidth: float) -> dict:
     buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
     buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
     wtab = weights.pointer_table()
-    kvtab = torch.tensor([[c[0].data_ptr(), c[1].data_ptr()] for c in kvb.kv_caches], dtype=torch.int64, device="cuda")
+    kvtab = kernel.kv_pointer_table(kvb)
     run = lambda: kernel.decode_step(graph, weights, kvb, buffers, wtab, kvtab)  # noqa: E731
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -39,19 +39,44 @@ def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="c
     )
 
 
-def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=32, device="cpu", seed=1) -> DecodeBatch:
+def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=32, layout="flash", device="cpu",
+                 seed=1) -> DecodeBatch:
     """Caches hold random keys/values for every earlier position; blocks are handed out shuffled, as
-    vLLM's allocator does after a while, so a wrong block-table lookup reads the wrong tokens."""
+    vLLM's allocator does after a while, so a wrong block-table lookup reads the wrong tokens.
+
+    ``layout``: "flash" is FlashAttention's ``[2, blocks, block_size, Hkv, D]``; "cpu" is vLLM's CPU
+    backend, head-major ``[blocks, Hkv, block_size, 2 D]`` with keys then values in each (block, head).
+    """
     gen = torch.Generator().manual_seed(seed)
     per_request = max(p // block_size + 1 for p in positions)
     order = torch.randperm(num_blocks, generator=gen)[: len(positions) * per_request]
     tables = order.view(len(positions), per_request).to(torch.int32)
-    caches = [torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype) for _ in range(layers)]
+    k_caches, v_caches = [], []
+    for _ in range(layers):
+        if layout == "flash":
+            kv = torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype=dtype, device=device)
+            k_caches.append(kv[0])
+            v_caches.append(kv[1])
+        else:
+            kv = torch.randn(num_blocks, hkv, block_size, 2 * d, generator=gen).to(dtype=dtype, device=device)
+            halves = kv.view(num_blocks, hkv, 2 * block_size, d).permute(0, 2, 1, 3)
+            k_caches.append(halves[:, :block_size])
+            v_caches.append(halves[:, block_size:])
+    slots = [int(tables[b, p // block_size]) * block_size + p % block_size for b, p in enumerate(positions)]
     return DecodeBatch(
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         block_tables=tables.to(device),
-        kv_caches=[c.to(device) for c in caches],
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        k_caches=k_caches,
+        v_caches=v_caches,
     )
+
+
+def clone_batch(batch: DecodeBatch, dtype=None) -> DecodeBatch:
+    """The same batch over copies of its caches (optionally cast), for a reference run."""
+    cast = (lambda t: t.clone()) if dtype is None else (lambda t: t.to(dtype, copy=True))  # noqa: E731
+    return DecodeBatch(batch.positions, batch.block_tables, batch.slot_mapping,
+                       [cast(k) for k in batch.k_caches], [cast(v) for v in batch.v_caches])
 
 
 # A tiny rank: GQA group 2, sizes that do not divide the tiles (I, V), a 16-token KV block.

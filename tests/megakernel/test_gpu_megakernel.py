@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.megakernel.conftest import random_batch, random_weights
+from tests.megakernel.conftest import clone_batch, random_batch, random_weights
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBuffers
@@ -34,8 +34,7 @@ def test_all_sms_match_reference(positions):
     weights = random_weights(**QWEN3_06B, dtype=dtype, device=dev)
     batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype, num_blocks=128, device=dev)
     hidden = torch.randn(len(positions), 1024, device=dev).to(dtype)
-    ref_batch = copy.copy(batch)
-    ref_batch.kv_caches = [c.float() for c in batch.kv_caches]
+    ref_batch = clone_batch(batch, torch.float32)
     weights32 = copy.copy(weights)
     for name in weights.TABLE:
         setattr(weights32, name, [t.float() for t in getattr(weights, name)])
@@ -53,7 +52,7 @@ def test_all_sms_match_reference(positions):
     # Same result again (each tile has one owner: no atomics in the math), and under a CUDA graph.
     assert torch.equal(kernel.decode_step(graph, weights, batch, buffers), first)
     wtab = weights.pointer_table()
-    kvtab = torch.tensor([[c[0].data_ptr(), c[1].data_ptr()] for c in batch.kv_caches], dtype=torch.int64, device=dev)
+    kvtab = kernel.kv_pointer_table(batch)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         kernel.decode_step(graph, weights, batch, buffers, wtab, kvtab)  # warm-up on the capture stream

@@ -1,9 +1,7 @@
-import copy
-
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, random_batch, random_weights
+from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.graph import (
     NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
@@ -16,12 +14,6 @@ def _setup(positions, dtype=torch.float32):
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
     return weights, batch, hidden
-
-
-def _clone(batch):
-    clone = copy.copy(batch)
-    clone.kv_caches = [c.clone() for c in batch.kv_caches]
-    return clone
 
 
 @pytest.mark.parametrize("workers", [1, 3, 132])
@@ -49,7 +41,7 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 @pytest.mark.parametrize("workers, lm_head", [(1, True), (2, True), (5, False), (64, True)])
 def test_graph_executes_to_the_layerwise_step(workers, lm_head):
     weights, batch, hidden = _setup([0, 5, 37])
-    expected_batch = _clone(batch)
+    expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
     shape = weights.shape(batch=3, lm_head=lm_head)
     graph = build_task_graph(shape, workers)
@@ -57,7 +49,7 @@ def test_graph_executes_to_the_layerwise_step(workers, lm_head):
     buffers.load_input(hidden)
     logits = reference.run_graph(graph, weights, batch, buffers)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(batch.kv_caches, expected_batch.kv_caches):
+    for got, want in zip(batch.k_caches + batch.v_caches, expected_batch.k_caches + expected_batch.v_caches):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
 
@@ -77,7 +69,7 @@ def test_a_missing_dependency_gives_wrong_logits():
     # The CPU executor runs whatever a counter allows: a graph whose QKV tiles ignore the previous
     # layer's down_proj reads stale inputs, and the comparison with the layerwise step catches it.
     weights, batch, hidden = _setup([4, 9])
-    expected = reference.decode_step(weights, _clone(batch), hidden)
+    expected = reference.decode_step(weights, clone_batch(batch), hidden)
     shape = weights.shape(batch=2)
     graph = build_task_graph(shape, 1)
     layer1_qkv = (graph.tasks[:, TYPE] == Task.QKV) & (graph.tasks[:, 1] == 1)

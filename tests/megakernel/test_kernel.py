@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, random_batch, random_weights
+from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBuffers
@@ -27,19 +27,21 @@ def _poison(buffers):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("positions, lm_head", [([0], True), ([5, 37, 16], True), ([9, 40], False)])
-def test_kernel_matches_reference(positions, lm_head, dtype):
+@pytest.mark.parametrize(
+    "positions, lm_head, layout",
+    [([0], True, "flash"), ([5, 37, 16], True, "flash"), ([9, 40], False, "cpu"), ([33, 2], True, "cpu")],
+)
+def test_kernel_matches_reference(positions, lm_head, layout, dtype):
     weights = random_weights(**TINY, dtype=dtype)
-    batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype)
+    batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
-    want_batch = copy.copy(batch)
-    want_batch.kv_caches = [c.clone() for c in batch.kv_caches]
+    before = clone_batch(batch)
     # The reference in float32 on the same (rounded) inputs: both sides' own rounding shows as error.
-    f32 = lambda w: w.float() if isinstance(w, torch.Tensor) else [t.float() for t in w]  # noqa: E731
+    want_batch = clone_batch(batch, torch.float32)
     weights32 = copy.copy(weights)
-    for name in weights.TABLE + ("final_norm", "lm_head"):
-        setattr(weights32, name, f32(getattr(weights, name)))
-    want_batch.kv_caches = [c.float() for c in want_batch.kv_caches]
+    for name in weights.TABLE:
+        setattr(weights32, name, [t.float() for t in getattr(weights, name)])
+    weights32.final_norm, weights32.lm_head = weights.final_norm.float(), weights.lm_head.float()
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
     shape = weights.shape(batch=len(positions), lm_head=lm_head)
@@ -47,20 +49,35 @@ def test_kernel_matches_reference(positions, lm_head, dtype):
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)
     buffers.load_input(hidden)
-    logits = kernel.decode_step(graph, weights, batch, buffers)
+    out = kernel.decode_step(graph, weights, batch, buffers)
 
-    assert logits.shape == want.shape and not logits.isnan().any(), "unwritten output"
-    assert _rel(logits, want) <= TOLERANCE[dtype], _rel(logits, want)
+    assert out.shape == want.shape and not out.isnan().any(), "unwritten output"
+    assert _rel(out, want) <= TOLERANCE[dtype], _rel(out, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()  # every task signalled once
-    for layer, (got, ref) in enumerate(zip(batch.kv_caches, want_batch.kv_caches)):
+    for got, ref, old in zip(batch.k_caches + batch.v_caches, want_batch.k_caches + want_batch.v_caches,
+                             before.k_caches + before.v_caches):
         for b, pos in enumerate(positions):
-            block = batch.block_tables[b, pos // 16]
-            new = got[:, block, pos % 16].float()
-            assert _rel(new, ref[:, block, pos % 16]) <= TOLERANCE[dtype], (layer, b)
-        # Only the new tokens' slots were written.
-        changed = (got.float() != want_batch.kv_caches[layer].to(dtype).float()).any(dim=(0, 3, 4))
-        written = {(int(batch.block_tables[b, p // 16]), p % 16) for b, p in enumerate(positions)}
-        assert set(map(tuple, changed.nonzero().tolist())) <= written
+            slot = (int(batch.block_tables[b, pos // 16]), pos % 16)
+            assert _rel(got[slot], ref[slot]) <= TOLERANCE[dtype]
+        # Nothing but the new tokens' slots was written.
+        changed = (got != old).any(dim=(2, 3)).nonzero().tolist()
+        assert {tuple(c) for c in changed} <= {(int(batch.block_tables[b, p // 16]), p % 16)
+                                               for b, p in enumerate(positions)}
+
+
+def test_padding_rows_store_nothing():
+    # vLLM pads decode batches up to a CUDA-graph size with slot -1 rows: they must not touch the cache.
+    weights = random_weights(**TINY, dtype=torch.float32)
+    batch = random_batch([7, 0], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=torch.float32)
+    batch.slot_mapping[1] = -1
+    before = clone_batch(batch)
+    shape = weights.shape(batch=2)
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.load_input(torch.randn(2, TINY["hidden"]))
+    kernel.decode_step(build_task_graph(shape, 1), weights, batch, buffers)
+    for got, old in zip(batch.k_caches, before.k_caches):
+        changed = {tuple(c) for c in (got != old).any(dim=(2, 3)).nonzero().tolist()}
+        assert changed == {(int(batch.block_tables[0, 0]), 7)}
 
 
 def test_unsupported_shapes_are_refused():

@@ -47,7 +47,8 @@ def test_decode_step_continues_transformers_qwen3(tmp_path):
                 for pos in range(21):
                     cache[kind, tables[b, pos // block], pos % block] = src[b, :, pos]
         caches.append(cache)
-    batch = DecodeBatch(positions=torch.tensor([21, 21]), block_tables=tables, kv_caches=caches)
+    slots = torch.tensor([int(tables[b, 1]) * block + 21 - block for b in range(2)])
+    batch = DecodeBatch(torch.tensor([21, 21]), tables, slots, [c[0] for c in caches], [c[1] for c in caches])
     with torch.no_grad():
         got = reference.decode_step(weights, batch, model.model.embed_tokens(new[:, 0]))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

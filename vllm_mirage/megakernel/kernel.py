@@ -123,12 +123,12 @@ def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
 
 @triton.jit
 def _attention_tile(
-    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, cs_ptr, kvh, eps, scale,
+    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, eps, scale,
     stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One request, one kv head: q/k norm + rotary, append k/v at ``pos``, attend over [0, pos]."""
+    """One request, one kv head: q/k norm + rotary, store k/v at ``slot``, attend over [0, pos]."""
     G: tl.constexpr = HQ // HKV
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, HALF)
@@ -150,12 +150,13 @@ def _attention_tile(
     q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
     k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
 
-    # Append this step's key and value where vLLM's slot mapping would put them.
-    slot = tl.load(bt_ptr + pos // BLOCK_S).to(tl.int64) * stride_blk + (pos % BLOCK_S) * stride_tok + kvh * stride_head
-    tl.store(k_cache + slot + d[None, :], k1)
-    tl.store(k_cache + slot + HALF + d[None, :], k2)
-    tl.store(v_cache + slot + d[None, :], v1)
-    tl.store(v_cache + slot + HALF + d[None, :], v2)
+    # Append this step's key and value at vLLM's slot (negative: a padding row, nothing to store).
+    keep = (d * 0 + slot)[None, :] >= 0
+    at = (slot // BLOCK_S) * stride_blk + (slot % BLOCK_S) * stride_tok + kvh * stride_head + d[None, :]
+    tl.store(k_cache + at, k1, mask=keep)
+    tl.store(k_cache + at + HALF, k2, mask=keep)
+    tl.store(v_cache + at, v1, mask=keep)
+    tl.store(v_cache + at + HALF, v2, mask=keep)
 
     # Online softmax over the cached tokens [0, pos), block by block.
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -197,7 +198,7 @@ def _attention_tile(
 @triton.jit
 def _decode_step_kernel(
     tasks, queue, queue_offsets, counters,
-    wtab, kvtab, final_norm, lm_head, cos_sin, positions, block_tables, stride_bt,
+    wtab, kvtab, final_norm, lm_head, cos_sin, positions, slot_mapping, block_tables, stride_bt,
     x_buf, res_mlp, res_attn, qkv_buf, attn_buf, o_buf, act_buf, final_out,
     B, H, I, V, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -231,7 +232,8 @@ def _decode_step_kernel(
             _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ,
                             tl.load(w + 2).to(ptr), tl.load(w + 3).to(ptr),
                             tl.load(kvtab + layer * 2).to(ptr), tl.load(kvtab + layer * 2 + 1).to(ptr),
-                            block_tables + b * stride_bt, tl.load(positions + b), cos_sin, index % HKV, eps, scale,
+                            block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
+                            cos_sin, index % HKV, eps, scale,
                             stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, BLOCK_S, UPCAST)
         elif kind == 2:  # O
             _gemv_tile(attn_buf + layer * B * NQ, attn_buf, attn_buf, tl.load(w + 4).to(ptr), o_buf + layer * BH,
@@ -264,17 +266,24 @@ def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch
         raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
     if s.num_heads % s.num_kv_heads:
         raise ValueError("megakernel: query heads must be a multiple of kv heads")
-    for cache in batch.kv_caches:
-        if cache.shape[0] != 2 or cache.shape[3:] != (s.num_kv_heads, s.head_dim) or cache.stride(-1) != 1:
-            raise ValueError(f"megakernel: KV cache of shape {tuple(cache.shape)} is not [2, blocks, "
-                             f"block_size, {s.num_kv_heads}, {s.head_dim}] with unit head-dim stride")
-    if batch.positions.shape[0] != s.batch or buffers.x.shape[1] != s.batch:
+    want = (s.num_kv_heads, s.head_dim)
+    for cache in batch.k_caches + batch.v_caches:
+        if cache.shape[2:] != want or cache.stride() != batch.k_caches[0].stride() or cache.stride(-1) != 1:
+            raise ValueError(f"megakernel: KV caches must be [blocks, block_size, {want[0]}, {want[1]}] views "
+                             "with one set of strides and a unit head-dim stride")
+    if not (batch.positions.shape[0] == batch.slot_mapping.shape[0] == buffers.x.shape[1] == s.batch):
         raise ValueError("megakernel: batch size differs between graph, batch and buffers")
     if not weights.cos_sin_cache.is_contiguous():
         raise ValueError("megakernel: cos_sin_cache must be contiguous")
     for t in (weights.lm_head, weights.final_norm):
         if not t.is_contiguous():
             raise ValueError("megakernel: final norm and lm_head must be contiguous")
+
+
+def kv_pointer_table(batch: DecodeBatch) -> torch.Tensor:
+    """int64 [L, 2]: each layer's key and value cache base pointers."""
+    rows = [[k.data_ptr(), v.data_ptr()] for k, v in zip(batch.k_caches, batch.v_caches)]
+    return torch.tensor(rows, dtype=torch.int64, device=batch.k_caches[0].device)
 
 
 def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
@@ -290,18 +299,17 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     if wtab is None:
         wtab = weights.pointer_table()
     if kvtab is None:
-        kvtab = torch.tensor([[c[0].data_ptr(), c[1].data_ptr()] for c in batch.kv_caches],
-                             dtype=torch.int64, device=buffers.x.device)
-    cache = batch.kv_caches[0]
+        kvtab = kv_pointer_table(batch)
+    cache = batch.k_caches[0]
     out = buffers.logits if s.lm_head else buffers.hidden_out
     buffers.counters.zero_()
     _decode_step_kernel[(graph.num_workers,)](
         graph.tasks, graph.queue, graph.queue_offsets, buffers.counters,
         wtab, kvtab, weights.final_norm, weights.lm_head, weights.cos_sin_cache, batch.positions,
-        batch.block_tables, batch.block_tables.stride(0),
+        batch.slot_mapping, batch.block_tables, batch.block_tables.stride(0),
         buffers.x, buffers.res_mlp, buffers.res_attn, buffers.qkv, buffers.attn, buffers.o, buffers.act, out,
         s.batch, s.hidden, s.intermediate, s.vocab, weights.eps, s.head_dim ** -0.5,
-        cache.stride(1), cache.stride(2), cache.stride(3),
+        cache.stride(0), cache.stride(1), cache.stride(2),
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, BLOCK_S=batch.block_size,
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
         BLOCK_T=16, BLOCK_N=s.block_n, BLOCK_N_LM=s.block_n_lm, BLOCK_K=min(128, triton.next_power_of_2(s.hidden)),

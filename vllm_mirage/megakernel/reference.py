@@ -28,20 +28,20 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeigh
 from vllm_mirage.ops import reference as ops
 
 
-def decode_attention(q, k_new, v_new, kv_cache, block_table, position: int) -> torch.Tensor:
-    """One request's decode attention for one layer; appends ``k_new``/``v_new`` at ``position``.
+def decode_attention(q, k_new, v_new, k_cache, v_cache, block_table, position: int, slot: int) -> torch.Tensor:
+    """One request's decode attention for one layer; stores ``k_new``/``v_new`` at cache ``slot``.
 
-    ``q`` [Hq, D] and ``k_new``/``v_new`` [Hkv, D] are after q/k norm and rotary; the cache holds the
-    ``position`` earlier tokens. Softmax in float32, output rounded to the activation dtype.
+    ``q`` [Hq, D] and ``k_new``/``v_new`` [Hkv, D] are after q/k norm and rotary; the caches
+    ``[num_blocks, block_size, Hkv, D]`` hold the ``position`` earlier tokens. Softmax in float32,
+    output rounded to the activation dtype.
     """
-    block_size = kv_cache.shape[2]
-    slot_block, slot = block_table[position // block_size], position % block_size
-    kv_cache[0, slot_block, slot] = k_new
-    kv_cache[1, slot_block, slot] = v_new
-    n = position + 1
-    blocks = block_table[: (n + block_size - 1) // block_size].long()
-    keys = kv_cache[0, blocks].reshape(-1, *kv_cache.shape[3:])[:n].float()  # [n, Hkv, D]
-    values = kv_cache[1, blocks].reshape(-1, *kv_cache.shape[3:])[:n].float()
+    block_size = k_cache.shape[1]
+    if slot >= 0:
+        k_cache[slot // block_size, slot % block_size] = k_new
+        v_cache[slot // block_size, slot % block_size] = v_new
+    blocks = block_table[: (position + block_size - 1) // block_size].long()
+    keys = torch.cat([k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:position], k_new[None]]).float()
+    values = torch.cat([v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:position], v_new[None]]).float()
     group = q.shape[0] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     scores = torch.einsum("hd,nhd->hn", q.float(), keys) * q.shape[-1] ** -0.5
@@ -62,8 +62,9 @@ def decode_step(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor
         q, k = ops.qk_norm_rope(q, k, weights.q_norm[layer], weights.k_norm[layer], batch.positions,
                                 weights.cos_sin_cache, eps)
         attn = torch.stack([
-            decode_attention(q[b].view(-1, d), k[b].view(-1, d), v[b].view(-1, d), batch.kv_caches[layer],
-                             batch.block_tables[b], int(batch.positions[b])).reshape(-1)
+            decode_attention(q[b].view(-1, d), k[b].view(-1, d), v[b].view(-1, d), batch.k_caches[layer],
+                             batch.v_caches[layer], batch.block_tables[b], int(batch.positions[b]),
+                             int(batch.slot_mapping[b])).reshape(-1)
             for b in range(hidden.shape[0])
         ])
         o = F.linear(attn, weights.o[layer])
@@ -127,9 +128,10 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
         v_col = (shape.num_heads + shape.num_kv_heads) * d + kvh * d
         q, k = ops.qk_norm_rope(qkv[:, heads], qkv[:, k_col : k_col + d], weights.q_norm[layer],
                                 weights.k_norm[layer], batch.positions[b : b + 1], weights.cos_sin_cache, eps)
-        cache = batch.kv_caches[layer][:, :, :, kvh : kvh + 1]
-        out = decode_attention(q.view(group, d), k.view(1, d), qkv[:, v_col : v_col + d].view(1, d), cache,
-                               batch.block_tables[b], int(batch.positions[b]))
+        heads_kv = slice(kvh, kvh + 1)
+        out = decode_attention(q.view(group, d), k.view(1, d), qkv[:, v_col : v_col + d].view(1, d),
+                               batch.k_caches[layer][:, :, heads_kv], batch.v_caches[layer][:, :, heads_kv],
+                               batch.block_tables[b], int(batch.positions[b]), int(batch.slot_mapping[b]))
         buf.attn[layer][b, heads] = out.reshape(-1)
     elif task == Task.O:
         n = cols(shape.block_n, shape.hidden)

@@ -66,15 +66,23 @@ class DecodeWeights:
 
 @dataclass
 class DecodeBatch:
-    """A pure-decode batch as vLLM's paged attention sees it."""
+    """A pure-decode batch as vLLM's paged attention sees it.
+
+    The caches are per-layer views ``[num_blocks, block_size, Hkv, D]`` of vLLM's own KV-cache tensors,
+    with whatever strides the attention backend's layout gives them (FlashAttention's
+    ``[2, blocks, block_size, Hkv, D]``, the CPU backend's head-major blocks): the step reads the tokens
+    vLLM's prefill wrote and appends this step's where vLLM's slot mapping says.
+    """
 
     positions: torch.Tensor  # int [B]: position of each request's new token (= tokens already cached)
     block_tables: torch.Tensor  # int32 [B, max_blocks]
-    kv_caches: list[torch.Tensor]  # per layer [2, num_blocks, block_size, Hkv, D] (vLLM's FlashAttention layout)
+    slot_mapping: torch.Tensor  # int [B]: cache slot (block * block_size + offset) of the new token; < 0: padding
+    k_caches: list[torch.Tensor]
+    v_caches: list[torch.Tensor]
 
     @property
     def block_size(self) -> int:
-        return self.kv_caches[0].shape[2]
+        return self.k_caches[0].shape[1]
 
 
 class DecodeBuffers:
