@@ -4,7 +4,10 @@ import vllm_mirage
 from vllm_mirage.switch import mirage_mode
 
 
-@pytest.mark.parametrize("value,mode", [(None, "off"), ("", "off"), ("0", "off"), ("1", "fused"), (" 1 ", "fused")])
+@pytest.mark.parametrize(
+    "value,mode",
+    [(None, "off"), ("", "off"), ("0", "off"), ("1", "fused"), (" 1 ", "fused"), ("megakernel", "megakernel")],
+)
 def test_valid_values(monkeypatch, value, mode):
     if value is None:
         monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
@@ -17,7 +20,7 @@ def test_valid_values(monkeypatch, value, mode):
 @pytest.mark.parametrize("value", ["2", "true", "on", "yes", "-1"])
 def test_invalid_values_name_the_allowed_ones(monkeypatch, value):
     monkeypatch.setenv("VLLM_USE_MIRAGE", value)
-    with pytest.raises(ValueError, match=r"allowed values: '0', '1' or unset"):
+    with pytest.raises(ValueError, match=r"allowed values: '0', '1', 'megakernel' or unset"):
         vllm_mirage.is_mirage_enabled()
 
 

@@ -8,12 +8,13 @@ import os
 
 ENV_VAR = "VLLM_USE_MIRAGE"
 
-# Values and the mode they select. "megakernel" is reserved for the persistent-kernel decode path.
-_MODES = {"": "off", "0": "off", "1": "fused"}
+# Values and the mode they select. "megakernel" is the fused path plus pure-decode steps run as one
+# task graph (vllm_mirage.megakernel), where supported.
+_MODES = {"": "off", "0": "off", "1": "fused", "megakernel": "megakernel"}
 
 
 def mirage_mode() -> str:
-    """Return "off" or "fused"; raise ValueError on any other value of the variable."""
+    """Return "off", "fused" or "megakernel"; raise ValueError on any other value of the variable."""
     raw = os.environ.get(ENV_VAR, "").strip()
     try:
         return _MODES[raw]

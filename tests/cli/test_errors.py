@@ -20,8 +20,8 @@ def test_out_of_memory_suggests_smaller_settings(text):
 
 
 def test_other_failures():
-    switch = "  File x\nValueError: VLLM_USE_MIRAGE='2' is not valid; allowed values: '0', '1' or unset"
-    assert classify_failure(switch) == "invalid switch: VLLM_USE_MIRAGE='2' is not valid; allowed values: '0', '1' or unset"
+    switch = "  File x\nValueError: VLLM_USE_MIRAGE='2' is not valid; allowed values: '0', '1', 'megakernel' or unset"
+    assert classify_failure(switch) == "invalid switch: VLLM_USE_MIRAGE='2' is not valid; allowed values: '0', '1', 'megakernel' or unset"
     offline = "OSError: We couldn't connect to 'https://huggingface.co' to load the files"
     assert "Hugging Face hub" in classify_failure(offline)
     generic = "Traceback...\n  File \"a.py\"\nValueError: Model architectures ['NopeForCausalLM'] are not supported\n\n"

@@ -44,8 +44,9 @@ def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=
     """Caches hold random keys/values for every earlier position; blocks are handed out shuffled, as
     vLLM's allocator does after a while, so a wrong block-table lookup reads the wrong tokens.
 
-    ``layout``: "flash" is FlashAttention's ``[2, blocks, block_size, Hkv, D]``; "cpu" is vLLM's CPU
-    backend, head-major ``[blocks, Hkv, block_size, 2 D]`` with keys then values in each (block, head).
+    ``layout``: "flash" is FlashAttention's ``[2, blocks, block_size, Hkv, D]``; "head_major" is
+    ``[blocks, Hkv, block_size, 2 D]`` with keys then values in each (block, head): other strides for the
+    same logical view, as another backend could have.
     """
     gen = torch.Generator().manual_seed(seed)
     per_request = max(p // block_size + 1 for p in positions)

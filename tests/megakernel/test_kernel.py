@@ -29,7 +29,7 @@ def _poison(buffers):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "positions, lm_head, layout",
-    [([0], True, "flash"), ([5, 37, 16], True, "flash"), ([9, 40], False, "cpu"), ([33, 2], True, "cpu")],
+    [([0], True, "flash"), ([5, 37, 16], True, "flash"), ([9, 40], False, "head_major"), ([33, 2], True, "head_major")],
 )
 def test_kernel_matches_reference(positions, lm_head, layout, dtype):
     weights = random_weights(**TINY, dtype=dtype)

@@ -157,7 +157,7 @@ def test_non_qwen3_model_is_untouched(tiny_llama, run_engine):
 def test_invalid_switch_stops_before_model_load(tiny_qwen3, run_engine):
     proc = run_engine(_spec(tiny_qwen3), env={"VLLM_USE_MIRAGE": "yes"}, check=False)
     assert proc.returncode != 0
-    assert "VLLM_USE_MIRAGE='yes' is not valid; allowed values: '0', '1' or unset" in proc.stderr
+    assert "VLLM_USE_MIRAGE='yes' is not valid; allowed values: '0', '1', 'megakernel' or unset" in proc.stderr
     assert "Starting to load model" not in proc.stderr
 
 

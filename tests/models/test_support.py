@@ -62,3 +62,34 @@ def test_dtype_rules_differ_by_platform(monkeypatch):
     assert "dtype float32 is not supported on cuda" in support.model_unsupported_reason(cfg)
     monkeypatch.setattr(support, "platform_name", lambda: "rocm")
     assert "platform 'rocm' is not supported" in support.model_unsupported_reason(cfg)
+
+
+def _megakernel_config(tp=1, pp=1, cache_dtype="auto", head_dim=64):
+    cfg = _config()
+    cfg.model_config.hf_config.head_dim = head_dim
+    cfg.parallel_config = SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    cfg.cache_config = SimpleNamespace(cache_dtype=cache_dtype)
+    return cfg
+
+
+def test_megakernel_supported_on_cpu():
+    assert support.megakernel_unsupported_reason(_megakernel_config()) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        (dict(tp=2), "tensor/pipeline parallelism"),
+        (dict(pp=2), "tensor/pipeline parallelism"),
+        (dict(cache_dtype="fp8"), "KV-cache dtype fp8"),
+        (dict(head_dim=80), "head_dim 80"),
+    ],
+)
+def test_megakernel_unsupported_reasons(kwargs, expected):
+    assert expected in support.megakernel_unsupported_reason(_megakernel_config(**kwargs))
+
+
+def test_megakernel_is_refused_on_gpu_until_validated_there(monkeypatch):
+    # Until the persistent kernel has run on a GPU, megakernel mode must not put its tokens in front of users.
+    monkeypatch.setattr(support, "platform_name", lambda: "cuda")
+    assert "not been validated on a GPU" in support.megakernel_unsupported_reason(_megakernel_config())

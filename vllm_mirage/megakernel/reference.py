@@ -75,8 +75,14 @@ def decode_step(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor
     return ops.rms_norm_linear(x, weights.final_norm, weights.lm_head, eps, residual)[0]
 
 
-def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> torch.Tensor:
+def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
+              attention=None) -> torch.Tensor:
     """Execute ``graph`` task by task, as its workers would; return the logits (or final hidden) buffer.
+
+    ``attention(layer, q, k, v) -> out`` (all requests, q/k already normalised and rotated) replaces
+    the ATTN tasks' own attention and KV-cache append: the first ATTN task of a layer runs it for the
+    whole layer, the others of that stage have nothing left to do. The vLLM bridge passes vLLM's
+    attention layer where it cannot read the backend's cache itself.
 
     Workers take turns; one whose next task is still waiting on a counter is skipped. If every worker
     is waiting, the graph would deadlock on the GPU: that raises. Running a task whose wait is met but
@@ -96,7 +102,7 @@ def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buff
             row = tasks[queue[heads[w]]]
             if row[WAIT_STAGE] != NO_WAIT and counters[row[WAIT_STAGE]] < row[WAIT_COUNT]:
                 continue
-            run_task(row, graph, weights, batch, buffers)
+            run_task(row, graph, weights, batch, buffers, attention)
             counters[row[SIGNAL_STAGE]] += 1
             heads[w] += 1
             remaining -= 1
@@ -108,7 +114,8 @@ def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buff
     return buffers.logits if graph.shape.lm_head else buffers.hidden_out
 
 
-def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buf: DecodeBuffers) -> None:
+def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buf: DecodeBuffers,
+             attention=None) -> None:
     """One tile of the step, reading and writing the same buffer slots as the kernel."""
     shape, eps = graph.shape, weights.eps
     task, layer, index = Task(row[TYPE]), row[LAYER], row[INDEX]
@@ -119,6 +126,13 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
         buf.qkv[layer][:, n] = F.linear(normed, weights.qkv[layer][n])
         if index == 0:
             buf.res_attn[layer] = summed
+    elif task == Task.ATTN and attention is not None:
+        if index == 0:
+            hq, hkv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+            q, k, v = buf.qkv[layer].split([hq, hkv, hkv], dim=-1)
+            q, k = ops.qk_norm_rope(q, k, weights.q_norm[layer], weights.k_norm[layer], batch.positions,
+                                    weights.cos_sin_cache, eps)
+            buf.attn[layer] = attention(layer, q, k, v.contiguous())
     elif task == Task.ATTN:
         b, kvh = divmod(index, shape.num_kv_heads)
         d, group = shape.head_dim, shape.num_heads // shape.num_kv_heads

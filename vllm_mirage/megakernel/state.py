@@ -69,9 +69,10 @@ class DecodeBatch:
     """A pure-decode batch as vLLM's paged attention sees it.
 
     The caches are per-layer views ``[num_blocks, block_size, Hkv, D]`` of vLLM's own KV-cache tensors,
-    with whatever strides the attention backend's layout gives them (FlashAttention's
-    ``[2, blocks, block_size, Hkv, D]``, the CPU backend's head-major blocks): the step reads the tokens
-    vLLM's prefill wrote and appends this step's where vLLM's slot mapping says.
+    with whatever strides the backend's layout gives them (FlashAttention's ``[2, blocks, block_size,
+    Hkv, D]``): the step reads the tokens vLLM's prefill wrote and appends this step's where vLLM's slot
+    mapping says. (vLLM's CPU backend packs each block's interior per ISA: not a strided view, so on
+    CPU the bridge leaves attention and the cache to vLLM; see ``bridge``.)
     """
 
     positions: torch.Tensor  # int [B]: position of each request's new token (= tokens already cached)

@@ -7,8 +7,9 @@ names (so parameters, weight loading and TP sharding are untouched) and runs
     fused norm+QKV -> fused q/k-norm+rope -> vLLM attention -> o_proj
     -> fused add+norm+gate_up+SiLU -> down_proj
 
-Anything the kernels do not support leaves the stock layers in place, with the reason logged and kept
-in ``model.mirage_status``.
+With ``VLLM_USE_MIRAGE=megakernel`` it also runs pure-decode steps through the megakernel's task graph
+(``vllm_mirage.megakernel.bridge``). Anything the kernels do not support leaves the stock layers (or the
+fused layers) in place, with the reason logged and kept in ``model.mirage_status``.
 """
 
 import logging
@@ -21,6 +22,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
 from vllm_mirage.models.support import (
     layer_unsupported_reason,
+    megakernel_unsupported_reason,
     model_unsupported_reason,
     platform_name,
 )
@@ -74,15 +76,37 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             self.mirage_status["reason"] = reason
             _log_rank0(logging.WARNING, "vllm-mirage: using the stock Qwen3 path because %s", reason)
             return
-        fused = self._fuse_layers()
+        megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
+        if megakernel_reason is not None:
+            mode = "fused"
+            self.mirage_status["megakernel_reason"] = megakernel_reason
+            _log_rank0(logging.WARNING, "vllm-mirage: megakernel decode off (fused layers only) because %s",
+                       megakernel_reason)
+        fused = self._fuse_layers(keep_all_weights=mode == "megakernel")
         self.mirage_status.update(mode=mode, fused_layers=fused)
+        if mode == "megakernel":
+            self.mirage_status["megakernel_steps"] = 0
+            self._megakernel = None  # built at the first step: vLLM may replace weights after loading
         _log_rank0(
             logging.INFO,
             "vllm-mirage: fused %d Qwen3 decoder layers on %s "
-            "(input_layernorm+qkv_proj, q/k norm+rope, post_attention_layernorm+gate_up_proj+SiLU)",
+            "(input_layernorm+qkv_proj, q/k norm+rope, post_attention_layernorm+gate_up_proj+SiLU)%s",
             fused,
             platform_name(),
+            "; pure-decode steps as one megakernel task graph" if mode == "megakernel" else "",
         )
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.mirage_status["mode"] == "megakernel" and intermediate_tensors is None and inputs_embeds is None:
+            if self._megakernel is None:
+                from vllm_mirage.megakernel.bridge import MegakernelDecoder
+
+                self._megakernel = MegakernelDecoder(self)
+            hidden = self._megakernel(input_ids, positions)
+            if hidden is not None:
+                self.mirage_status["megakernel_steps"] = self._megakernel.steps
+                return hidden
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def _stock_layers(self) -> list[tuple[int, Qwen3DecoderLayer]]:
         # Pipeline parallelism leaves PPMissingLayer placeholders for other ranks' layers.
@@ -95,14 +119,17 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                 return f"layer {i}: {reason}"
         return None
 
-    def _fuse_layers(self) -> int:
+    def _fuse_layers(self, keep_all_weights: bool = False) -> int:
         on_cpu = platform_name() == "cpu"
         stock = self._stock_layers()
         for i, layer in stock:
             if on_cpu:
                 # vLLM's CPU linear repacks the weight for oneDNN after loading and frees the
-                # original; the fused ops read it directly, so ask vLLM to keep it.
-                for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+                # original; the fused ops (and the megakernel, all four) read it directly: keep it.
+                linears = [layer.self_attn.qkv_proj, layer.mlp.gate_up_proj]
+                if keep_all_weights:
+                    linears += [layer.self_attn.o_proj, layer.mlp.down_proj]
+                for linear in linears:
                     linear._cpu_skip_gemm_dispatch = True
             self.model.layers[i] = MirageQwen3DecoderLayer(layer)
         return len(stock)

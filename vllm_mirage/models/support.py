@@ -73,3 +73,19 @@ def layer_unsupported_reason(layer: nn.Module) -> str | None:
     if not rope.is_neox_style or rope.rotary_dim != attn.head_dim:
         return "only neox-style rotary over the full head dim is supported"
     return None
+
+
+def megakernel_unsupported_reason(vllm_config) -> str | None:
+    """Checks for the megakernel decode path, on top of the fused path's."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        return "tensor/pipeline parallelism needs all-reduces inside the task graph (not implemented)"
+    if platform_name() == "cuda":
+        # The persistent kernel has only run in Triton's interpreter so far: no wrong tokens on trust.
+        return "the persistent kernel has not been validated on a GPU yet"
+    if vllm_config.cache_config.cache_dtype not in ("auto", None):
+        return f"KV-cache dtype {vllm_config.cache_config.cache_dtype} is not supported"
+    head_dim = getattr(vllm_config.model_config.hf_config, "head_dim", 0) or 0
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 32"
+    return None

@@ -1,0 +1,136 @@
+"""The megakernel inside vLLM: pure-decode steps of a Mirage Qwen3 model run as one task graph.
+
+``MegakernelDecoder`` reads what vLLM's forward context holds for the step (attention metadata: block
+table, query lengths; the slot mapping; each layer's KV-cache tensor) and, when every request adds
+exactly one token, runs the step's layers and final norm through the graph; vLLM's lm_head and
+logits processor stay in charge. On a GPU the persistent kernel runs it (FlashAttention's cache
+layout); on CPU the graph's executor does, with vLLM's attention layer in the ATTN stage, because the
+CPU backend's cache is not a strided view. Prefill, mixed batches, profiling runs and anything it does not
+recognise return ``None``: the caller takes the fused-layer path, which shares the same KV cache.
+
+The graph ends with the final norm, so the model's output is what ``Qwen3Model`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_mirage.megakernel import kernel, reference
+from vllm_mirage.megakernel.graph import build_task_graph
+from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+
+logger = logging.getLogger(__name__)
+
+
+def decode_weights(model) -> DecodeWeights:
+    """References to a (Mirage) Qwen3 model's parameters, in the megakernel's terms."""
+    layers = list(model.model.layers)
+    attn = [layer.self_attn for layer in layers]
+    return DecodeWeights(
+        input_norm=[layer.input_layernorm.weight for layer in layers],
+        qkv=[a.qkv_proj.weight for a in attn],
+        q_norm=[a.q_norm.weight for a in attn],
+        k_norm=[a.k_norm.weight for a in attn],
+        o=[a.o_proj.weight for a in attn],
+        post_norm=[layer.post_attention_layernorm.weight for layer in layers],
+        gate_up=[layer.mlp.gate_up_proj.weight for layer in layers],
+        down=[layer.mlp.down_proj.weight for layer in layers],
+        final_norm=model.model.norm.weight,
+        lm_head=model.lm_head.weight,
+        cos_sin_cache=attn[0].rotary_emb.cos_sin_cache,
+        eps=layers[0].input_layernorm.variance_epsilon,
+    )
+
+
+def split_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Key and value views ``[blocks, block_size, Hkv, D]`` of one layer's vLLM KV cache, or None for
+    a layout the kernel cannot read as strided views (vLLM's CPU backend packs block interiors per ISA)."""
+    if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[3:] == (num_kv_heads, head_dim):
+        return kv[0], kv[1]  # FlashAttention: [2, blocks, block_size, Hkv, D]
+    return None
+
+
+class MegakernelDecoder:
+    def __init__(self, model):
+        self.model = model
+        self.weights = decode_weights(model)
+        self.attn_layers = [layer.self_attn.attn for layer in model.model.layers]
+        self.num_kv_heads = self.attn_layers[0].num_kv_heads
+        self.head_dim = self.attn_layers[0].head_size
+        self._graphs: dict[int, tuple] = {}  # batch size -> (graph, buffers)
+        self._declined: set[str] = set()
+        self.steps = 0
+
+    def _decline(self, why: str) -> None:
+        if why not in self._declined:  # once per reason: this runs every step
+            self._declined.add(why)
+            logger.info("vllm-mirage: megakernel not used for a step (fused path instead): %s", why)
+
+    def decode_batch(self, positions: torch.Tensor) -> DecodeBatch | None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        ctx = get_forward_context()
+        meta = ctx.attn_metadata
+        name = self.attn_layers[0].layer_name
+        if isinstance(meta, list):  # speculative decoding keeps the base model's dict first
+            meta = meta[0]
+        meta = meta.get(name) if isinstance(meta, dict) else meta
+        if meta is None:  # profiling and warm-up runs
+            return None
+        if getattr(meta, "max_query_len", None) != 1:
+            return None  # prefill or mixed batch: not the megakernel's
+        if getattr(meta, "num_actual_tokens", positions.shape[0]) != positions.shape[0]:
+            self._decline("padded batch (CUDA-graph sizes are not supported yet)")
+            return None
+        slots = getattr(ctx, "slot_mapping", None)
+        slots = slots[0] if isinstance(slots, list) else slots
+        slot_mapping = slots.get(name) if isinstance(slots, dict) and slots else getattr(meta, "slot_mapping", None)
+        block_table = getattr(meta, "block_table", None)
+        if slot_mapping is None or block_table is None:
+            self._decline(f"attention metadata {type(meta).__name__} has no slot mapping or block table")
+            return None
+        k_caches, v_caches = [], []
+        for attn in self.attn_layers if positions.is_cuda else ():  # on CPU, vLLM's attention runs: see __call__
+            kv = attn.kv_cache
+            if isinstance(kv, list):  # older vLLM: one tensor per virtual engine
+                kv = kv[ctx.virtual_engine]
+            views = split_kv_cache(kv, self.num_kv_heads, self.head_dim)
+            if views is None or kv.dtype != self.weights.qkv[0].dtype:
+                self._decline(f"KV cache of shape {tuple(kv.shape)} / {kv.dtype} is not a layout it reads")
+                return None
+            k_caches.append(views[0])
+            v_caches.append(views[1])
+        n = positions.shape[0]
+        return DecodeBatch(positions, block_table[:n], slot_mapping[:n], k_caches, v_caches)
+
+    def _vllm_attention(self, layer: int, q, k, v) -> torch.Tensor:
+        return self.attn_layers[layer](q, k, v)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The final-normed hidden states [B, H] of a pure-decode step, or None (use the fused path)."""
+        batch = self.decode_batch(positions)
+        if batch is None:
+            return None
+        n = positions.shape[0]
+        if n not in self._graphs:
+            shape = self.weights.shape(batch=n, lm_head=False)
+            # One worker per SM on a GPU; the CPU executor simulates a few to exercise the counters.
+            workers = torch.cuda.get_device_properties(0).multi_processor_count if positions.is_cuda else 4
+            dtype = self.weights.qkv[0].dtype
+            self._graphs[n] = (build_task_graph(shape, workers).to(positions.device),
+                               DecodeBuffers(shape, dtype, positions.device))
+        graph, buffers = self._graphs[n]
+        buffers.load_input(self.model.model.embed_tokens(input_ids))
+        if positions.is_cuda:
+            out = kernel.decode_step(graph, self.weights, batch, buffers)
+        else:
+            # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
+            # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
+            # (norms, GEMV tiles, counters, final norm) is the graph's.
+            out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
+        self.steps += 1
+        return out.clone()  # the buffers are reused by the next step
