@@ -102,6 +102,12 @@ def test_assess_mirage():
     assert code == EXIT_NOT_APPLIED and msg.endswith("dtype float16 is not supported")
     code, msg = assess_mirage(result(None))
     assert code == EXIT_NOT_APPLIED and "plugin" in msg
+    mega = {"mode": "megakernel", "fused_layers": 2, "reason": None, "megakernel_steps": 11}
+    code, msg = assess_mirage(result(mega), "megakernel")
+    assert code == EXIT_OK and "11 decode steps through the megakernel" in msg
+    refused = {"mode": "fused", "fused_layers": 28, "reason": None, "megakernel_reason": "not validated on a GPU"}
+    code, msg = assess_mirage(result(refused), "megakernel")
+    assert code == EXIT_NOT_APPLIED and msg.endswith("requested and is off: not validated on a GPU")
 
 
 def test_unreadable_status_is_not_reported_as_applied():

@@ -40,6 +40,13 @@ def test_check_tiny(run_cli, cli_cache, tmp_path):
     assert (tmp_path / "stock.log").stat().st_size > 0 and (tmp_path / "mirage.log").stat().st_size > 0
 
 
+def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--mode", "megakernel")
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert "Mirage applied: megakernel, 2 fused decoder layers" in proc.stdout
+    assert "decode steps through the megakernel task graph" in proc.stdout and "Verdict: PASS" in proc.stdout
+
+
 def test_bench_tiny(run_cli, cli_cache, tmp_path):
     proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", "1",
                    "--num-warmup", "1", "--max-tokens", "4", "--cache-dir", str(cli_cache), "--output", str(tmp_path))

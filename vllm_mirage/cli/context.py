@@ -27,6 +27,7 @@ class Context:
     prompts_file: str
     max_tokens: int
     engine_args: dict  # for both sides; per-side extras are added by the subcommand
+    mirage_switch: str = "1"  # VLLM_USE_MIRAGE for the Mirage side
     notes: list[str] = field(default_factory=list)  # shown in the output and the report
 
     def note(self, text: str) -> None:
@@ -47,7 +48,8 @@ def prepare(args, command: str) -> Context:
     max_tokens = d[f"{command}_max_tokens"] if args.max_tokens is None else args.max_tokens
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
-    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={})
+    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={},
+                  mirage_switch="megakernel" if getattr(args, "mode", "fused") == "megakernel" else "1")
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:
@@ -100,5 +102,6 @@ def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | No
         "prompts": ctx.prompts,
         "max_tokens": ctx.max_tokens,
         "engine_args": {**ctx.engine_args, **(extra_engine_args or {})},
+        "mirage_switch": ctx.mirage_switch,
         **more,
     }

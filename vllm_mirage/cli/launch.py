@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vllm_mirage.cli.errors import EXIT_ENGINE, CliError
 
+# VLLM_USE_MIRAGE per side; the Mirage side's value is --mode's ("1" = fused, or "megakernel").
 SIDES = {"stock": "0", "mirage": "1"}
 LOG_TAIL_LINES = 15
 
@@ -36,9 +37,9 @@ def has_cuda_gpu() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-def side_env(side: str, workdir: Path, on_cuda: bool) -> dict:
+def side_env(side: str, workdir: Path, on_cuda: bool, mirage_switch: str = SIDES["mirage"]) -> dict:
     env = dict(os.environ)
-    env["VLLM_USE_MIRAGE"] = SIDES[side]
+    env["VLLM_USE_MIRAGE"] = mirage_switch if side == "mirage" else SIDES[side]
     # Compile caches are keyed on the model, not on our plugin: a shared cache would hand the
     # Mirage side the stock graphs (or the reverse).
     env["VLLM_CACHE_ROOT"] = str(workdir / "vllm-cache")
@@ -71,7 +72,7 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     with open(log_path, "w") as log:
         out = None if verbose else log
         proc = subprocess.Popen(
-            cmd, env=side_env(run.side, side_dir, on_cuda), stdout=out, stderr=out, pass_fds=(write_fd,)
+            cmd, env=side_env(run.side, side_dir, on_cuda, run.spec.get("mirage_switch", SIDES["mirage"])), stdout=out, stderr=out, pass_fds=(write_fd,)
         )
         os.close(write_fd)
         _follow_progress(read_fd, run)

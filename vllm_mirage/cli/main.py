@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", metavar="DIR",
                         help="where presets are written (default: $VLLM_MIRAGE_CACHE or ~/.cache/vllm-mirage)")
     common.add_argument("--verbose", action="store_true", help="show engine output instead of logging it")
+    common.add_argument("--mode", choices=["fused", "megakernel"], default="fused",
+                        help="the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1) or fused layers plus "
+                             "megakernel decode steps (VLLM_USE_MIRAGE=megakernel)")
 
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "

@@ -5,14 +5,20 @@ from __future__ import annotations
 from vllm_mirage.cli.errors import EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
 
 
-def assess_mirage(result: dict) -> tuple[int, str]:
-    """(exit code, one-line message) for the Mirage side's runner result."""
+def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
+    """(exit code, one-line message) for the Mirage side's runner result; ``wanted_mode`` is what --mode asked."""
     status = result.get("mirage_status")
     engine = result.get("engine", {})
     archs = engine.get("architectures") or []
     is_qwen3 = "Qwen3ForCausalLM" in archs and engine.get("model_type") == "qwen3"
     if status and status.get("mode") not in (None, "off") and status.get("fused_layers", 0) > 0:
-        return EXIT_OK, f"Mirage applied: {status['mode']}, {status['fused_layers']} fused decoder layers"
+        text = f"Mirage applied: {status['mode']}, {status['fused_layers']} fused decoder layers"
+        if status.get("mode") == "megakernel":
+            text += f", {status.get('megakernel_steps', 0)} decode steps through the megakernel task graph"
+        elif wanted_mode == "megakernel":
+            reason = status.get("megakernel_reason") or "the model did not report why"
+            return EXIT_NOT_APPLIED, f"{text}, but the megakernel was requested and is off: {reason}"
+        return EXIT_OK, text
     if not is_qwen3:
         what = ", ".join(archs) or "unknown architecture"
         reason = (status or {}).get("reason") or f"{what} (model_type {engine.get('model_type')!r}) is not dense Qwen3"
