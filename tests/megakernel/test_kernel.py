@@ -87,3 +87,24 @@ def test_unsupported_shapes_are_refused():
     shape = weights.shape(batch=1)
     with pytest.raises(ValueError, match="block size 8"):
         kernel.decode_step(build_task_graph(shape, 1), weights, batch, DecodeBuffers(shape, torch.float32, "cpu"))
+
+
+@pytest.mark.parametrize("dtype, hq, hkv", [("bf16", 16, 8), ("fp16", 32, 8), ("bf16", 40, 8)])
+def test_kernel_compiles_for_hopper(dtype, hq, hkv):
+    """The interpreter cannot show what a GPU build does: compile for sm_90 ahead of time (no GPU
+    needed) at Qwen3-0.6B / 8B / 14B head counts, and check the spin-waits are real acquire loads and
+    release adds (a plain load could be hoisted out of the loop, a relaxed add would publish early)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import subprocess_env
+
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    proc = subprocess.run([sys.executable, str(script), dtype, str(hq), str(hkv)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["acquire_loads"] >= 1 and info["release_adds"] >= 1, info
+    assert info["shared_bytes"] <= 227 * 1024 and info["cubin_bytes"] > 0, info
