@@ -64,7 +64,7 @@ def run_bench(args) -> int:
 
     if mirage["truncated_prompts"]:
         ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
-    code, assessment = assess_mirage(mirage, "megakernel" if ctx.mirage_switch == "megakernel" else "fused")
+    code, assessment = assess_mirage(mirage, ctx.mode)
     rows = stats.summarize(stock_results, mirage, ctx.max_tokens)
     noisy = [f"batch {r['batch_size']} {side}" for r in rows for side in ("stock", "mirage")
              if (r[side]["decode_step_s"] or 0) < 0]

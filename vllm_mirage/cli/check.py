@@ -166,7 +166,7 @@ def run_check(args) -> int:
     mirage = results["mirage"]
     if mirage["truncated_prompts"]:
         ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
-    code, assessment = assess_mirage(mirage, "megakernel" if ctx.mirage_switch == "megakernel" else "fused")
+    code, assessment = assess_mirage(mirage, ctx.mode)
     engine = mirage["engine"]
     print(f"Model: {', '.join(engine['architectures'])} ({ctx.model.model}), dtype {engine['dtype']}")
     for side, extra in side_args.items():

@@ -27,8 +27,13 @@ class Context:
     prompts_file: str
     max_tokens: int
     engine_args: dict  # for both sides; per-side extras are added by the subcommand
-    mirage_switch: str = "1"  # VLLM_USE_MIRAGE for the Mirage side
+    mode: str = "fused"  # --mode: the Mirage side's path, "fused" or "megakernel"
     notes: list[str] = field(default_factory=list)  # shown in the output and the report
+
+    @property
+    def mirage_switch(self) -> str:
+        """VLLM_USE_MIRAGE for the Mirage side."""
+        return "megakernel" if self.mode == "megakernel" else "1"
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -48,8 +53,7 @@ def prepare(args, command: str) -> Context:
     max_tokens = d[f"{command}_max_tokens"] if args.max_tokens is None else args.max_tokens
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
-    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={},
-                  mirage_switch="megakernel" if getattr(args, "mode", "fused") == "megakernel" else "1")
+    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, mode=args.mode)
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:

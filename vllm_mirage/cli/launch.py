@@ -71,9 +71,8 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
     with open(log_path, "w") as log:
         out = None if verbose else log
-        proc = subprocess.Popen(
-            cmd, env=side_env(run.side, side_dir, on_cuda, run.spec.get("mirage_switch", SIDES["mirage"])), stdout=out, stderr=out, pass_fds=(write_fd,)
-        )
+        env = side_env(run.side, side_dir, on_cuda, run.spec.get("mirage_switch", SIDES["mirage"]))
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,))
         os.close(write_fd)
         _follow_progress(read_fd, run)
         code = proc.wait()
