@@ -42,14 +42,16 @@ def step_bytes(cfg: dict, batch: int, context: int) -> int:
     return L * per_layer + cfg["vocab"] * h * 2 + kv
 
 
-def bench(name: str, batch: int, context: int, bandwidth: float) -> dict:
+def bench(name: str, batch: int, context: int, bandwidth: float, split: bool) -> dict:
     cfg = SHAPES[name]
     weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
     blocks = batch * (context // 16 + 1)
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
                        num_blocks=blocks, device="cuda")
+    workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=batch)
-    graph = build_task_graph(shape, torch.cuda.get_device_properties(0).multi_processor_count).to("cuda")
+    shape = shape.with_splits_for(workers) if split else shape
+    graph = build_task_graph(shape, workers).to("cuda")
     buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
     buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
     wtab = weights.pointer_table()
@@ -64,8 +66,8 @@ def bench(name: str, batch: int, context: int, bandwidth: float) -> dict:
         run()
     ms = triton.testing.do_bench(g.replay, warmup=10, rep=200)
     floor_ms = step_bytes(cfg, batch, context) / bandwidth * 1e3
-    return {"model": name, "batch": batch, "context": context, "step_ms": ms, "floor_ms": floor_ms,
-            "fraction_of_floor": floor_ms / ms}
+    return {"model": name, "batch": batch, "context": context, "split_o": shape.split_o,
+            "split_down": shape.split_down, "step_ms": ms, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
 
 
 def main() -> None:
@@ -79,10 +81,11 @@ def main() -> None:
     rows = []
     for name in args.models:
         for b in args.batch_sizes:
-            rows.append(bench(name, b, args.context, bw))
-            r = rows[-1]
-            print(f"{name} batch {b}: {r['step_ms']:.3f} ms/step, floor {r['floor_ms']:.3f} ms "
-                  f"({100 * r['fraction_of_floor']:.0f}% of it)", flush=True)
+            for split in (False, True):  # split-K off and as with_splits_for picks it, side by side
+                rows.append(bench(name, b, args.context, bw, split))
+                r = rows[-1]
+                print(f"{name} batch {b} split-K {r['split_o']}/{r['split_down']}: {r['step_ms']:.3f} ms/step, "
+                      f"floor {r['floor_ms']:.3f} ms ({100 * r['fraction_of_floor']:.0f}% of it)", flush=True)
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_bandwidth_bytes_per_s": bw, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -17,7 +17,7 @@ from vllm_mirage.megakernel.kernel import _decode_step_kernel
 
 def main(dtype: str, hq: int, hkv: int) -> None:
     act = f"*{dtype}"
-    ints = ("stride_bt", "B", "H", "I", "V", "stride_blk", "stride_tok", "stride_head")
+    ints = ("stride_bt", "B", "H", "I", "V", "SO", "SD", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
     sig.update({name: "*i32" for name in ("tasks", "queue", "queue_offsets", "counters", "block_tables")})
     sig.update({name: "*i64" for name in ("wtab", "kvtab", "positions", "slot_mapping")})

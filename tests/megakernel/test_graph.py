@@ -38,12 +38,14 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
         assert stages == sorted(stages)
 
 
-@pytest.mark.parametrize("workers, lm_head", [(1, True), (2, True), (5, False), (64, True)])
-def test_graph_executes_to_the_layerwise_step(workers, lm_head):
+@pytest.mark.parametrize(
+    "workers, lm_head, splits", [(1, True, (1, 1)), (2, True, (2, 3)), (5, False, (1, 1)), (64, True, (4, 2))]
+)
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, splits):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
-    shape = weights.shape(batch=3, lm_head=lm_head)
+    shape = weights.shape(batch=3, lm_head=lm_head, split_o=splits[0], split_down=splits[1])
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
@@ -82,3 +84,14 @@ def test_a_missing_dependency_gives_wrong_logits():
     buffers.load_input(hidden)
     logits = reference.run_graph(graph, weights, batch, buffers)
     assert not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_splits_give_every_worker_a_task():
+    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
+                        num_layers=28, vocab=151936, batch=1).with_splits_for(132)
+    # 0.6B: 32 hidden tiles; o_proj's K = 2048 and down_proj's K = 3072 allow 5 ranges of >= 256.
+    assert (shape.split_o, shape.split_down) == (5, 5)
+    assert shape.tasks_in_stage(Task.O) == shape.tasks_in_stage(Task.DOWN) == 160 >= 132
+    big = DecodeShape(hidden=4096, intermediate=12288, num_heads=32, num_kv_heads=8, head_dim=128,
+                      num_layers=36, vocab=151936, batch=1).with_splits_for(132)
+    assert (big.split_o, big.split_down) == (2, 2)  # 128 tiles already: just past one per worker

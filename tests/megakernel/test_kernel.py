@@ -28,10 +28,15 @@ def _poison(buffers):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "positions, lm_head, layout",
-    [([0], True, "flash"), ([5, 37, 16], True, "flash"), ([9, 40], False, "head_major"), ([33, 2], True, "head_major")],
+    "positions, lm_head, layout, splits",
+    [
+        ([0], True, "flash", (1, 1)),
+        ([5, 37, 16], True, "flash", (3, 2)),  # split-K: uneven K ranges (128 / 3, 200 / 2)
+        ([9, 40], False, "head_major", (2, 1)),
+        ([33, 2], True, "head_major", (1, 4)),
+    ],
 )
-def test_kernel_matches_reference(positions, lm_head, layout, dtype):
+def test_kernel_matches_reference(positions, lm_head, layout, splits, dtype):
     weights = random_weights(**TINY, dtype=dtype)
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
@@ -44,7 +49,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, dtype):
     weights32.final_norm, weights32.lm_head = weights.final_norm.float(), weights.lm_head.float()
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
-    shape = weights.shape(batch=len(positions), lm_head=lm_head)
+    shape = weights.shape(batch=len(positions), lm_head=lm_head, split_o=splits[0], split_down=splits[1])
     graph = build_task_graph(shape, 1)
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)

@@ -117,9 +117,9 @@ class MegakernelDecoder:
             return None
         n = positions.shape[0]
         if n not in self._graphs:
-            shape = self.weights.shape(batch=n, lm_head=False)
             # One worker per SM on a GPU; the CPU executor simulates a few to exercise the counters.
             workers = torch.cuda.get_device_properties(0).multi_processor_count if positions.is_cuda else 4
+            shape = self.weights.shape(batch=n, lm_head=False).with_splits_for(workers)
             dtype = self.weights.qkv[0].dtype
             self._graphs[n] = (build_task_graph(shape, workers).to(positions.device),
                                DecodeBuffers(shape, dtype, positions.device))

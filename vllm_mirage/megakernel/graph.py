@@ -4,9 +4,9 @@ A decode step for ``B`` requests (one new token each) is lowered, layer by layer
 
     QKV    norm(x + residual) @ W_qkv.T, one BLOCK_N slice of the fused q|k|v features
     ATTN   one (request, kv head): q/k RMSNorm + rotary, KV-cache append, paged decode attention
-    O      attn @ W_o.T, one BLOCK_N slice of the hidden features
+    O      attn @ W_o.T, one BLOCK_N slice of the hidden features and one of ``split_o`` K ranges
     GU     norm(o + residual) @ W_gate_up.T, SiLU * up, one BLOCK_N slice of the intermediate features
-    DOWN   act @ W_down.T, one BLOCK_N slice of the hidden features
+    DOWN   act @ W_down.T, one BLOCK_N slice of the hidden features and one of ``split_down`` K ranges
     LM     final norm(x + residual) @ W_lm_head.T, one BLOCK_N slice of the vocabulary
     NORM   (instead of LM, when vLLM's own lm_head/logits processor should run) final norm, one request
 
@@ -15,6 +15,11 @@ tasks (a counter in global memory reaches the stage's task count), then bumps it
 when done. Every stage reads all of the previous stage's output (a norm needs the whole row, attention
 needs all of q, k and v), so a per-stage counter loses nothing at these dependencies; finer-grained
 edges (e.g. O tiles per attention head group) are the next refinement.
+
+O and DOWN write float32 partial sums, one slot per K range (split-K), and their consumers (the next
+norm prologues) add the slots in a fixed order and round once, as a single GEMM's output would be: so a
+small hidden size (1024 features = 32 tiles on 0.6B) can still give every SM a task, with no extra
+reduction stage and a deterministic result.
 
 Tasks are dealt round-robin to ``num_workers`` queues in stage order. A worker only ever waits for an
 earlier stage, and every earlier-stage task precedes it in every queue, so with all workers resident
@@ -25,7 +30,7 @@ by simulation.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +67,17 @@ class DecodeShape:
     block_n: int = 32  # output features per GEMV task
     block_n_lm: int = 128
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
+    split_o: int = 1  # K ranges of o_proj (partial sums added by the consumer)
+    split_down: int = 1  # K ranges of down_proj
+
+    def with_splits_for(self, workers: int, min_k: int = 256) -> "DecodeShape":
+        """Split O and DOWN over K until each stage has a task per worker, keeping ≥ ``min_k`` per range."""
+        def split(tiles: int, k: int) -> int:
+            return max(1, min(-(-workers // tiles), k // min_k))
+
+        tiles = -(-self.hidden // self.block_n)
+        return replace(self, split_o=split(tiles, self.num_heads * self.head_dim),
+                       split_down=split(tiles, self.intermediate))
 
     @property
     def qkv_features(self) -> int:
@@ -72,9 +88,9 @@ class DecodeShape:
         return {
             Task.QKV: cdiv(self.qkv_features, self.block_n),
             Task.ATTN: self.batch * self.num_kv_heads,
-            Task.O: cdiv(self.hidden, self.block_n),
+            Task.O: cdiv(self.hidden, self.block_n) * self.split_o,
             Task.GU: cdiv(self.intermediate, self.block_n),
-            Task.DOWN: cdiv(self.hidden, self.block_n),
+            Task.DOWN: cdiv(self.hidden, self.block_n) * self.split_down,
             Task.LM: cdiv(self.vocab, self.block_n_lm),
             Task.NORM: self.batch,
         }[task]

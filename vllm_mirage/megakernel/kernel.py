@@ -25,18 +25,38 @@ from vllm_mirage.ops._norm_gemv import _dot
 
 
 @triton.jit
+def _load_summed(ptr, splits, split_stride, offs, mask):
+    """Sum of a float32 split-K partial over its slots, in slot order (written by other workers: .cg)."""
+    acc = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, splits):
+        acc += tl.load(ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _norm_input(x_ptr, x_splits, res_ptr, offs, mask, B, K, dtype: tl.constexpr):
+    """x + residual as the unfused path rounds it: the projection's output (float32 partials, summed)
+    rounded to the activation dtype, plus the residual, rounded again."""
+    x = _load_summed(x_ptr, x_splits, B * K, offs, mask).to(dtype).to(tl.float32)
+    res = tl.load(res_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return (x + res).to(dtype)
+
+
+@triton.jit
 def _gemv_tile(
-    x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr, write_res,
-    B, K, N, n0, eps,
+    x_ptr, x_splits, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr, write_res,
+    B, K, k_lo, k_hi, N, n0, eps,
     HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[:, n0:n0+BLOCK_N] = f(x) @ w[n0:n0+BLOCK_N].T for contiguous x [B, K], w [N(*2), K], out [B, N].
+    """out[:, n0:n0+BLOCK_N] = f(x) @ w[n0:n0+BLOCK_N, k_lo:k_hi].T for w [N(*2), K], out [B, N].
 
-    With HAS_NORM, f(x) = rmsnorm(x + res) and the (rounded) sum is stored to new_res when write_res.
-    With SILU_MUL, w holds gate rows then up rows and out = silu(gate) * up.
+    With HAS_NORM, x is a float32 split-K partial [x_splits, B, K], f(x) = rmsnorm(sum(x) + res) over the
+    whole K, the rounded sum is stored to new_res when write_res, and out is in the activation dtype
+    (SILU_MUL: w holds gate rows then up rows, out = silu(gate) * up). Without, x is [B, K] in the
+    activation dtype and out receives this K range's float32 partial sum.
     """
-    dtype = out_ptr.dtype.element_ty
+    dtype = w_ptr.dtype.element_ty
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -44,37 +64,33 @@ def _gemv_tile(
     for t0 in range(0, B, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
-        x_rows = x_ptr + offs_t[:, None] * K
-        res_rows = res_ptr + offs_t[:, None] * K
+        rows = offs_t[:, None] * K
         if HAS_NORM:
+            # A full-shape predicate (not a scalar `if`) keeps the loop branch-free.
+            writer = t_mask & ((offs_t * 0 + write_res) != 0)
             sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
                 m = t_mask[:, None] & (k < K)[None, :]
-                # Produced by other workers in this launch: bypass L1 (.cg), which is not coherent.
-                xv = tl.load(x_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-                xv += tl.load(res_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-                xv = xv.to(dtype)
-                # A full-shape predicate (not a scalar `if`) keeps the loop branch-free.
-                writer = t_mask & ((offs_t * 0 + write_res) != 0)
-                tl.store(new_res_ptr + offs_t[:, None] * K + k[None, :], xv, mask=writer[:, None] & (k < K)[None, :])
+                xv = _norm_input(x_ptr, x_splits, res_ptr, rows + k[None, :], m, B, K, dtype)
+                tl.store(new_res_ptr + rows + k[None, :], xv, mask=writer[:, None] & (k < K)[None, :])
                 xf = xv.to(tl.float32)
                 sumsq += tl.sum(xf * xf, axis=1)
             rstd = tl.rsqrt(sumsq / K + eps)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
-            k_mask = k < K
+            k_mask = k < k_hi
             m = t_mask[:, None] & k_mask[None, :]
-            a = tl.load(x_rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg")
             if HAS_NORM:
-                a = (a.to(tl.float32) + tl.load(res_rows + k[None, :], mask=m, other=0.0,
-                                                cache_modifier=".cg").to(tl.float32)).to(dtype)
+                a = _norm_input(x_ptr, x_splits, res_ptr, rows + k[None, :], m, B, K, dtype)
                 nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
                 # RMSNorm's rounding points: normalise in fp32, round, scale by the weight, round.
                 a = ((a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+            else:
+                a = tl.load(x_ptr + rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg")
             wm = n_mask[:, None] & k_mask[None, :]
             acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
             if SILU_MUL:
@@ -84,27 +100,26 @@ def _gemv_tile(
             y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
         else:
             y = acc
-        tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], y.to(dtype), mask=t_mask[:, None] & n_mask[None, :])
+        tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _norm_row(x_ptr, res_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr):
-    """out = rmsnorm(x + res) * w for one row of K, with RMSNorm's rounding points."""
+def _norm_row(x_ptr, x_splits, res_ptr, w_ptr, out_ptr, B, K, eps, BLOCK_K: tl.constexpr):
+    """out = rmsnorm(sum(x) + res) * w for one row (x: float32 split-K partials), RMSNorm's rounding."""
     dtype = out_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK_K)
     sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         m = k0 + offs < K
-        xv = (tl.load(x_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-              + tl.load(res_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)).to(dtype)
-        sumsq += xv.to(tl.float32) * xv.to(tl.float32)
+        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype).to(tl.float32)
+        sumsq += xv * xv
     rstd = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
     for k0 in range(0, K, BLOCK_K):
         m = k0 + offs < K
-        xv = (tl.load(x_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-              + tl.load(res_ptr + k0 + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)).to(dtype)
+        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype).to(tl.float32)
         w = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + k0 + offs, ((xv.to(tl.float32) * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=m)
+        tl.store(out_ptr + k0 + offs, ((xv * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=m)
 
 
 @triton.jit
@@ -200,12 +215,12 @@ def _decode_step_kernel(
     tasks, queue, queue_offsets, counters,
     wtab, kvtab, final_norm, lm_head, cos_sin, positions, slot_mapping, block_tables, stride_bt,
     x_buf, res_mlp, res_attn, qkv_buf, attn_buf, o_buf, act_buf, final_out,
-    B, H, I, V, eps, scale, stride_blk, stride_tok, stride_head,
+    B, H, I, V, SO, SD, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    dtype = x_buf.dtype.element_ty
+    dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
     NQ: tl.constexpr = HQ * D
@@ -223,10 +238,10 @@ def _decode_step_kernel(
                 pass
         tl.debug_barrier()
         w = wtab + layer * 8  # columns: DecodeWeights.TABLE
-        if kind == 0:  # QKV
-            _gemv_tile(x_buf + layer * BH, res_mlp + layer * BH, tl.load(w).to(ptr), tl.load(w + 1).to(ptr),
+        if kind == 0:  # QKV: norm(x + residual) from the previous layer's down_proj partials
+            _gemv_tile(x_buf + layer * SD * BH, SD, res_mlp + layer * BH, tl.load(w).to(ptr), tl.load(w + 1).to(ptr),
                        qkv_buf + layer * B * NQKV, res_attn + layer * BH, (index == 0).to(tl.int32),
-                       B, H, NQKV, index * BLOCK_N, eps, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+                       B, H, 0, H, NQKV, index * BLOCK_N, eps, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
         elif kind == 1:  # ATTN
             b = index // HKV
             _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ,
@@ -235,23 +250,32 @@ def _decode_step_kernel(
                             block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
                             cos_sin, index % HKV, eps, scale,
                             stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, BLOCK_S, UPCAST)
-        elif kind == 2:  # O
-            _gemv_tile(attn_buf + layer * B * NQ, attn_buf, attn_buf, tl.load(w + 4).to(ptr), o_buf + layer * BH,
-                       o_buf, 0, B, NQ, H, index * BLOCK_N, eps, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
-        elif kind == 3:  # GU
-            _gemv_tile(o_buf + layer * BH, res_attn + layer * BH, tl.load(w + 5).to(ptr), tl.load(w + 6).to(ptr),
-                       act_buf + layer * B * I, res_mlp + (layer + 1) * BH, (index == 0).to(tl.int32),
-                       B, H, I, index * BLOCK_N, eps, True, True, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
-        elif kind == 4:  # DOWN
-            _gemv_tile(act_buf + layer * B * I, act_buf, act_buf, tl.load(w + 7).to(ptr), x_buf + (layer + 1) * BH,
-                       x_buf, 0, B, I, H, index * BLOCK_N, eps, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 2:  # O: one (feature tile, K range) of o_proj into its partial-sum slot
+            split = index % SO
+            k_len = tl.cdiv(NQ, SO)
+            _gemv_tile(attn_buf + layer * B * NQ, 1, attn_buf, attn_buf, tl.load(w + 4).to(ptr),
+                       o_buf + (layer * SO + split) * BH, attn_buf, 0,
+                       B, NQ, split * k_len, tl.minimum(NQ, (split + 1) * k_len), H, (index // SO) * BLOCK_N, eps,
+                       False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 3:  # GU: norm(o + residual), o from its partials
+            _gemv_tile(o_buf + layer * SO * BH, SO, res_attn + layer * BH, tl.load(w + 5).to(ptr),
+                       tl.load(w + 6).to(ptr), act_buf + layer * B * I, res_mlp + (layer + 1) * BH,
+                       (index == 0).to(tl.int32), B, H, 0, H, I, index * BLOCK_N, eps, True, True, UPCAST,
+                       BLOCK_T, BLOCK_N, BLOCK_K)
+        elif kind == 4:  # DOWN: one (feature tile, K range) of down_proj into its partial-sum slot
+            split = index % SD
+            k_len = tl.cdiv(I, SD)
+            _gemv_tile(act_buf + layer * B * I, 1, act_buf, act_buf, tl.load(w + 7).to(ptr),
+                       x_buf + ((layer + 1) * SD + split) * BH, act_buf, 0,
+                       B, I, split * k_len, tl.minimum(I, (split + 1) * k_len), H, (index // SD) * BLOCK_N, eps,
+                       False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
         elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
-            _gemv_tile(x_buf + (layer + 1) * BH, res_mlp + (layer + 1) * BH, final_norm, lm_head, final_out,
-                       final_out, index * 0, B, H, V, index * BLOCK_N_LM, eps, True, False, UPCAST,
+            _gemv_tile(x_buf + (layer + 1) * SD * BH, SD, res_mlp + (layer + 1) * BH, final_norm, lm_head,
+                       final_out, final_out, index * 0, B, H, 0, H, V, index * BLOCK_N_LM, eps, True, False, UPCAST,
                        BLOCK_T, BLOCK_N_LM, BLOCK_K)
         else:  # NORM: final norm of request `index`, for vLLM's own lm_head
-            _norm_row(x_buf + (layer + 1) * BH + index * H, res_mlp + (layer + 1) * BH + index * H, final_norm,
-                      final_out + index * H, H, eps, BLOCK_K)
+            _norm_row(x_buf + (layer + 1) * SD * BH + index * H, SD, res_mlp + (layer + 1) * BH + index * H,
+                      final_norm, final_out + index * H, B, H, eps, BLOCK_K)
         tl.debug_barrier()
         tl.atomic_add(counters + tl.load(row + 5), 1, sem="release")
 
@@ -271,7 +295,7 @@ def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch
         if cache.shape[2:] != want or cache.stride() != batch.k_caches[0].stride() or cache.stride(-1) != 1:
             raise ValueError(f"megakernel: KV caches must be [blocks, block_size, {want[0]}, {want[1]}] views "
                              "with one set of strides and a unit head-dim stride")
-    if not (batch.positions.shape[0] == batch.slot_mapping.shape[0] == buffers.x.shape[1] == s.batch):
+    if not (batch.positions.shape[0] == batch.slot_mapping.shape[0] == buffers.qkv.shape[1] == s.batch):
         raise ValueError("megakernel: batch size differs between graph, batch and buffers")
     if not weights.cos_sin_cache.is_contiguous():
         raise ValueError("megakernel: cos_sin_cache must be contiguous")
@@ -291,7 +315,7 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
     (or ``buffers.hidden_out`` for a graph built without the lm_head).
 
-    ``buffers.x[0]`` must hold the embedded tokens. ``wtab``/``kvtab`` (pointer tables) may be built once
+    ``buffers.load_input`` must have received the embedded tokens. ``wtab``/``kvtab`` (pointer tables) may be built once
     and passed in: they change only when the weights or caches move.
     """
     check_supported(graph, weights, batch, buffers)
@@ -308,12 +332,12 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         wtab, kvtab, weights.final_norm, weights.lm_head, weights.cos_sin_cache, batch.positions,
         batch.slot_mapping, batch.block_tables, batch.block_tables.stride(0),
         buffers.x, buffers.res_mlp, buffers.res_attn, buffers.qkv, buffers.attn, buffers.o, buffers.act, out,
-        s.batch, s.hidden, s.intermediate, s.vocab, weights.eps, s.head_dim ** -0.5,
+        s.batch, s.hidden, s.intermediate, s.vocab, s.split_o, max(1, s.split_down), weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, BLOCK_S=batch.block_size,
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
         BLOCK_T=16, BLOCK_N=s.block_n, BLOCK_N_LM=s.block_n_lm, BLOCK_K=min(128, triton.next_power_of_2(s.hidden)),
-        UPCAST=interpreted() or buffers.x.dtype == torch.float32,
+        UPCAST=interpreted() or buffers.qkv.dtype == torch.float32,
         num_warps=4,
     )
     return out

@@ -119,10 +119,11 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
     """One tile of the step, reading and writing the same buffer slots as the kernel."""
     shape, eps = graph.shape, weights.eps
     task, layer, index = Task(row[TYPE]), row[LAYER], row[INDEX]
-    cols = lambda block, n: slice(index * block, min((index + 1) * block, n))  # noqa: E731
+    cols = lambda block, n, tile=index: slice(tile * block, min((tile + 1) * block, n))  # noqa: E731
+    dtype = buf.qkv.dtype
     if task == Task.QKV:
         n = cols(shape.block_n, shape.qkv_features)
-        normed, summed = ops.add_rms_norm(buf.x[layer], buf.res_mlp[layer], weights.input_norm[layer], eps)
+        normed, summed = ops.add_rms_norm(_summed(buf.x[layer], dtype), buf.res_mlp[layer], weights.input_norm[layer], eps)
         buf.qkv[layer][:, n] = F.linear(normed, weights.qkv[layer][n])
         if index == 0:
             buf.res_attn[layer] = summed
@@ -148,23 +149,40 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
                                batch.block_tables[b], int(batch.positions[b]), int(batch.slot_mapping[b]))
         buf.attn[layer][b, heads] = out.reshape(-1)
     elif task == Task.O:
-        n = cols(shape.block_n, shape.hidden)
-        buf.o[layer][:, n] = F.linear(buf.attn[layer], weights.o[layer][n])
+        tile, split = divmod(index, shape.split_o)
+        _partial(buf.o[layer, split], buf.attn[layer], weights.o[layer], cols(shape.block_n, shape.hidden, tile),
+                 split, shape.split_o)
     elif task == Task.GU:
         n = cols(shape.block_n, shape.intermediate)
-        normed, summed = ops.add_rms_norm(buf.o[layer], buf.res_attn[layer], weights.post_norm[layer], eps)
+        normed, summed = ops.add_rms_norm(_summed(buf.o[layer], dtype), buf.res_attn[layer], weights.post_norm[layer], eps)
         gate_up = weights.gate_up[layer]
         w = torch.cat([gate_up[n], gate_up[shape.intermediate :][n]])
         buf.act[layer][:, n] = ops.linear_silu_mul(normed, w)
         if index == 0:
             buf.res_mlp[layer + 1] = summed
     elif task == Task.DOWN:
-        n = cols(shape.block_n, shape.hidden)
-        buf.x[layer + 1][:, n] = F.linear(buf.act[layer], weights.down[layer][n])
+        tile, split = divmod(index, shape.split_down)
+        _partial(buf.x[layer + 1, split], buf.act[layer], weights.down[layer], cols(shape.block_n, shape.hidden, tile),
+                 split, shape.split_down)
     elif task == Task.NORM:  # after the last layer, one request
-        normed, _ = ops.add_rms_norm(buf.x[layer + 1][index], buf.res_mlp[layer + 1][index], weights.final_norm, eps)
-        buf.hidden_out[index] = normed
+        x = _summed(buf.x[layer + 1][:, index], dtype)
+        buf.hidden_out[index] = ops.add_rms_norm(x, buf.res_mlp[layer + 1][index], weights.final_norm, eps)[0]
     else:  # Task.LM, after the last layer
         n = cols(shape.block_n_lm, shape.vocab)
-        normed, _ = ops.add_rms_norm(buf.x[layer + 1], buf.res_mlp[layer + 1], weights.final_norm, eps)
+        normed, _ = ops.add_rms_norm(_summed(buf.x[layer + 1], dtype), buf.res_mlp[layer + 1], weights.final_norm, eps)
         buf.logits[:, n] = F.linear(normed, weights.lm_head[n])
+
+
+def _summed(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A split-K projection's output: its float32 partial slots added in slot order, rounded once."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total.to(dtype)
+
+
+def _partial(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, n: slice, split: int, splits: int) -> None:
+    """One K range's float32 partial sum of ``x @ weight[n].T`` into ``out[:, n]``."""
+    k_len = -(-x.shape[1] // splits)
+    k = slice(split * k_len, min((split + 1) * k_len, x.shape[1]))
+    out[:, n] = F.linear(x[:, k].float(), weight[n, k].float())

@@ -92,12 +92,14 @@ class DecodeBuffers:
     def __init__(self, shape: DecodeShape, dtype: torch.dtype, device):
         L, B, H = shape.num_layers, shape.batch, shape.hidden
         new = lambda *s: torch.empty(s, dtype=dtype, device=device)  # noqa: E731
-        self.x = new(L + 1, B, H)  # x[0]: the embedded tokens; x[l + 1]: layer l's down_proj output
+        # Partial sums (float32, one slot per K range) of the split-K projections: the consumer adds
+        # the slots and rounds. x[0, 0]: the embedded tokens (other slots 0); x[l + 1]: layer l's down_proj.
+        self.x = torch.zeros(L + 1, max(1, shape.split_down), B, H, dtype=torch.float32, device=device)
+        self.o = torch.empty(L, shape.split_o, B, H, dtype=torch.float32, device=device)
         self.res_mlp = new(L + 1, B, H)  # res_mlp[0] = 0; res_mlp[l + 1]: residual after layer l's attention
         self.res_attn = new(L, B, H)  # residual entering layer l's attention: x[l] + res_mlp[l]
         self.qkv = new(L, B, shape.qkv_features)
         self.attn = new(L, B, shape.num_heads * shape.head_dim)
-        self.o = new(L, B, H)
         self.act = new(L, B, shape.intermediate)
         self.logits = new(B, shape.vocab) if shape.lm_head else None
         self.hidden_out = None if shape.lm_head else new(B, H)  # final norm output (NORM tasks)
@@ -106,4 +108,4 @@ class DecodeBuffers:
 
     def load_input(self, hidden: torch.Tensor) -> None:
         """``hidden`` [B, H]: the embedded tokens (vLLM's embedding layer runs before the step)."""
-        self.x[0].copy_(hidden)
+        self.x[0, 0].copy_(hidden)
