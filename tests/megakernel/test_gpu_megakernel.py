@@ -28,8 +28,9 @@ def _cuda():
         pytest.fail("GPU test selected on a machine without CUDA")
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("positions", [[0], [130], [3, 77, 200, 15, 64, 1, 90, 33]])
-def test_all_sms_match_reference(positions):
+def test_all_sms_match_reference(positions, split):
     dev, dtype = "cuda", torch.bfloat16
     weights = random_weights(**QWEN3_06B, dtype=dtype, device=dev)
     batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype, num_blocks=128, device=dev)
@@ -41,8 +42,10 @@ def test_all_sms_match_reference(positions):
     weights32.final_norm, weights32.lm_head = weights.final_norm.float(), weights.lm_head.float()
     want = reference.decode_step(weights32, ref_batch, hidden.float())
 
+    workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=len(positions))
-    graph = build_task_graph(shape, torch.cuda.get_device_properties(0).multi_processor_count).to(dev)
+    shape = shape.with_splits_for(workers) if split else shape
+    graph = build_task_graph(shape, workers).to(dev)
     buffers = DecodeBuffers(shape, dtype, dev)
     buffers.load_input(hidden)
     first = kernel.decode_step(graph, weights, batch, buffers).clone()
