@@ -283,6 +283,11 @@ def _decode_step_kernel(
 def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
     """Raise ValueError for what this kernel does not handle (callers fall back to the fused path)."""
     s = graph.shape
+    if buffers.qkv.is_cuda:
+        sms = torch.cuda.get_device_properties(buffers.qkv.device).multi_processor_count
+        if graph.num_workers > sms:
+            # More workers than SMs can leave a producer unscheduled behind spinning consumers: a hang.
+            raise ValueError(f"megakernel: {graph.num_workers} workers for {sms} SMs could deadlock")
     if s.head_dim & (s.head_dim - 1) or s.head_dim < 32:
         raise ValueError(f"megakernel: head_dim {s.head_dim} must be a power of two ≥ 32")
     bs = batch.block_size
