@@ -47,7 +47,7 @@ def bench(name: str, batch: int, context: int, bandwidth: float, split: bool) ->
     weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
     blocks = batch * (context // 16 + 1)
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
-                       num_blocks=blocks, device="cuda")
+                       num_blocks=blocks, layout="fa_packed", device="cuda")
     workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=batch)
     shape = shape.with_splits_for(workers) if split else shape

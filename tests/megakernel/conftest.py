@@ -44,7 +44,8 @@ def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=
     """Caches hold random keys/values for every earlier position; blocks are handed out shuffled, as
     vLLM's allocator does after a while, so a wrong block-table lookup reads the wrong tokens.
 
-    ``layout``: "flash" is FlashAttention's ``[2, blocks, block_size, Hkv, D]``; "head_major" is
+    ``layout``: "flash" is FlashAttention's older ``[2, blocks, block_size, Hkv, D]``; "fa_packed" is vLLM
+    0.26's (keys and values side by side in the last dim); "head_major" is
     ``[blocks, Hkv, block_size, 2 D]`` with keys then values in each (block, head): other strides for the
     same logical view, as another backend could have.
     """
@@ -58,6 +59,15 @@ def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=
             kv = torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype=dtype, device=device)
             k_caches.append(kv[0])
             v_caches.append(kv[1])
+        elif layout == "fa_packed":
+            # vLLM 0.26's FlashAttention cache: physical [blocks, block_size, Hkv, 2 D] (NHD), handed to the
+            # model as the logical [blocks, Hkv, block_size, 2 D]; the bridge splits it like vLLM does.
+            from vllm_mirage.megakernel.bridge import split_kv_cache
+
+            physical = torch.randn(num_blocks, block_size, hkv, 2 * d, generator=gen).to(dtype=dtype, device=device)
+            k, v = split_kv_cache(physical.permute(0, 2, 1, 3), hkv, d)
+            k_caches.append(k)
+            v_caches.append(v)
         else:
             kv = torch.randn(num_blocks, hkv, block_size, 2 * d, generator=gen).to(dtype=dtype, device=device)
             halves = kv.view(num_blocks, hkv, 2 * block_size, d).permute(0, 2, 1, 3)

@@ -33,7 +33,8 @@ def _cuda():
 def test_all_sms_match_reference(positions, split):
     dev, dtype = "cuda", torch.bfloat16
     weights = random_weights(**QWEN3_06B, dtype=dtype, device=dev)
-    batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype, num_blocks=128, device=dev)
+    batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype, num_blocks=128,
+                         layout="fa_packed", device=dev)
     hidden = torch.randn(len(positions), 1024, device=dev).to(dtype)
     ref_batch = clone_batch(batch, torch.float32)
     weights32 = copy.copy(weights)

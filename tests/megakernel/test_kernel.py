@@ -31,7 +31,8 @@ def _poison(buffers):
     "positions, lm_head, layout, splits",
     [
         ([0], True, "flash", (1, 1)),
-        ([5, 37, 16], True, "flash", (3, 2)),  # split-K: uneven K ranges (128 / 3, 200 / 2)
+        ([5, 37, 16], True, "fa_packed", (3, 2)),  # split-K: uneven K ranges (128 / 3, 200 / 2)
+        ([20], True, "flash", (1, 1)),
         ([9, 40], False, "head_major", (2, 1)),
         ([33, 2], True, "head_major", (1, 4)),
     ],

@@ -45,10 +45,14 @@ def decode_weights(model) -> DecodeWeights:
 
 
 def split_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Key and value views ``[blocks, block_size, Hkv, D]`` of one layer's vLLM KV cache, or None for
-    a layout the kernel cannot read as strided views (vLLM's CPU backend packs block interiors per ISA)."""
+    """Key and value views ``[blocks, block_size, Hkv, D]`` of one layer's vLLM KV cache on a GPU, or None
+    for a layout the kernel does not know. (Not for vLLM's CPU backend: it packs block interiors per ISA.)"""
+    if kv.dim() == 4 and kv.shape[1] == num_kv_heads and kv.shape[3] == 2 * head_dim:
+        # FlashAttention in vLLM 0.26: logical [blocks, Hkv, block_size, 2 D], each token's key then value
+        # in the last dim (physically NHD or HND; the strides say which). vLLM splits it the same way.
+        return tuple(kv.transpose(1, 2).split(head_dim, dim=-1))
     if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[3:] == (num_kv_heads, head_dim):
-        return kv[0], kv[1]  # FlashAttention: [2, blocks, block_size, Hkv, D]
+        return kv[0], kv[1]  # older FlashAttention layout: [2, blocks, block_size, Hkv, D]
     return None
 
 
