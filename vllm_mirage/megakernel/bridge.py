@@ -64,6 +64,9 @@ class MegakernelDecoder:
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
         self.head_dim = self.attn_layers[0].head_size
         self._graphs: dict[int, tuple] = {}  # batch size -> (graph, buffers)
+        # Pointer tables, built once: neither vLLM's weights nor its KV-cache tensors move after start-up,
+        # and building them is a host-to-device copy that must not happen inside a CUDA-graph capture.
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._declined: set[str] = set()
         self.steps = 0
 
@@ -130,7 +133,9 @@ class MegakernelDecoder:
         graph, buffers = self._graphs[n]
         buffers.load_input(self.model.model.embed_tokens(input_ids))
         if positions.is_cuda:
-            out = kernel.decode_step(graph, self.weights, batch, buffers)
+            if self._tables is None:
+                self._tables = (self.weights.pointer_table(), kernel.kv_pointer_table(batch))
+            out = kernel.decode_step(graph, self.weights, batch, buffers, *self._tables)
         else:
             # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
             # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
