@@ -21,7 +21,7 @@ import triton.language as tl
 from vllm_mirage.megakernel.graph import TaskGraph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
-from vllm_mirage.ops._norm_gemv import _dot
+from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
 
 
 @triton.jit
@@ -87,8 +87,7 @@ def _gemv_tile(
             if HAS_NORM:
                 a = _norm_input(x_ptr, x_splits, res_ptr, rows + k[None, :], m, B, K, dtype)
                 nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-                # RMSNorm's rounding points: normalise in fp32, round, scale by the weight, round.
-                a = ((a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+                a = _rms_scale(a, rstd[:, None], nw[None, :], dtype)
             else:
                 a = tl.load(x_ptr + rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg")
             wm = n_mask[:, None] & k_mask[None, :]
@@ -96,8 +95,7 @@ def _gemv_tile(
             if SILU_MUL:
                 acc_up += _dot(a, tl.trans(tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)), UPCAST)
         if SILU_MUL:
-            gate = acc.to(dtype).to(tl.float32)
-            y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+            y = _silu_mul(acc, acc_up, dtype)
         else:
             y = acc
         tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
@@ -117,9 +115,9 @@ def _norm_row(x_ptr, x_splits, res_ptr, w_ptr, out_ptr, B, K, eps, BLOCK_K: tl.c
     rstd = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
     for k0 in range(0, K, BLOCK_K):
         m = k0 + offs < K
-        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype).to(tl.float32)
+        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype)
         w = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + k0 + offs, ((xv * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=m)
+        tl.store(out_ptr + k0 + offs, _rms_scale(xv, rstd, w, dtype), mask=m)
 
 
 @triton.jit
@@ -131,8 +129,8 @@ def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
     rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / D + eps)[:, None]
-    n1 = ((x1f * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-    n2 = ((x2f * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+    n1 = _rms_scale(x1f, rstd, tl.load(w_ptr + d).to(tl.float32)[None, :], dtype).to(tl.float32)
+    n2 = _rms_scale(x2f, rstd, tl.load(w_ptr + HALF + d).to(tl.float32)[None, :], dtype).to(tl.float32)
     return (n1 * cos - n2 * sin).to(dtype), (n2 * cos + n1 * sin).to(dtype)
 
 

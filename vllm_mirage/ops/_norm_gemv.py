@@ -39,6 +39,19 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rms_scale(x, rstd, weight, dtype: tl.constexpr):
+    """RMSNorm's rounding points: normalise in fp32, round, scale by the (fp32) weight, round."""
+    return ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * weight).to(dtype)
+
+
+@triton.jit
+def _silu_mul(gate_acc, up_acc, dtype: tl.constexpr):
+    """SiLU(gate) * up with the unfused path's rounding points: linear outputs, then SiLU, then the product."""
+    gate = gate_acc.to(dtype).to(tl.float32)
+    return (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up_acc.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _norm_gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr,
     T, H, N, eps,
@@ -99,8 +112,7 @@ def _norm_gemv_kernel(
             if HAS_RES:
                 a = (a.to(tl.float32) + tl.load(res_rows + k[None, :], mask=m, other=0.0).to(tl.float32)).to(dtype)
             nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            # RMSNorm's rounding points: normalise in fp32, round, scale by the weight, round.
-            a = ((a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+            a = _rms_scale(a, rstd[:, None], nw[None, :], dtype)
         wm = n_mask[:, None] & k_mask[None, :]
         acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
         if SILU_MUL:
@@ -108,9 +120,7 @@ def _norm_gemv_kernel(
             acc_up += _dot(a, tl.trans(tl.load(w_rows + N * stride_w + k[None, :], mask=wm, other=0.0)), UPCAST)
 
     if SILU_MUL:
-        # Rounding points of the unfused path: linear output, then SiLU, then the product.
-        gate = acc.to(dtype).to(tl.float32)
-        y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+        y = _silu_mul(acc, acc_up, dtype)
     else:
         y = acc
     out = out_ptr + offs_t[:, None].to(tl.int64) * stride_out + offs_n[None, :]
