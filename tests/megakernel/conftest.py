@@ -2,6 +2,7 @@
 Triton's interpreter with one worker (programs run one after another there, so several workers would
 spin forever), and with every SM on a GPU (``-m gpu``)."""
 
+import copy
 import os
 
 import torch
@@ -9,14 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before vllm_mirage.ops is imported: see tests/ops/conftest.py
 
+from tests.ops.test_qk_norm_rope import _cos_sin_cache  # noqa: E402
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeWeights  # noqa: E402
-
-
-def rope_cache(max_pos: int, d: int, theta: float = 10000.0, dtype=torch.float32, device="cpu"):
-    """vLLM's neox cos_sin_cache: [max_pos, D], cos half then sin half."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype=dtype, device=device)
 
 
 def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="cpu", seed=0) -> DecodeWeights:
@@ -34,9 +29,18 @@ def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="c
         down=[rnd(hidden, inter, scale=inter ** -0.5) for _ in range(layers)],
         final_norm=norm(hidden),
         lm_head=rnd(vocab, hidden, scale=hidden ** -0.5),
-        cos_sin_cache=rope_cache(256, d, device=device),
+        cos_sin_cache=_cos_sin_cache(256, d, base=10000.0).to(device),
         eps=1e-6,
     )
+
+
+def float32_weights(weights: DecodeWeights) -> DecodeWeights:
+    """The same weights cast to float32, for a reference run whose own rounding is negligible."""
+    out = copy.copy(weights)
+    for name in weights.TABLE:
+        setattr(out, name, [t.float() for t in getattr(weights, name)])
+    out.final_norm, out.lm_head = weights.final_norm.float(), weights.lm_head.float()
+    return out
 
 
 def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=32, layout="flash", device="cpu",

@@ -3,12 +3,11 @@
 Run with ``python -m pytest -m gpu tests/megakernel`` on a CUDA machine; deselected by default.
 """
 
-import copy
-
 import pytest
 import torch
 
-from tests.megakernel.conftest import clone_batch, random_batch, random_weights
+from tests.megakernel.conftest import clone_batch, float32_weights, random_batch, random_weights
+from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBuffers
@@ -16,10 +15,6 @@ from vllm_mirage.megakernel.state import DecodeBuffers
 pytestmark = pytest.mark.gpu
 
 QWEN3_06B = dict(hidden=1024, inter=3072, hq=16, hkv=8, d=128, layers=4, vocab=151936)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +32,7 @@ def test_all_sms_match_reference(positions, split):
                          layout="fa_packed", device=dev)
     hidden = torch.randn(len(positions), 1024, device=dev).to(dtype)
     ref_batch = clone_batch(batch, torch.float32)
-    weights32 = copy.copy(weights)
-    for name in weights.TABLE:
-        setattr(weights32, name, [t.float() for t in getattr(weights, name)])
-    weights32.final_norm, weights32.lm_head = weights.final_norm.float(), weights.lm_head.float()
+    weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, ref_batch, hidden.float())
 
     workers = torch.cuda.get_device_properties(0).multi_processor_count
@@ -50,7 +42,7 @@ def test_all_sms_match_reference(positions, split):
     buffers = DecodeBuffers(shape, dtype, dev)
     buffers.load_input(hidden)
     first = kernel.decode_step(graph, weights, batch, buffers).clone()
-    assert _rel(first, want) <= 2e-2, _rel(first, want)
+    assert rel_err(first, want) <= 2e-2, rel_err(first, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
 
     # Same result again (each tile has one owner: no atomics in the math), and under a CUDA graph.

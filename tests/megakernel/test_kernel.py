@@ -1,11 +1,10 @@
 """The persistent kernel against the layerwise reference, in Triton's interpreter (one worker)."""
 
-import copy
-
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights
+from tests.megakernel.conftest import TINY, clone_batch, float32_weights, random_batch, random_weights
+from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBuffers
@@ -13,10 +12,6 @@ from vllm_mirage.megakernel.state import DecodeBuffers
 # ‖out − ref‖/‖ref‖. bf16 is looser in the interpreter, which truncates fp32→bf16 (tests/ops/conftest.py),
 # here at every rounding point of two layers.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _poison(buffers):
@@ -44,10 +39,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, splits, dtype):
     before = clone_batch(batch)
     # The reference in float32 on the same (rounded) inputs: both sides' own rounding shows as error.
     want_batch = clone_batch(batch, torch.float32)
-    weights32 = copy.copy(weights)
-    for name in weights.TABLE:
-        setattr(weights32, name, [t.float() for t in getattr(weights, name)])
-    weights32.final_norm, weights32.lm_head = weights.final_norm.float(), weights.lm_head.float()
+    weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
     shape = weights.shape(batch=len(positions), lm_head=lm_head, split_o=splits[0], split_down=splits[1])
@@ -58,13 +50,13 @@ def test_kernel_matches_reference(positions, lm_head, layout, splits, dtype):
     out = kernel.decode_step(graph, weights, batch, buffers)
 
     assert out.shape == want.shape and not out.isnan().any(), "unwritten output"
-    assert _rel(out, want) <= TOLERANCE[dtype], _rel(out, want)
+    assert rel_err(out, want) <= TOLERANCE[dtype], rel_err(out, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()  # every task signalled once
     for got, ref, old in zip(batch.k_caches + batch.v_caches, want_batch.k_caches + want_batch.v_caches,
                              before.k_caches + before.v_caches):
         for b, pos in enumerate(positions):
             slot = (int(batch.block_tables[b, pos // 16]), pos % 16)
-            assert _rel(got[slot], ref[slot]) <= TOLERANCE[dtype]
+            assert rel_err(got[slot], ref[slot]) <= TOLERANCE[dtype]
         # Nothing but the new tokens' slots was written.
         changed = (got != old).any(dim=(2, 3)).nonzero().tolist()
         assert {tuple(c) for c in changed} <= {(int(batch.block_tables[b, p // 16]), p % 16)

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.megakernel.conftest import rope_cache
+from tests.ops.test_qk_norm_rope import _cos_sin_cache
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeWeights
 from vllm_mirage.tiny_model import make_tiny_qwen3
@@ -34,7 +34,7 @@ def test_decode_step_continues_transformers_qwen3(tmp_path):
         down=[l.mlp.down_proj.weight for l in layers],
         final_norm=model.model.norm.weight,
         lm_head=model.lm_head.weight,
-        cos_sin_cache=rope_cache(64, d, theta=cfg.rope_parameters["rope_theta"]),
+        cos_sin_cache=_cos_sin_cache(64, d, base=cfg.rope_parameters["rope_theta"]),
         eps=cfg.rms_norm_eps,
     )
     # transformers' cache holds rotated keys [B, Hkv, S, D]: lay the 21 prompt tokens into paged blocks.
