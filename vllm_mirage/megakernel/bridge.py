@@ -67,8 +67,8 @@ class MegakernelDecoder:
         # Pointer tables, built once: neither vLLM's weights nor its KV-cache tensors move after start-up,
         # and building them is a host-to-device copy that must not happen inside a CUDA-graph capture.
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
-        self.steps = 0
 
     def _decline(self, why: str) -> None:
         if why not in self._declined:  # once per reason: this runs every step
@@ -100,8 +100,18 @@ class MegakernelDecoder:
         if slot_mapping is None or block_table is None:
             self._decline(f"attention metadata {type(meta).__name__} has no slot mapping or block table")
             return None
+        if positions.is_cuda and self._kv_views is None:
+            self._kv_views = self._split_kv_caches(ctx)
+            if self._kv_views is None:
+                return None
+        # On CPU vLLM's attention layer reads and appends the cache (see __call__): no views needed.
+        k_caches, v_caches = self._kv_views if positions.is_cuda else ([], [])
+        n = positions.shape[0]
+        return DecodeBatch(positions, block_table[:n], slot_mapping[:n], k_caches, v_caches)
+
+    def _split_kv_caches(self, ctx) -> tuple[list, list] | None:
         k_caches, v_caches = [], []
-        for attn in self.attn_layers if positions.is_cuda else ():  # on CPU, vLLM's attention runs: see __call__
+        for attn in self.attn_layers:
             kv = attn.kv_cache
             if isinstance(kv, list):  # older vLLM: one tensor per virtual engine
                 kv = kv[ctx.virtual_engine]
@@ -111,8 +121,7 @@ class MegakernelDecoder:
                 return None
             k_caches.append(views[0])
             v_caches.append(views[1])
-        n = positions.shape[0]
-        return DecodeBatch(positions, block_table[:n], slot_mapping[:n], k_caches, v_caches)
+        return k_caches, v_caches
 
     def _vllm_attention(self, layer: int, q, k, v) -> torch.Tensor:
         return self.attn_layers[layer](q, k, v)
@@ -141,5 +150,5 @@ class MegakernelDecoder:
             # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
             # (norms, GEMV tiles, counters, final norm) is the graph's.
             out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
-        self.steps += 1
+        self.model.mirage_status["megakernel_steps"] += 1
         return out.clone()  # the buffers are reused by the next step

@@ -104,7 +104,6 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                 self._megakernel = MegakernelDecoder(self)
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
-                self.mirage_status["megakernel_steps"] = self._megakernel.steps
                 return hidden
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
