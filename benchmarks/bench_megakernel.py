@@ -4,13 +4,14 @@
 
 Qwen3-0.6B and Qwen3-8B shapes with random bf16 weights, batch 1/8/64, context 128 per request. The step
 runs under a CUDA graph (as vLLM would run it); the floor is the bytes the step must read (weights +
-the KV cache it attends over) divided by the device-to-device copy bandwidth measured here.
-Not run yet (written at the end of a session without device time): treat its first output as new.
+the KV cache it attends over) divided by the device-to-device copy bandwidth measured here. Launch
+configurations are timed side by side; one traced run per shape says where the time goes per stage.
 """
 
 import argparse
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -19,11 +20,13 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.megakernel.conftest import random_batch, random_weights  # noqa: E402
 from vllm_mirage.megakernel import kernel  # noqa: E402
-from vllm_mirage.megakernel.graph import build_task_graph  # noqa: E402
+from vllm_mirage.megakernel.graph import LAYER, TYPE, Task, build_task_graph  # noqa: E402
+from vllm_mirage.megakernel.kernel import LaunchConfig  # noqa: E402
 from vllm_mirage.megakernel.state import DecodeBuffers  # noqa: E402
 
 SHAPES = {
     "qwen3-0.6b": dict(hidden=1024, inter=3072, hq=16, hkv=8, d=128, layers=28, vocab=151936),
+    "qwen3-1.7b": dict(hidden=2048, inter=6144, hq=16, hkv=8, d=128, layers=28, vocab=151936),
     "qwen3-8b": dict(hidden=4096, inter=12288, hq=32, hkv=8, d=128, layers=36, vocab=151936),
 }
 
@@ -31,32 +34,73 @@ SHAPES = {
 def copy_bandwidth() -> float:
     a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
     return 2 * a.numel() / (ms * 1e-3)
 
 
-def step_bytes(cfg: dict, batch: int, context: int) -> int:
+def step_bytes(cfg: dict, batch: int, context: int, lm_head: bool) -> int:
     h, i, d, L = cfg["hidden"], cfg["inter"], cfg["d"], cfg["layers"]
     per_layer = ((cfg["hq"] + 2 * cfg["hkv"]) * d * h + h * cfg["hq"] * d + 3 * i * h + 2 * h + 2 * d) * 2
     kv = 2 * L * batch * context * cfg["hkv"] * d * 2
-    return L * per_layer + cfg["vocab"] * h * 2 + kv
+    return L * per_layer + (cfg["vocab"] * h * 2 if lm_head else 0) + kv
 
 
-def bench(name: str, batch: int, context: int, bandwidth: float, split: bool) -> dict:
+def stage_profile(graph, trace: torch.Tensor) -> dict:
+    """Per task kind, summed over layers (µs): the stage's span from its first task's end of wait to its
+    last task's end, the mean task time after its wait, and the mean of each phase of a task."""
+    t = trace.cpu().double() / 1e3
+    kinds_all = graph.tasks.cpu()[graph.queue.long().cpu()][:, TYPE]
+    phases = {}
+    for kind in kinds_all.unique().tolist():
+        r = t[kinds_all == kind]
+        ph = {"wait": r[:, 1] - r[:, 0], "compute": r[:, 2] - r[:, 1], "release": r[:, 3] - r[:, 2]}
+        if kind in (Task.QKV, Task.GU, Task.LM, Task.O, Task.DOWN):
+            has = r[:, 7] > 0
+            if kind in (Task.QKV, Task.GU, Task.LM):
+                ph["rstd"] = r[has, 6] - r[has, 1]
+            ph["loop"] = r[has, 7] - torch.where(r[has, 6] > 0, r[has, 6], r[has, 1])
+            ph["epilogue"] = r[has, 2] - r[has, 7]
+        phases[Task(kind).name] = {k: round(v.mean().item(), 2) for k, v in ph.items()}
+    tasks = graph.tasks.cpu()[graph.queue.long().cpu()]  # the trace is in queue order
+    kinds, layers = tasks[:, TYPE].tolist(), tasks[:, LAYER].tolist()
+    spans = defaultdict(float)
+    busy = defaultdict(list)
+    stages = defaultdict(list)
+    for i, (kind, layer) in enumerate(zip(kinds, layers)):
+        stages[(layer, kind)].append(i)
+        busy[Task(kind).name].append((t[i, 2] - t[i, 1]).item())
+    for (layer, kind), ids in stages.items():
+        spans[Task(kind).name] += (t[ids, 2].max() - t[ids, 1].min()).item()
+    total = (t[:, 2].max() - t[:, 0].min()).item()
+    return {"total_us": total,
+            "span_us": dict(spans),
+            "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
+
+
+def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool) -> list:
     cfg = SHAPES[name]
-    weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
-    blocks = batch * (context // 16 + 1)
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
-                       num_blocks=blocks, layout="fa_packed", device="cuda")
-    workers = torch.cuda.get_device_properties(0).multi_processor_count
-    shape = weights.shape(batch=batch)
-    shape = shape.with_splits_for(workers) if split else shape
-    graph = build_task_graph(shape, workers).to("cuda")
-    buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
-    buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
-    wtab = weights.pointer_table()
+                       num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    buffers = None
+    rows = []
+    for config in configs:
+        workers = sms
+        shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
+        graph = build_task_graph(shape, workers).to("cuda")
+        if buffers is None or buffers.sumsq.shape[1] != shape.out_tiles:
+            buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
+            buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
+        rows.append(time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context))
+    return rows
+
+
+def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context) -> dict:
+    shape = graph.shape
+    program = kernel.encode_program(graph, weights)
     kvtab = kernel.kv_pointer_table(kvb)
-    run = lambda: kernel.decode_step(graph, weights, kvb, buffers, wtab, kvtab)  # noqa: E731
+    floor_ms = step_bytes(cfg, batch, context, lm_head) / bandwidth * 1e3
+    run = lambda: kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config)  # noqa: E731
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         run()
@@ -64,30 +108,58 @@ def bench(name: str, batch: int, context: int, bandwidth: float, split: bool) ->
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=stream):
         run()
-    ms = triton.testing.do_bench(g.replay, warmup=10, rep=200)
-    floor_ms = step_bytes(cfg, batch, context) / bandwidth * 1e3
-    return {"model": name, "batch": batch, "context": context, "split_o": shape.split_o,
-            "split_down": shape.split_down, "step_ms": ms, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
+    ms = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
+    row = {"model": name, "batch": batch, "context": context, "lm_head": lm_head, "config": config.__dict__,
+           "workers": graph.num_workers, "block_n": shape.block_n, "block_n_out": shape.block_n_out, "step_ms": ms,
+           "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
+    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config}: {ms:.3f} ms/step, floor {floor_ms:.3f} ms "
+          f"({100 * floor_ms / ms:.0f}%)", flush=True)
+    trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
+    kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace)
+    torch.cuda.synchronize()
+    profile = stage_profile(graph, trace)
+    row["trace"] = profile
+    print("   traced: total %.1f us; stage spans %s" % (
+        profile["total_us"], {k: round(v, 1) for k, v in profile["span_us"].items()}), flush=True)
+    print("   phases:", profile["phases_us"], flush=True)
+    return row
+
+
+def compile_report() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of the step kernel."""
+    out = []
+    for cache in getattr(kernel._decode_step_kernel, "device_caches", {}).values():
+        for compiled in cache[0].values():
+            out.append({"n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
+                        "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-8b"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
+    ap.add_argument("--configs", default='[{}, {"block_k": 256, "block_k_out": 512}]',
+                    help="JSON list of LaunchConfig fields, timed side by side")
     args = ap.parse_args()
+    configs = [LaunchConfig(**c) for c in json.loads(args.configs)]
     bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name in args.models:
+        cfg = SHAPES[name]
+        weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
         for b in args.batch_sizes:
-            for split in (False, True):  # split-K off and as with_splits_for picks it, side by side
-                rows.append(bench(name, b, args.context, bw, split))
-                r = rows[-1]
-                print(f"{name} batch {b} split-K {r['split_o']}/{r['split_down']}: {r['step_ms']:.3f} ms/step, "
-                      f"floor {r['floor_ms']:.3f} ms ({100 * r['fraction_of_floor']:.0f}% of it)", flush=True)
+            rows += bench_shape(name, weights, b, args.context, bw, configs, args.lm_head)
+        del weights
+        torch.cuda.empty_cache()
+    report = compile_report()
+    print("compiled variants:", report)
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "copy_bandwidth_bytes_per_s": bw, "rows": rows}
+           "command": " ".join(sys.argv), "copy_bandwidth_bytes_per_s": bw, "compiled": report, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 

@@ -9,9 +9,14 @@ from torch import nn
 
 
 def mirage_status(model: nn.Module) -> dict | None:
-    """``{"mode", "fused_layers", "reason"}``, or None when our model class was not used (another
-    architecture, or the plugin did not load)."""
-    return getattr(model, "mirage_status", None)
+    """``{"mode", "fused_layers", "reason", ...}``, or None when our model class was not used (another
+    architecture, or the plugin did not load). In megakernel mode, ``megakernel_steps`` counts the decode
+    steps the task graph ran (CUDA-graph replays and vLLM's warm-up runs included)."""
+    status = getattr(model, "mirage_status", None)
+    decoder = getattr(model, "_megakernel", None)
+    if status is not None and decoder is not None:
+        status["megakernel_steps"] = decoder.steps()
+    return status
 
 
 def describe_model(model: nn.Module) -> dict:

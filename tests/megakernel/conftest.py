@@ -15,9 +15,9 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeWeights  # noqa: E40
 
 
 def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="cpu", seed=0) -> DecodeWeights:
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale: (scale * torch.randn(*s, generator=gen)).to(dtype=dtype, device=device)  # noqa: E731
-    norm = lambda n: (1 + 0.3 * torch.randn(n, generator=gen)).to(dtype=dtype, device=device)  # noqa: E731
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: 8B shapes are slow on a CPU
+    rnd = lambda *s, scale: (scale * torch.randn(*s, generator=gen, device=device)).to(dtype)  # noqa: E731
+    norm = lambda n: (1 + 0.3 * torch.randn(n, generator=gen, device=device)).to(dtype)  # noqa: E731
     return DecodeWeights(
         input_norm=[norm(hidden) for _ in range(layers)],
         qkv=[rnd((hq + 2 * hkv) * d, hidden, scale=hidden ** -0.5) for _ in range(layers)],
@@ -37,7 +37,7 @@ def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="c
 def float32_weights(weights: DecodeWeights) -> DecodeWeights:
     """The same weights cast to float32, for a reference run whose own rounding is negligible."""
     out = copy.copy(weights)
-    for name in weights.TABLE:
+    for name in weights.PER_LAYER:
         setattr(out, name, [t.float() for t in getattr(weights, name)])
     out.final_norm, out.lm_head = weights.final_norm.float(), weights.lm_head.float()
     return out
@@ -57,10 +57,12 @@ def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=
     per_request = max(p // block_size + 1 for p in positions)
     order = torch.randperm(num_blocks, generator=gen)[: len(positions) * per_request]
     tables = order.view(len(positions), per_request).to(torch.int32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
     k_caches, v_caches = [], []
     for _ in range(layers):
         if layout == "flash":
-            kv = torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype=dtype, device=device)
+            kv = randn(2, num_blocks, block_size, hkv, d)
             k_caches.append(kv[0])
             v_caches.append(kv[1])
         elif layout == "fa_packed":
@@ -68,12 +70,12 @@ def random_batch(positions, *, layers, hkv, d, dtype, block_size=16, num_blocks=
             # model as the logical [blocks, Hkv, block_size, 2 D]; the bridge splits it like vLLM does.
             from vllm_mirage.megakernel.bridge import split_kv_cache
 
-            physical = torch.randn(num_blocks, block_size, hkv, 2 * d, generator=gen).to(dtype=dtype, device=device)
+            physical = randn(num_blocks, block_size, hkv, 2 * d)
             k, v = split_kv_cache(physical.permute(0, 2, 1, 3), hkv, d)
             k_caches.append(k)
             v_caches.append(v)
         else:
-            kv = torch.randn(num_blocks, hkv, block_size, 2 * d, generator=gen).to(dtype=dtype, device=device)
+            kv = randn(num_blocks, hkv, block_size, 2 * d)
             halves = kv.view(num_blocks, hkv, 2 * block_size, d).permute(0, 2, 1, 3)
             k_caches.append(halves[:, :block_size])
             v_caches.append(halves[:, block_size:])

@@ -9,6 +9,7 @@ import torch
 from tests.megakernel.conftest import clone_batch, float32_weights, random_batch, random_weights
 from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
+from vllm_mirage.megakernel.kernel import LaunchConfig
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBuffers
 
@@ -23,40 +24,55 @@ def _cuda():
         pytest.fail("GPU test selected on a machine without CUDA")
 
 
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("positions", [[0], [130], [3, 77, 200, 15, 64, 1, 90, 33]])
-def test_all_sms_match_reference(positions, split):
+@pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(block_k=256, block_k_out=512), LaunchConfig(num_warps=8)])
+@pytest.mark.parametrize("positions", [[0], [130], [3, 77, 200, 15, 64, 1, 90, 33], list(range(5, 245, 6))])
+def test_all_sms_match_reference(positions, config):
     dev, dtype = "cuda", torch.bfloat16
     weights = random_weights(**QWEN3_06B, dtype=dtype, device=dev)
-    batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype, num_blocks=128,
-                         layout="fa_packed", device=dev)
+    batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype,
+                         num_blocks=16 * len(positions) + 16, layout="fa_packed", device=dev)
     hidden = torch.randn(len(positions), 1024, device=dev).to(dtype)
     ref_batch = clone_batch(batch, torch.float32)
     weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, ref_batch, hidden.float())
 
     workers = torch.cuda.get_device_properties(0).multi_processor_count
-    shape = weights.shape(batch=len(positions))
-    shape = shape.with_splits_for(workers) if split else shape
+    shape = weights.shape(batch=len(positions)).for_workers(workers)
     graph = build_task_graph(shape, workers).to(dev)
     buffers = DecodeBuffers(shape, dtype, dev)
     buffers.load_input(hidden)
-    first = kernel.decode_step(graph, weights, batch, buffers).clone()
+    first = kernel.decode_step(graph, weights, batch, buffers, config=config).clone()
     assert rel_err(first, want) <= 2e-2, rel_err(first, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
 
     # Same result again (each tile has one owner: no atomics in the math), and under a CUDA graph.
-    assert torch.equal(kernel.decode_step(graph, weights, batch, buffers), first)
-    wtab = weights.pointer_table()
+    assert torch.equal(kernel.decode_step(graph, weights, batch, buffers, config=config), first)
+    program = kernel.encode_program(graph, weights)
     kvtab = kernel.kv_pointer_table(batch)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        kernel.decode_step(graph, weights, batch, buffers, wtab, kvtab)  # warm-up on the capture stream
+        kernel.decode_step(graph, weights, batch, buffers, program, kvtab, config)  # warm-up on the capture stream
     torch.cuda.synchronize()
     cuda_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(cuda_graph, stream=stream):
-        kernel.decode_step(graph, weights, batch, buffers, wtab, kvtab)
+        kernel.decode_step(graph, weights, batch, buffers, program, kvtab, config)
     buffers.logits.zero_()
     cuda_graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(buffers.logits, first)
+
+
+def test_trace_records_every_task():
+    weights = random_weights(**QWEN3_06B, dtype=torch.bfloat16, device="cuda")
+    batch = random_batch([17], layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=torch.bfloat16, num_blocks=8,
+                         layout="fa_packed", device="cuda")
+    workers = torch.cuda.get_device_properties(0).multi_processor_count
+    shape = weights.shape(batch=1).for_workers(workers)
+    graph = build_task_graph(shape, workers).to("cuda")
+    buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
+    buffers.load_input(torch.randn(1, 1024, device="cuda").to(torch.bfloat16))
+    trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
+    kernel.decode_step(graph, weights, batch, buffers, trace=trace)
+    t = trace.cpu()
+    assert (t[:, 0] > 0).all() and (t[:, 0] <= t[:, 1]).all() and (t[:, 1] <= t[:, 2]).all() and (t[:, 2] <= t[:, 3]).all()
+    assert t[:, 4].unique().numel() == workers  # one worker per SM

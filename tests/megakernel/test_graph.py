@@ -39,13 +39,13 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 
 
 @pytest.mark.parametrize(
-    "workers, lm_head, splits", [(1, True, (1, 1)), (2, True, (2, 3)), (5, False, (1, 1)), (64, True, (4, 2))]
+    "workers, lm_head, block_n_out", [(1, True, 32), (2, True, 16), (5, False, 32), (64, True, 16)]
 )
-def test_graph_executes_to_the_layerwise_step(workers, lm_head, splits):
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
-    shape = weights.shape(batch=3, lm_head=lm_head, split_o=splits[0], split_down=splits[1])
+    shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out)
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
@@ -80,18 +80,22 @@ def test_a_missing_dependency_gives_wrong_logits():
     order = torch.cat([layer1_qkv.nonzero().flatten(), (~layer1_qkv).nonzero().flatten()]).to(torch.int32)
     graph.queue = order
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
-    buffers.x.zero_()  # stale but finite
+    buffers.res.zero_()  # stale but finite
+    buffers.sumsq.fill_(1.0)
     buffers.load_input(hidden)
     logits = reference.run_graph(graph, weights, batch, buffers)
     assert not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_splits_give_every_worker_a_task():
+def test_tile_widths_balance_the_stages():
     shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
-                        num_layers=28, vocab=151936, batch=1).with_splits_for(132)
-    # 0.6B: 32 hidden tiles; o_proj's K = 2048 and down_proj's K = 3072 allow 5 ranges of >= 256.
-    assert (shape.split_o, shape.split_down) == (5, 5)
-    assert shape.tasks_in_stage(Task.O) == shape.tasks_in_stage(Task.DOWN) == 160 >= 132
+                        num_layers=28, vocab=151936, batch=1).for_workers(132)
+    # 0.6B: 1024 hidden features are 32 tiles of 32, a quarter of the SMs; 64 tiles of 16 (tl.dot's minimum).
+    assert shape.block_n_out == 16 and shape.out_tiles == 64
+    assert shape.tasks_in_stage(Task.O) == shape.tasks_in_stage(Task.DOWN) == 64
+    assert shape.block_n == 32  # 128 QKV and 96 GU tiles: one round each either way, so the wide tiles
     big = DecodeShape(hidden=4096, intermediate=12288, num_heads=32, num_kv_heads=8, head_dim=128,
-                      num_layers=36, vocab=151936, batch=1).with_splits_for(132)
-    assert (big.split_o, big.split_down) == (2, 2)  # 128 tiles already: just past one per worker
+                      num_layers=36, vocab=151936, batch=1).for_workers(132)
+    assert big.block_n_out == 32 and big.out_tiles == 128  # already about one per worker
+    # 8B's 6144 q|k|v features: 192 tiles of 32 (two rounds, 64 rows) or 384 of 16 (three, 48 rows).
+    assert big.block_n == 16 and big.tasks_in_stage(Task.QKV) == 384

@@ -15,24 +15,24 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 def _poison(buffers):
-    for t in (buffers.x[1:], buffers.res_mlp[1:], buffers.res_attn, buffers.qkv, buffers.attn, buffers.o,
-              buffers.act, buffers.logits, buffers.hidden_out):
+    for t in (buffers.res[1:], buffers.sumsq[1:], buffers.qkv, buffers.attn, buffers.act, buffers.logits,
+              buffers.hidden_out):
         if t is not None:
             t.fill_(float("nan"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "positions, lm_head, layout, splits",
+    "positions, lm_head, layout, block_n_out",
     [
-        ([0], True, "flash", (1, 1)),
-        ([5, 37, 16], True, "fa_packed", (3, 2)),  # split-K: uneven K ranges (128 / 3, 200 / 2)
-        ([20], True, "flash", (1, 1)),
-        ([9, 40], False, "head_major", (2, 1)),
-        ([33, 2], True, "head_major", (1, 4)),
+        ([0], True, "flash", 32),
+        ([5, 37, 16], True, "fa_packed", 16),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
+        ([20], True, "flash", 32),
+        ([9, 70], False, "head_major", 16),  # 70 cached tokens: two 64-token attention chunks over 16-token pages
+        ([33, 2], True, "head_major", 32),
     ],
 )
-def test_kernel_matches_reference(positions, lm_head, layout, splits, dtype):
+def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, dtype):
     weights = random_weights(**TINY, dtype=dtype)
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
@@ -42,7 +42,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, splits, dtype):
     weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
-    shape = weights.shape(batch=len(positions), lm_head=lm_head, split_o=splits[0], split_down=splits[1])
+    shape = weights.shape(batch=len(positions), lm_head=lm_head, block_n_out=block_n_out)
     graph = build_task_graph(shape, 1)
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)

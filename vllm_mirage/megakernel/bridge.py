@@ -23,6 +23,10 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeigh
 
 logger = logging.getLogger(__name__)
 
+# Larger decode batches take the fused layers: the task graph's GEMV tiles hold 64 tokens at most, and
+# its buffers (kept per batch size for CUDA graphs) grow with the batch.
+MAX_BATCH = 64
+
 
 def decode_weights(model) -> DecodeWeights:
     """References to a (Mirage) Qwen3 model's parameters, in the megakernel's terms."""
@@ -63,12 +67,18 @@ class MegakernelDecoder:
         self.attn_layers = [layer.self_attn.attn for layer in model.model.layers]
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
         self.head_dim = self.attn_layers[0].head_size
-        self._graphs: dict[int, tuple] = {}  # batch size -> (graph, buffers)
-        # Pointer tables, built once: neither vLLM's weights nor its KV-cache tensors move after start-up,
-        # and building them is a host-to-device copy that must not happen inside a CUDA-graph capture.
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Batch size -> (graph, buffers, encoded program). The program and the KV-cache pointer table are
+        # built once: neither vLLM's weights nor its KV-cache tensors move after start-up, and building
+        # them is a host-to-device copy that must not happen inside a CUDA-graph capture.
+        self._graphs: dict[int, tuple] = {}
+        self._kvtab: torch.Tensor | None = None
         self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
+        # Steps run through the graph, counted on the device so that CUDA-graph replays count too.
+        self._steps = torch.zeros((), dtype=torch.int64, device=self.weights.qkv[0].device)
+
+    def steps(self) -> int:
+        return int(self._steps.item())
 
     def _decline(self, why: str) -> None:
         if why not in self._declined:  # once per reason: this runs every step
@@ -101,6 +111,9 @@ class MegakernelDecoder:
             self._decline(f"attention metadata {type(meta).__name__} has no slot mapping or block table")
             return None
         if positions.is_cuda and self._kv_views is None:
+            if torch.cuda.is_current_stream_capturing():
+                self._decline("KV caches first seen inside a CUDA-graph capture")
+                return None
             self._kv_views = self._split_kv_caches(ctx)
             if self._kv_views is None:
                 return None
@@ -132,23 +145,32 @@ class MegakernelDecoder:
         if batch is None:
             return None
         n = positions.shape[0]
+        if n > MAX_BATCH:
+            self._decline(f"decode batch of {n} > {MAX_BATCH}")
+            return None
+        if n not in self._graphs and positions.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Building a graph copies tables to the device, which a CUDA-graph capture forbids. vLLM runs
+            # each size eagerly before capturing it, so this only happens to a size it never warmed up.
+            self._decline(f"batch size {n} first seen inside a CUDA-graph capture")
+            return None
         if n not in self._graphs:
             # One worker per SM on a GPU; the CPU executor simulates a few to exercise the counters.
             workers = torch.cuda.get_device_properties(0).multi_processor_count if positions.is_cuda else 4
-            shape = self.weights.shape(batch=n, lm_head=False).with_splits_for(workers)
+            shape = self.weights.shape(batch=n, lm_head=False).for_workers(workers)
             dtype = self.weights.qkv[0].dtype
-            self._graphs[n] = (build_task_graph(shape, workers).to(positions.device),
-                               DecodeBuffers(shape, dtype, positions.device))
-        graph, buffers = self._graphs[n]
+            graph = build_task_graph(shape, workers).to(positions.device)
+            program = kernel.encode_program(graph, self.weights) if positions.is_cuda else None
+            self._graphs[n] = (graph, DecodeBuffers(shape, dtype, positions.device), program)
+        graph, buffers, program = self._graphs[n]
         buffers.load_input(self.model.model.embed_tokens(input_ids))
         if positions.is_cuda:
-            if self._tables is None:
-                self._tables = (self.weights.pointer_table(), kernel.kv_pointer_table(batch))
-            out = kernel.decode_step(graph, self.weights, batch, buffers, *self._tables)
+            if self._kvtab is None:
+                self._kvtab = kernel.kv_pointer_table(batch)
+            out = kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab)
         else:
             # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
             # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
             # (norms, GEMV tiles, counters, final norm) is the graph's.
             out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
-        self.model.mirage_status["megakernel_steps"] += 1
+        self._steps.add_(1)
         return out.clone()  # the buffers are reused by the next step

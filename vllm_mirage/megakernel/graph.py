@@ -2,12 +2,12 @@
 
 A decode step for ``B`` requests (one new token each) is lowered, layer by layer, into tasks:
 
-    QKV    norm(x + residual) @ W_qkv.T, one BLOCK_N slice of the fused q|k|v features
+    QKV    norm(residual) @ W_qkv.T, one ``block_n`` slice of the fused q|k|v features
     ATTN   one (request, kv head): q/k RMSNorm + rotary, KV-cache append, paged decode attention
-    O      attn @ W_o.T, one BLOCK_N slice of the hidden features and one of ``split_o`` K ranges
-    GU     norm(o + residual) @ W_gate_up.T, SiLU * up, one BLOCK_N slice of the intermediate features
-    DOWN   act @ W_down.T, one BLOCK_N slice of the hidden features and one of ``split_down`` K ranges
-    LM     final norm(x + residual) @ W_lm_head.T, one BLOCK_N slice of the vocabulary
+    O      residual += attn @ W_o.T, one ``block_n_out`` slice of the hidden features
+    GU     SiLU(norm(residual) @ W_gate.T) * (norm(residual) @ W_up.T), one ``block_n`` slice
+    DOWN   residual += act @ W_down.T, one ``block_n_out`` slice of the hidden features
+    LM     final norm(residual) @ W_lm_head.T, one ``block_n_lm`` slice of the vocabulary
     NORM   (instead of LM, when vLLM's own lm_head/logits processor should run) final norm, one request
 
 Dependencies are counted per stage: a task waits until the stage before it has finished all of its
@@ -16,10 +16,12 @@ when done. Every stage reads all of the previous stage's output (a norm needs th
 needs all of q, k and v), so a per-stage counter loses nothing at these dependencies; finer-grained
 edges (e.g. O tiles per attention head group) are the next refinement.
 
-O and DOWN write float32 partial sums, one slot per K range (split-K), and their consumers (the next
-norm prologues) add the slots in a fixed order and round once, as a single GEMM's output would be: so a
-small hidden size (1024 features = 32 tiles on 0.6B) can still give every SM a task, with no extra
-reduction stage and a deterministic result.
+O and DOWN tiles finish their features completely (no split-K): they add the residual, store the new
+residual stream and the sum of squares of their columns, one float32 per (column tile, request). The
+next norm's consumers (QKV, GU, LM or NORM tasks) add those few partial sums in a fixed order to get
+the row's RMS, so no task re-reads a whole row before its weight stream starts and no extra stage is
+needed for the norm. O and DOWN use narrower tiles (``block_n_out``) where the hidden size would
+otherwise leave SMs idle.
 
 Tasks are dealt round-robin to ``num_workers`` queues in stage order. A worker only ever waits for an
 earlier stage, and every earlier-stage task precedes it in every queue, so with all workers resident
@@ -64,20 +66,32 @@ class DecodeShape:
     num_layers: int
     vocab: int  # lm_head rows (this rank's shard)
     batch: int  # B requests, one token each
-    block_n: int = 32  # output features per GEMV task
-    block_n_lm: int = 128
+    block_n: int = 32  # output features per QKV / GU task
+    block_n_out: int = 32  # hidden features per O / DOWN task (and columns per sum-of-squares partial)
+    block_n_lm: int = 64
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
-    split_o: int = 1  # K ranges of o_proj (partial sums added by the consumer)
-    split_down: int = 1  # K ranges of down_proj
 
-    def with_splits_for(self, workers: int, min_k: int = 256) -> "DecodeShape":
-        """Split O and DOWN over K until each stage has a task per worker, keeping ≥ ``min_k`` per range."""
-        def split(tiles: int, k: int) -> int:
-            return max(1, min(-(-workers // tiles), k // min_k))
+    def for_workers(self, workers: int) -> "DecodeShape":
+        """GEMV tile widths (16, ``tl.dot``'s minimum, or 32) that balance each stage over ``workers``.
 
-        tiles = -(-self.hidden // self.block_n)
-        return replace(self, split_o=split(tiles, self.num_heads * self.head_dim),
-                       split_down=split(tiles, self.intermediate))
+        A stage lasts as long as its busiest worker: with tiles dealt round-robin, that worker streams
+        ``ceil(tiles / workers) * block`` rows. Pick the width that minimises those rows (summed over the
+        stages that share it), preferring wide tiles on a tie: fewer tasks, less overhead. Qwen3-8B's
+        6144 q|k|v features are 192 tiles of 32 (two rounds, 64 rows) but 384 of 16 (three, 48 rows);
+        0.6B's 1024 hidden features are 32 tiles of 32 for 132 SMs (32 rows), or 64 of 16 (16 rows).
+        """
+        def busiest(block: int, features: tuple[int, ...]) -> tuple[int, int]:
+            return sum(-(-(-(-f // block)) // workers) * block for f in features), -block
+
+        def fit(features: tuple[int, ...]) -> int:
+            return min((16, 32), key=lambda b: busiest(b, features))
+
+        return replace(self, block_n=fit((self.qkv_features, self.intermediate)), block_n_out=fit((self.hidden,)))
+
+    @property
+    def out_tiles(self) -> int:
+        """Column tiles of the hidden features: O / DOWN tasks, and sum-of-squares partials per row."""
+        return -(-self.hidden // self.block_n_out)
 
     @property
     def qkv_features(self) -> int:
@@ -88,9 +102,9 @@ class DecodeShape:
         return {
             Task.QKV: cdiv(self.qkv_features, self.block_n),
             Task.ATTN: self.batch * self.num_kv_heads,
-            Task.O: cdiv(self.hidden, self.block_n) * self.split_o,
+            Task.O: self.out_tiles,
             Task.GU: cdiv(self.intermediate, self.block_n),
-            Task.DOWN: cdiv(self.hidden, self.block_n) * self.split_down,
+            Task.DOWN: self.out_tiles,
             Task.LM: cdiv(self.vocab, self.block_n_lm),
             Task.NORM: self.batch,
         }[task]

@@ -1,123 +1,153 @@
 """The persistent decode kernel: one launch runs a whole Qwen3 decode step from a task graph.
 
-Each program is a worker with its own queue of tasks (see :mod:`vllm_mirage.megakernel.graph`). For
-each task it spins on the counter of the stage it depends on (acquire), runs the tile, and bumps its
-own stage's counter (release). The grid must not exceed what the GPU keeps resident at once (one
-program per SM), or a waiting worker could hold the SM its producer needs.
+Each program is a worker that runs its own queue of tasks (see :mod:`vllm_mirage.megakernel.graph`),
+encoded by the host with everything a task needs to start (its weight slice's address included), so
+a worker reads its next task while the current one runs and no task starts with a chain of dependent
+loads. For each task it spins on the counter of the stage it depends on (acquire), runs the tile and
+bumps its own stage's counter (release). The grid must not exceed what the GPU keeps resident at once
+(one program per SM), or a waiting worker could hold the SM its producer needs.
 
-The tiles are the fused ops' math at decode sizes: RMSNorm folded into GEMV tiles (the norm is
-recomputed per tile from L2-resident activations), SiLU·mul as the gate/up epilogue, and one attention
-task per (request, kv head) that normalises and rotates q/k, appends k/v to vLLM's paged cache and
-attends over the cached tokens plus the new one (kept in registers, so no task reads what it just
-stored). Weights are read through a per-layer pointer table: they stay vLLM's tensors.
+The tiles are the fused ops' math at decode sizes: RMSNorm applied to each activation chunk just
+before the dot (its RMS from the producers' per-tile sums of squares), SiLU·mul as the gate/up
+epilogue, the residual add and its sums of squares as the O/DOWN epilogue, and one attention task per
+(request, kv head) that normalises and rotates q/k, appends k/v to vLLM's paged cache and attends over
+the cached tokens plus the new one (kept in registers, so no task reads what it just stored). Weights
+are addressed in place: they stay vLLM's tensors.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from vllm_mirage.megakernel.graph import TaskGraph
+from vllm_mirage.megakernel.graph import INDEX, LAYER, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, Task, TaskGraph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
 
-
-@triton.jit
-def _load_summed(ptr, splits, split_stride, offs, mask):
-    """Sum of a float32 split-K partial over its slots, in slot order (written by other workers: .cg)."""
-    acc = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, splits):
-        acc += tl.load(ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return acc
+# An encoded task: the graph's six columns, then two addresses. For GEMV tasks WEIGHT is the first row
+# of the task's weight slice and AUX the norm weight (if any); for ATTN they are the q and k norm weights.
+WEIGHT, AUX = 6, 7
 
 
 @triton.jit
-def _norm_input(x_ptr, x_splits, res_ptr, offs, mask, B, K, dtype: tl.constexpr):
-    """x + residual as the unfused path rounds it: the projection's output (float32 partials, summed)
-    rounded to the activation dtype, plus the residual, rounded again."""
-    x = _load_summed(x_ptr, x_splits, B * K, offs, mask).to(dtype).to(tl.float32)
-    res = tl.load(res_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    return (x + res).to(dtype)
+def _address(value, ptr_type: tl.constexpr):
+    """A pointer from an encoded address. Weight slices start 16-byte aligned (checked by
+    :func:`encode_program`); saying so is what lets loads through them be 16-byte vectors."""
+    return tl.multiple_of(value.to(ptr_type), 16)
+
+
+@triton.jit
+def _wait(counters, stage, count, trace_row, TRACE: tl.constexpr):
+    """Spin until ``stage`` has signalled ``count`` tasks (acquire); stage < 0: no wait. With TRACE,
+    the time the wait ended goes to ``trace_row[1]``."""
+    if stage >= 0:
+        while tl.atomic_add(counters + stage, 0, sem="acquire") < count:
+            pass
+    tl.debug_barrier()
+    if TRACE:
+        tl.store(trace_row + 1, tl.extra.cuda.globaltimer())
+
+
+@triton.jit
+def _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2: tl.constexpr):
+    """1 / RMS of rows ``offs_t`` of a residual slot, from its NT column tiles' sums of squares."""
+    tiles = tl.arange(0, NT_P2)
+    parts = tl.load(sumsq_ptr + tiles[:, None] * B + offs_t[None, :], mask=(tiles < NT)[:, None] & t_mask[None, :],
+                    other=0.0, cache_modifier=".cg")
+    return tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
 
 
 @triton.jit
 def _gemv_tile(
-    x_ptr, x_splits, res_ptr, nw_ptr, w_ptr, out_ptr, new_res_ptr, write_res,
-    B, K, k_lo, k_hi, N, n0, eps,
-    HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, B, K, N, n0, out_ptr,
+    nw_ptr, sumsq_ptr, NT, eps,
+    res_ptr, sumsq_out_ptr,
+    NORM_IN: tl.constexpr, SILU_MUL: tl.constexpr, ADD_RES: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
+    STAGES: tl.constexpr, probe=None, TRACE: tl.constexpr = False,
 ):
-    """out[:, n0:n0+BLOCK_N] = f(x) @ w[n0:n0+BLOCK_N, k_lo:k_hi].T for w [N(*2), K], out [B, N].
+    """out[:, n0:n0+BLOCK_N] = f(x) @ W[n0:n0+BLOCK_N].T for x [B, K], W [N (x2 with SILU_MUL), K];
+    ``w_ptr`` points at row n0.
 
-    With HAS_NORM, x is a float32 split-K partial [x_splits, B, K], f(x) = rmsnorm(sum(x) + res) over the
-    whole K, the rounded sum is stored to new_res when write_res, and out is in the activation dtype
-    (SILU_MUL: w holds gate rows then up rows, out = silu(gate) * up). Without, x is [B, K] in the
-    activation dtype and out receives this K range's float32 partial sum.
+    NORM_IN: x is a residual slot and f its RMSNorm (weight ``nw``, RMS from ``sumsq_ptr``'s NT tiles).
+    SILU_MUL: up rows follow the N gate rows; out = silu(gate) * up. ADD_RES: out = res + y, rounded,
+    and each row's sum of squares over these columns goes to ``sumsq_out_ptr[row]``.
     """
     dtype = w_ptr.dtype.element_ty
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_N)
+    offs_n = n0 + rows
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * K
     for t0 in range(0, B, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
-        rows = offs_t[:, None] * K
-        if HAS_NORM:
-            # A full-shape predicate (not a scalar `if`) keeps the loop branch-free.
-            writer = t_mask & ((offs_t * 0 + write_res) != 0)
-            sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                m = t_mask[:, None] & (k < K)[None, :]
-                xv = _norm_input(x_ptr, x_splits, res_ptr, rows + k[None, :], m, B, K, dtype)
-                tl.store(new_res_ptr + rows + k[None, :], xv, mask=writer[:, None] & (k < K)[None, :])
-                xf = xv.to(tl.float32)
-                sumsq += tl.sum(xf * xf, axis=1)
-            rstd = tl.rsqrt(sumsq / K + eps)
+        x_rows = x_ptr + offs_t[:, None] * K
+        if NORM_IN:
+            rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2)[:, None]
+            if TRACE:
+                tl.store(probe + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        if NORM_IN:
+            # Triton pipelines only loads that feed the dot directly; the activation goes through the
+            # norm first, so it is double-buffered by hand (one chunk ahead).
+            x = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & (offs_k < K)[None, :], other=0.0,
+                        cache_modifier=".cg")
+            nw = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0)
+        # The weight stream is software-pipelined by Triton (cp.async, STAGES chunks in flight).
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + offs_k
-            k_mask = k < k_hi
-            m = t_mask[:, None] & k_mask[None, :]
-            if HAS_NORM:
-                a = _norm_input(x_ptr, x_splits, res_ptr, rows + k[None, :], m, B, K, dtype)
-                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-                a = _rms_scale(a, rstd[:, None], nw[None, :], dtype)
-            else:
-                a = tl.load(x_ptr + rows + k[None, :], mask=m, other=0.0, cache_modifier=".cg")
+            k_mask = k < K
             wm = n_mask[:, None] & k_mask[None, :]
+            if NORM_IN:
+                kn = k + BLOCK_K
+                x_next = tl.load(x_rows + kn[None, :], mask=t_mask[:, None] & (kn < K)[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
+                a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+                x = x_next
+                nw = nw_next
+            else:
+                a = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0,
+                            cache_modifier=".cg")
             acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
             if SILU_MUL:
                 acc_up += _dot(a, tl.trans(tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)), UPCAST)
+        if TRACE:
+            tl.store(probe + 7, tl.extra.cuda.globaltimer() + tl.sum(acc).to(tl.int64) * 0)
         if SILU_MUL:
             y = _silu_mul(acc, acc_up, dtype)
         else:
             y = acc
-        tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=t_mask[:, None] & n_mask[None, :])
+        y = y.to(dtype)
+        out_m = t_mask[:, None] & n_mask[None, :]
+        out_at = offs_t[:, None] * N + offs_n[None, :]
+        if ADD_RES:
+            res = tl.load(res_ptr + out_at, mask=out_m, other=0.0, cache_modifier=".cg")
+            y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
+            yf = tl.where(out_m, y.to(tl.float32), 0.0)
+            tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
+        tl.store(out_ptr + out_at, y, mask=out_m)
 
 
 @triton.jit
-def _norm_row(x_ptr, x_splits, res_ptr, w_ptr, out_ptr, B, K, eps, BLOCK_K: tl.constexpr):
-    """out = rmsnorm(sum(x) + res) * w for one row (x: float32 split-K partials), RMSNorm's rounding."""
-    dtype = out_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK_K)
-    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        m = k0 + offs < K
-        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype).to(tl.float32)
-        sumsq += xv * xv
-    rstd = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
-    for k0 in range(0, K, BLOCK_K):
-        m = k0 + offs < K
-        xv = _norm_input(x_ptr, x_splits, res_ptr, k0 + offs, m, B, K, dtype)
-        w = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + k0 + offs, _rms_scale(xv, rstd, w, dtype), mask=m)
+def _norm_row(x_ptr, sumsq_ptr, w_ptr, out_ptr, b, B, K, NT, eps, BLOCK: tl.constexpr, NT_P2: tl.constexpr):
+    """out = rmsnorm(x[b]) * w for one row (K ≤ BLOCK) of a residual slot, RMSNorm's rounding; the
+    whole row in one load."""
+    tiles = tl.arange(0, NT_P2)
+    parts = tl.load(sumsq_ptr + tiles * B + b, mask=tiles < NT, other=0.0, cache_modifier=".cg")
+    offs = tl.arange(0, BLOCK)
+    m = offs < K
+    xv = tl.load(x_ptr + b * K + offs, mask=m, other=0.0, cache_modifier=".cg")
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
+    tl.store(out_ptr + b * K + offs, _rms_scale(xv, rstd, w, out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -135,15 +165,38 @@ def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
 
 
 @triton.jit
+def _kv_chunk(k_cache, v_cache, bt_ptr, j, pos, kvh, stride_blk, stride_tok, stride_head,
+              D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Keys and values (each as two head-dim halves) of cached tokens [j BLOCK_S, (j + 1) BLOCK_S) ∩ [0, pos),
+    gathered across ``PAGE``-token cache blocks; masked rows are zero."""
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    tok = j * BLOCK_S + tl.arange(0, BLOCK_S)
+    tok_mask = tok < pos
+    page = tl.load(bt_ptr + tok // PAGE, mask=tok_mask, other=0).to(tl.int64)
+    rows = (page * stride_blk + (tok % PAGE) * stride_tok + kvh * stride_head)[:, None] + d[None, :]
+    m = tok_mask[:, None]
+    return (tl.load(k_cache + rows, mask=m, other=0.0), tl.load(k_cache + rows + HALF, mask=m, other=0.0),
+            tl.load(v_cache + rows, mask=m, other=0.0), tl.load(v_cache + rows + HALF, mask=m, other=0.0), tok_mask)
+
+
+@triton.jit
 def _attention_tile(
     qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, eps, scale,
     stride_blk, stride_tok, stride_head,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One request, one kv head: q/k norm + rotary, store k/v at ``slot``, attend over [0, pos]."""
+    """One request, one kv head: q/k norm + rotary, store k/v at ``slot``, attend over [0, pos].
+
+    The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
+    across pages, one chunk ahead of its use. The first chunk is requested before this step's q/k/v
+    are even read: it does not depend on them.
+    """
     G: tl.constexpr = HQ // HKV
     HALF: tl.constexpr = D // 2
+    kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, pos, kvh, stride_blk, stride_tok,
+                                             stride_head, D, PAGE, BLOCK_S)
     d = tl.arange(0, HALF)
     g = tl.arange(0, BLOCK_G)
     g_mask = (g < G)[:, None]
@@ -163,37 +216,33 @@ def _attention_tile(
     q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
     k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
 
-    # Append this step's key and value at vLLM's slot (negative: a padding row, nothing to store).
+    # Append this step's key and value at vLLM's slot (negative: a padding row, nothing to store). No
+    # chunk reads it: they stop before ``pos``.
     keep = (d * 0 + slot)[None, :] >= 0
-    at = (slot // BLOCK_S) * stride_blk + (slot % BLOCK_S) * stride_tok + kvh * stride_head + d[None, :]
+    at = (slot // PAGE) * stride_blk + (slot % PAGE) * stride_tok + kvh * stride_head + d[None, :]
     tl.store(k_cache + at, k1, mask=keep)
     tl.store(k_cache + at + HALF, k2, mask=keep)
     tl.store(v_cache + at, v1, mask=keep)
     tl.store(v_cache + at + HALF, v2, mask=keep)
 
-    # Online softmax over the cached tokens [0, pos), block by block.
+    # Online softmax over the cached tokens [0, pos).
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-    s_off = tl.arange(0, BLOCK_S)
     for j in range(0, tl.cdiv(pos, BLOCK_S)):
-        base = tl.load(bt_ptr + j).to(tl.int64) * stride_blk + kvh * stride_head
-        tok_mask = (j * BLOCK_S + s_off) < pos
-        rows = base + s_off[:, None] * stride_tok + d[None, :]
-        kb1 = tl.load(k_cache + rows, mask=tok_mask[:, None], other=0.0)
-        kb2 = tl.load(k_cache + rows + HALF, mask=tok_mask[:, None], other=0.0)
+        nk1, nk2, nv1, nv2, n_mask = _kv_chunk(k_cache, v_cache, bt_ptr, j + 1, pos, kvh, stride_blk, stride_tok,
+                                               stride_head, D, PAGE, BLOCK_S)
         s = (_dot(q1, tl.trans(kb1), UPCAST) + _dot(q2, tl.trans(kb2), UPCAST)) * scale
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vb1 = tl.load(v_cache + rows, mask=tok_mask[:, None], other=0.0)
-        vb2 = tl.load(v_cache + rows + HALF, mask=tok_mask[:, None], other=0.0)
         acc1 = acc1 * alpha[:, None] + _dot(p.to(dtype), vb1, UPCAST)
         acc2 = acc2 * alpha[:, None] + _dot(p.to(dtype), vb2, UPCAST)
         m_i = m_new
+        kb1, kb2, vb1, vb2, tok_mask = nk1, nk2, nv1, nv2, n_mask
     # The new token itself, from registers.
     s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
              + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
@@ -210,72 +259,133 @@ def _attention_tile(
 
 @triton.jit
 def _decode_step_kernel(
-    tasks, queue, queue_offsets, counters,
-    wtab, kvtab, final_norm, lm_head, cos_sin, positions, slot_mapping, block_tables, stride_bt,
-    x_buf, res_mlp, res_attn, qkv_buf, attn_buf, o_buf, act_buf, final_out,
-    B, H, I, V, SO, SD, eps, scale, stride_blk, stride_tok, stride_head,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    program, queue_offsets, counters, trace,
+    kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt,
+    res, sumsq, qkv_buf, attn_buf, act_buf, final_out,
+    B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
+    BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
+    NT_P2: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
     NQ: tl.constexpr = HQ * D
     BH = B * H
-    worker = tl.program_id(0)
-    for qi in range(tl.load(queue_offsets + worker), tl.load(queue_offsets + worker + 1)):
-        row = tasks + tl.load(queue + qi) * 6
-        kind = tl.load(row)
-        layer = tl.load(row + 1)
-        index = tl.load(row + 2)
-        wait_stage = tl.load(row + 3)
-        if wait_stage >= 0:
-            wait_count = tl.load(row + 4)
-            while tl.atomic_add(counters + wait_stage, 0, sem="acquire") < wait_count:
-                pass
-        tl.debug_barrier()
-        w = wtab + layer * 8  # columns: DecodeWeights.TABLE
-        if kind == 0:  # QKV: norm(x + residual) from the previous layer's down_proj partials
-            _gemv_tile(x_buf + layer * SD * BH, SD, res_mlp + layer * BH, tl.load(w).to(ptr), tl.load(w + 1).to(ptr),
-                       qkv_buf + layer * B * NQKV, res_attn + layer * BH, (index == 0).to(tl.int32),
-                       B, H, 0, H, NQKV, index * BLOCK_N, eps, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
-        elif kind == 1:  # ATTN
+    NTB = NT * B
+    first = tl.load(queue_offsets + tl.program_id(0))
+    end = tl.load(queue_offsets + tl.program_id(0) + 1)
+    # The task after the current one is read one task ahead, so no task starts with a dependent load.
+    nxt = program + first * 8
+    has_next = first < end
+    n_kind = tl.load(nxt, mask=has_next, other=-1)
+    n_layer = tl.load(nxt + 1, mask=has_next, other=0)
+    n_index = tl.load(nxt + 2, mask=has_next, other=0)
+    n_wait = tl.load(nxt + 3, mask=has_next, other=-1)
+    n_count = tl.load(nxt + 4, mask=has_next, other=0)
+    n_signal = tl.load(nxt + 5, mask=has_next, other=0)
+    n_weight = tl.load(nxt + 6, mask=has_next, other=0)
+    n_aux = tl.load(nxt + 7, mask=has_next, other=0)
+    for qi in range(first, end):
+        kind, layer, index, wait_stage, wait_count, signal, weight, aux = (
+            n_kind, n_layer, n_index, n_wait, n_count, n_signal, n_weight, n_aux)
+        nxt = program + (qi + 1) * 8
+        has_next = qi + 1 < end
+        n_kind = tl.load(nxt, mask=has_next, other=-1)
+        n_layer = tl.load(nxt + 1, mask=has_next, other=0)
+        n_index = tl.load(nxt + 2, mask=has_next, other=0)
+        n_wait = tl.load(nxt + 3, mask=has_next, other=-1)
+        n_count = tl.load(nxt + 4, mask=has_next, other=0)
+        n_signal = tl.load(nxt + 5, mask=has_next, other=0)
+        n_weight = tl.load(nxt + 6, mask=has_next, other=0)
+        n_aux = tl.load(nxt + 7, mask=has_next, other=0)
+        trace_row = trace + qi * 8  # see decode_step
+        if TRACE:
+            tl.store(trace_row, tl.extra.cuda.globaltimer())
+        _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        wt = _address(weight, ptr)
+        if kind == 0:  # QKV: input norm of residual slot 2 layer, q|k|v features
+            _gemv_tile(res + 2 * layer * BH, wt, B, H, NQKV, index * BLOCK_N, qkv_buf + layer * B * NQKV,
+                       _address(aux, ptr), sumsq + 2 * layer * NTB, NT, eps, res, sumsq,
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, trace_row, TRACE)
+        elif kind == 1:  # ATTN; weight, aux: q and k norm weights
             b = index // HKV
-            _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ,
-                            tl.load(w + 2).to(ptr), tl.load(w + 3).to(ptr),
-                            tl.load(kvtab + layer * 2).to(ptr), tl.load(kvtab + layer * 2 + 1).to(ptr),
+            _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ, wt, _address(aux, ptr),
+                            _address(tl.load(kvtab + layer * 2), ptr), _address(tl.load(kvtab + layer * 2 + 1), ptr),
                             block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
                             cos_sin, index % HKV, eps, scale,
-                            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, BLOCK_S, UPCAST)
-        elif kind == 2:  # O: one (feature tile, K range) of o_proj into its partial-sum slot
-            split = index % SO
-            k_len = tl.cdiv(NQ, SO)
-            _gemv_tile(attn_buf + layer * B * NQ, 1, attn_buf, attn_buf, tl.load(w + 4).to(ptr),
-                       o_buf + (layer * SO + split) * BH, attn_buf, 0,
-                       B, NQ, split * k_len, tl.minimum(NQ, (split + 1) * k_len), H, (index // SO) * BLOCK_N, eps,
-                       False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
-        elif kind == 3:  # GU: norm(o + residual), o from its partials
-            _gemv_tile(o_buf + layer * SO * BH, SO, res_attn + layer * BH, tl.load(w + 5).to(ptr),
-                       tl.load(w + 6).to(ptr), act_buf + layer * B * I, res_mlp + (layer + 1) * BH,
-                       (index == 0).to(tl.int32), B, H, 0, H, I, index * BLOCK_N, eps, True, True, UPCAST,
-                       BLOCK_T, BLOCK_N, BLOCK_K)
-        elif kind == 4:  # DOWN: one (feature tile, K range) of down_proj into its partial-sum slot
-            split = index % SD
-            k_len = tl.cdiv(I, SD)
-            _gemv_tile(act_buf + layer * B * I, 1, act_buf, act_buf, tl.load(w + 7).to(ptr),
-                       x_buf + ((layer + 1) * SD + split) * BH, act_buf, 0,
-                       B, I, split * k_len, tl.minimum(I, (split + 1) * k_len), H, (index // SD) * BLOCK_N, eps,
-                       False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
+                            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, UPCAST)
+        elif kind == 2:  # O: residual slot 2 layer + 1 = slot 2 layer + attn @ W_o.T, one column tile
+            _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
+                       wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, trace_row, TRACE)
+        elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up
+            _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
+                       _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
+                       True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, trace_row, TRACE)
+        elif kind == 4:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + act @ W_down.T
+            _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
+                       wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, trace_row, TRACE)
         elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
-            _gemv_tile(x_buf + (layer + 1) * SD * BH, SD, res_mlp + (layer + 1) * BH, final_norm, lm_head,
-                       final_out, final_out, index * 0, B, H, 0, H, V, index * BLOCK_N_LM, eps, True, False, UPCAST,
-                       BLOCK_T, BLOCK_N_LM, BLOCK_K)
+            _gemv_tile(res + (2 * layer + 2) * BH, wt, B, H, V, index * BLOCK_N_LM, final_out,
+                       _address(aux, ptr), sumsq + (2 * layer + 2) * NTB, NT, eps, res, sumsq,
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES)
         else:  # NORM: final norm of request `index`, for vLLM's own lm_head
-            _norm_row(x_buf + (layer + 1) * SD * BH + index * H, SD, res_mlp + (layer + 1) * BH + index * H,
-                      final_norm, final_out + index * H, B, H, eps, BLOCK_K)
+            _norm_row(res + (2 * layer + 2) * BH, sumsq + (2 * layer + 2) * NTB, _address(aux, ptr), final_out, index,
+                      B, H, NT, eps, BLOCK_H, NT_P2)
+        if TRACE:
+            tl.store(trace_row + 2, tl.extra.cuda.globaltimer())
         tl.debug_barrier()
-        tl.atomic_add(counters + tl.load(row + 5), 1, sem="release")
+        tl.atomic_add(counters + signal, 1, sem="release")
+        if TRACE:
+            tl.store(trace_row + 3, tl.extra.cuda.globaltimer())
+            tl.store(trace_row + 4, tl.extra.cuda.smid().to(tl.int64))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tunables of the persistent kernel (measured: benchmarks/NOTES.md)."""
+
+    num_warps: int = 4
+    block_k: int = 128  # weight chunk of tasks over the hidden size (QKV, GU, LM)
+    block_k_out: int = 256  # of O and DOWN, whose tiles have half the rows on small models
+    stages: int = 4  # weight chunks in flight per GEMV task (Triton's software pipelining)
+
+
+def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
+    """int64 [tasks, 8]: the graph's tasks in worker-queue order, each with the addresses it reads
+    (see ``WEIGHT`` / ``AUX``). Built once: vLLM's weights do not move after start-up."""
+    s = graph.shape
+    order = graph.queue.long().cpu()
+    tasks = graph.tasks.cpu()[order].long()
+    kind, layer, index = tasks[:, TYPE], tasks[:, LAYER], tasks[:, INDEX]
+    elem = weights.qkv[0].element_size()
+    base = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
+    weight = torch.zeros_like(kind)
+    aux = torch.zeros_like(kind)
+    # (kind, weights per layer, rows per task, row length, norm weights per layer)
+    gemv = [
+        (Task.QKV, weights.qkv, s.block_n, s.hidden, weights.input_norm),
+        (Task.O, weights.o, s.block_n_out, s.num_heads * s.head_dim, None),
+        (Task.GU, weights.gate_up, s.block_n, s.hidden, weights.post_norm),
+        (Task.DOWN, weights.down, s.block_n_out, s.intermediate, None),
+        (Task.LM, [weights.lm_head] * s.num_layers, s.block_n_lm, s.hidden, [weights.final_norm] * s.num_layers),
+    ]
+    for task, mats, rows, row_len, norms in gemv:
+        m = kind == task
+        weight[m] = base(mats)[layer[m]] + index[m] * rows * row_len * elem
+        if norms is not None:
+            aux[m] = base(norms)[layer[m]]
+    m = kind == Task.ATTN
+    weight[m], aux[m] = base(weights.q_norm)[layer[m]], base(weights.k_norm)[layer[m]]
+    aux[kind == Task.NORM] = weights.final_norm.data_ptr()
+    if ((weight % 16) != 0).any() or ((aux % 16) != 0).any():
+        raise ValueError("megakernel: weights must start 16-byte aligned")
+    program = torch.cat([tasks, weight[:, None], aux[:, None]], dim=1)
+    return program.to(graph.tasks.device)
+
 
 
 def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
@@ -293,6 +403,9 @@ def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch
         raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
     if s.num_heads % s.num_kv_heads:
         raise ValueError("megakernel: query heads must be a multiple of kv heads")
+    if (s.hidden * buffers.qkv.element_size()) % 16 or (s.intermediate * buffers.qkv.element_size()) % 16:
+        # Weight rows must start 16-byte aligned: the kernel tells Triton its weight loads are.
+        raise ValueError(f"megakernel: rows of {s.hidden} or {s.intermediate} elements are not 16-byte multiples")
     want = (s.num_kv_heads, s.head_dim)
     for cache in batch.k_caches + batch.v_caches:
         if cache.shape[2:] != want or cache.stride() != batch.k_caches[0].stride() or cache.stride(-1) != 1:
@@ -314,33 +427,46 @@ def kv_pointer_table(batch: DecodeBatch) -> torch.Tensor:
 
 
 def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
-                wtab: torch.Tensor | None = None, kvtab: torch.Tensor | None = None) -> torch.Tensor:
+                program: torch.Tensor | None = None, kvtab: torch.Tensor | None = None,
+                config: LaunchConfig | None = None, trace: torch.Tensor | None = None) -> torch.Tensor:
     """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
     (or ``buffers.hidden_out`` for a graph built without the lm_head).
 
-    ``buffers.load_input`` must have received the embedded tokens. ``wtab``/``kvtab`` (pointer tables) may be built once
-    and passed in: they change only when the weights or caches move.
+    ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`)
+    and ``kvtab`` (:func:`kv_pointer_table`) may be built once and passed in: they change only when the
+    weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per task in queue order,
+    globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; column 5 is
+    unused; GEMV tasks also record (6) the end of the RMS and (7) of the weight loop.
     """
+    config = config or LaunchConfig()
     check_supported(graph, weights, batch, buffers)
     s = graph.shape
-    if wtab is None:
-        wtab = weights.pointer_table()
+    if program is None:
+        program = encode_program(graph, weights)
     if kvtab is None:
         kvtab = kv_pointer_table(batch)
     cache = batch.k_caches[0]
     out = buffers.logits if s.lm_head else buffers.hidden_out
+    block_t = min(64, max(16, triton.next_power_of_2(s.batch)))
+    # Registers: a 64-token block quarters the weight chunks and takes 8 warps (else it spills).
+    shrink = 1 if block_t <= 16 else block_t // 16
+    block_k = max(32, min(config.block_k // shrink, triton.next_power_of_2(s.hidden)))
+    block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
+    num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
     buffers.counters.zero_()
     _decode_step_kernel[(graph.num_workers,)](
-        graph.tasks, graph.queue, graph.queue_offsets, buffers.counters,
-        wtab, kvtab, weights.final_norm, weights.lm_head, weights.cos_sin_cache, batch.positions,
-        batch.slot_mapping, batch.block_tables, batch.block_tables.stride(0),
-        buffers.x, buffers.res_mlp, buffers.res_attn, buffers.qkv, buffers.attn, buffers.o, buffers.act, out,
-        s.batch, s.hidden, s.intermediate, s.vocab, s.split_o, max(1, s.split_down), weights.eps, s.head_dim ** -0.5,
+        program, graph.queue_offsets, buffers.counters, buffers.counters if trace is None else trace,
+        kvtab, weights.cos_sin_cache, batch.positions, batch.slot_mapping, batch.block_tables,
+        batch.block_tables.stride(0),
+        buffers.res, buffers.sumsq, buffers.qkv, buffers.attn, buffers.act, out,
+        s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
-        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, BLOCK_S=batch.block_size,
+        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size, BLOCK_S=max(64, batch.block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
-        BLOCK_T=16, BLOCK_N=s.block_n, BLOCK_N_LM=s.block_n_lm, BLOCK_K=min(128, triton.next_power_of_2(s.hidden)),
+        BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
+        BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
+        NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages,
         UPCAST=interpreted() or buffers.qkv.dtype == torch.float32,
-        num_warps=4,
+        TRACE=trace is not None, num_warps=num_warps,
     )
     return out

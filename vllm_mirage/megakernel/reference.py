@@ -120,13 +120,9 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
     shape, eps = graph.shape, weights.eps
     task, layer, index = Task(row[TYPE]), row[LAYER], row[INDEX]
     cols = lambda block, n, tile=index: slice(tile * block, min((tile + 1) * block, n))  # noqa: E731
-    dtype = buf.qkv.dtype
     if task == Task.QKV:
         n = cols(shape.block_n, shape.qkv_features)
-        normed, summed = ops.add_rms_norm(_summed(buf.x[layer], dtype), buf.res_mlp[layer], weights.input_norm[layer], eps)
-        buf.qkv[layer][:, n] = F.linear(normed, weights.qkv[layer][n])
-        if index == 0:
-            buf.res_attn[layer] = summed
+        buf.qkv[layer][:, n] = F.linear(_normed(buf, 2 * layer, weights.input_norm[layer], eps), weights.qkv[layer][n])
     elif task == Task.ATTN and attention is not None:
         if index == 0:
             hq, hkv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -149,40 +145,32 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
                                batch.block_tables[b], int(batch.positions[b]), int(batch.slot_mapping[b]))
         buf.attn[layer][b, heads] = out.reshape(-1)
     elif task == Task.O:
-        tile, split = divmod(index, shape.split_o)
-        _partial(buf.o[layer, split], buf.attn[layer], weights.o[layer], cols(shape.block_n, shape.hidden, tile),
-                 split, shape.split_o)
+        n = cols(shape.block_n_out, shape.hidden)
+        _add_to_residual(buf, 2 * layer + 1, index, n, F.linear(buf.attn[layer], weights.o[layer][n]))
     elif task == Task.GU:
         n = cols(shape.block_n, shape.intermediate)
-        normed, summed = ops.add_rms_norm(_summed(buf.o[layer], dtype), buf.res_attn[layer], weights.post_norm[layer], eps)
         gate_up = weights.gate_up[layer]
         w = torch.cat([gate_up[n], gate_up[shape.intermediate :][n]])
-        buf.act[layer][:, n] = ops.linear_silu_mul(normed, w)
-        if index == 0:
-            buf.res_mlp[layer + 1] = summed
+        buf.act[layer][:, n] = ops.linear_silu_mul(_normed(buf, 2 * layer + 1, weights.post_norm[layer], eps), w)
     elif task == Task.DOWN:
-        tile, split = divmod(index, shape.split_down)
-        _partial(buf.x[layer + 1, split], buf.act[layer], weights.down[layer], cols(shape.block_n, shape.hidden, tile),
-                 split, shape.split_down)
+        n = cols(shape.block_n_out, shape.hidden)
+        _add_to_residual(buf, 2 * layer + 2, index, n, F.linear(buf.act[layer], weights.down[layer][n]))
     elif task == Task.NORM:  # after the last layer, one request
-        x = _summed(buf.x[layer + 1][:, index], dtype)
-        buf.hidden_out[index] = ops.add_rms_norm(x, buf.res_mlp[layer + 1][index], weights.final_norm, eps)[0]
+        buf.hidden_out[index] = _normed(buf, 2 * shape.num_layers, weights.final_norm, eps)[index]
     else:  # Task.LM, after the last layer
         n = cols(shape.block_n_lm, shape.vocab)
-        normed, _ = ops.add_rms_norm(_summed(buf.x[layer + 1], dtype), buf.res_mlp[layer + 1], weights.final_norm, eps)
-        buf.logits[:, n] = F.linear(normed, weights.lm_head[n])
+        buf.logits[:, n] = F.linear(_normed(buf, 2 * shape.num_layers, weights.final_norm, eps), weights.lm_head[n])
 
 
-def _summed(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A split-K projection's output: its float32 partial slots added in slot order, rounded once."""
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    return total.to(dtype)
+def _normed(buf: DecodeBuffers, slot: int, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of residual ``slot``, its RMS from the column tiles' sums of squares added in tile order."""
+    x = buf.res[slot]
+    rstd = torch.rsqrt(buf.sumsq[slot].sum(0) / x.shape[-1] + eps)
+    return (x.float() * rstd[:, None]).to(x.dtype) * weight
 
 
-def _partial(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, n: slice, split: int, splits: int) -> None:
-    """One K range's float32 partial sum of ``x @ weight[n].T`` into ``out[:, n]``."""
-    k_len = -(-x.shape[1] // splits)
-    k = slice(split * k_len, min((split + 1) * k_len, x.shape[1]))
-    out[:, n] = F.linear(x[:, k].float(), weight[n, k].float())
+def _add_to_residual(buf: DecodeBuffers, slot: int, tile: int, n: slice, y: torch.Tensor) -> None:
+    """A projection's output columns ``n`` added to the residual before ``slot``; their sum of squares."""
+    r = y + buf.res[slot - 1][:, n]
+    buf.res[slot][:, n] = r
+    buf.sumsq[slot, tile] = r.float().square().sum(-1)

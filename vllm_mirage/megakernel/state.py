@@ -32,8 +32,7 @@ class DecodeWeights:
     cos_sin_cache: torch.Tensor  # [max_pos, D]: cos half, then sin half (vLLM's rotary cache)
     eps: float
 
-    # Column order of the per-layer pointer table the kernel reads.
-    TABLE = ("input_norm", "qkv", "q_norm", "k_norm", "o", "post_norm", "gate_up", "down")
+    PER_LAYER = ("input_norm", "qkv", "q_norm", "k_norm", "o", "post_norm", "gate_up", "down")
 
     @property
     def num_layers(self) -> int:
@@ -53,15 +52,6 @@ class DecodeWeights:
             batch=batch,
             **blocks,
         )
-
-    def pointer_table(self) -> torch.Tensor:
-        """int64 [L, 8] of data pointers, columns in :attr:`TABLE` order."""
-        for name in self.TABLE:
-            for t in getattr(self, name):
-                if not t.is_contiguous():
-                    raise ValueError(f"megakernel: {name} weights must be contiguous")
-        rows = [[getattr(self, name)[layer].data_ptr() for name in self.TABLE] for layer in range(self.num_layers)]
-        return torch.tensor(rows, dtype=torch.int64, device=self.qkv[0].device)
 
 
 @dataclass
@@ -87,25 +77,29 @@ class DecodeBatch:
 
 
 class DecodeBuffers:
-    """Activations of one step, allocated once per batch size (CUDA graphs need fixed addresses)."""
+    """Activations of one step, allocated once per batch size (CUDA graphs need fixed addresses).
+
+    The residual stream has a slot per norm point: ``res[2 l]`` enters layer ``l``'s input norm,
+    ``res[2 l + 1]`` its post-attention norm, ``res[2 L]`` the final norm. ``sumsq[j, tile, b]`` is the
+    sum of squares of ``res[j][b]`` over one ``block_n_out`` column tile, written by the task that wrote
+    those columns; a norm adds the tiles in order.
+    """
 
     def __init__(self, shape: DecodeShape, dtype: torch.dtype, device):
         L, B, H = shape.num_layers, shape.batch, shape.hidden
         new = lambda *s: torch.empty(s, dtype=dtype, device=device)  # noqa: E731
-        # Partial sums (float32, one slot per K range) of the split-K projections: the consumer adds
-        # the slots and rounds. x[0, 0]: the embedded tokens (other slots 0); x[l + 1]: layer l's down_proj.
-        self.x = torch.zeros(L + 1, max(1, shape.split_down), B, H, dtype=torch.float32, device=device)
-        self.o = torch.empty(L, shape.split_o, B, H, dtype=torch.float32, device=device)
-        self.res_mlp = new(L + 1, B, H)  # res_mlp[0] = 0; res_mlp[l + 1]: residual after layer l's attention
-        self.res_attn = new(L, B, H)  # residual entering layer l's attention: x[l] + res_mlp[l]
+        self.res = new(2 * L + 1, B, H)
+        self.sumsq = torch.empty(2 * L + 1, shape.out_tiles, B, dtype=torch.float32, device=device)
         self.qkv = new(L, B, shape.qkv_features)
         self.attn = new(L, B, shape.num_heads * shape.head_dim)
         self.act = new(L, B, shape.intermediate)
         self.logits = new(B, shape.vocab) if shape.lm_head else None
         self.hidden_out = None if shape.lm_head else new(B, H)  # final norm output (NORM tasks)
         self.counters = torch.zeros(shape.num_stages, dtype=torch.int32, device=device)
-        self.res_mlp[0].zero_()
 
     def load_input(self, hidden: torch.Tensor) -> None:
-        """``hidden`` [B, H]: the embedded tokens (vLLM's embedding layer runs before the step)."""
-        self.x[0, 0].copy_(hidden)
+        """``hidden`` [B, H]: the embedded tokens (vLLM's embedding layer runs before the step). They are
+        layer 0's residual; their sum of squares goes into the first tile's slot."""
+        self.res[0].copy_(hidden)
+        self.sumsq[0].zero_()
+        self.sumsq[0, 0] = hidden.float().square().sum(-1)
