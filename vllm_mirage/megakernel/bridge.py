@@ -23,9 +23,9 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeigh
 
 logger = logging.getLogger(__name__)
 
-# Larger decode batches take the fused layers: the task graph's GEMV tiles hold 64 tokens at most, and
-# its buffers (kept per batch size for CUDA graphs) grow with the batch.
-MAX_BATCH = 64
+# Larger decode batches take the fused layers: past one 16-token block the kernel's tiles run slower
+# than stock vLLM (H100, benchmarks/NOTES.md), and its buffers (kept per batch size) grow with the batch.
+MAX_BATCH = 16
 
 
 def decode_weights(model) -> DecodeWeights:

@@ -72,21 +72,17 @@ class DecodeShape:
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
 
     def for_workers(self, workers: int) -> "DecodeShape":
-        """GEMV tile widths (16, ``tl.dot``'s minimum, or 32) that balance each stage over ``workers``.
+        """Halve the GEMV tiles (down to 16, ``tl.dot``'s minimum) while a stage would leave over half of
+        the workers without a task (Qwen3-0.6B: 1024 hidden features = 32 tiles of 32). Only then: a
+        16-row tile streams half the bytes per chunk, and on Qwen3-8B (QKV and GU at 16 rows to even out
+        the rounds) it measured 8.4 ms per step instead of 6.4 (benchmarks/NOTES.md)."""
+        def fit(block: int, features: int) -> int:
+            while block > 16 and -(-features // block) * 2 <= workers:
+                block //= 2
+            return block
 
-        A stage lasts as long as its busiest worker: with tiles dealt round-robin, that worker streams
-        ``ceil(tiles / workers) * block`` rows. Pick the width that minimises those rows (summed over the
-        stages that share it), preferring wide tiles on a tie: fewer tasks, less overhead. Qwen3-8B's
-        6144 q|k|v features are 192 tiles of 32 (two rounds, 64 rows) but 384 of 16 (three, 48 rows);
-        0.6B's 1024 hidden features are 32 tiles of 32 for 132 SMs (32 rows), or 64 of 16 (16 rows).
-        """
-        def busiest(block: int, features: tuple[int, ...]) -> tuple[int, int]:
-            return sum(-(-(-(-f // block)) // workers) * block for f in features), -block
-
-        def fit(features: tuple[int, ...]) -> int:
-            return min((16, 32), key=lambda b: busiest(b, features))
-
-        return replace(self, block_n=fit((self.qkv_features, self.intermediate)), block_n_out=fit((self.hidden,)))
+        return replace(self, block_n=fit(self.block_n, min(self.qkv_features, self.intermediate)),
+                       block_n_out=fit(self.block_n_out, self.hidden))
 
     @property
     def out_tiles(self) -> int:

@@ -23,14 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_mirage.megakernel.graph import INDEX, LAYER, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, Task, TaskGraph
+from vllm_mirage.megakernel.graph import INDEX, LAYER, TYPE, Task, TaskGraph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
-
-# An encoded task: the graph's six columns, then two addresses. For GEMV tasks WEIGHT is the first row
-# of the task's weight slice and AUX the norm weight (if any); for ATTN they are the q and k norm weights.
-WEIGHT, AUX = 6, 7
 
 
 @triton.jit
@@ -38,6 +34,17 @@ def _address(value, ptr_type: tl.constexpr):
     """A pointer from an encoded address. Weight slices start 16-byte aligned (checked by
     :func:`encode_program`); saying so is what lets loads through them be 16-byte vectors."""
     return tl.multiple_of(value.to(ptr_type), 16)
+
+
+@triton.jit
+def _read_task(program, qi, end):
+    """Entry ``qi`` of a worker's encoded queue (:func:`encode_program`): kind, layer, index, wait stage,
+    wait count, signal stage, weight address, aux address. Past ``end``: kind -1, nothing to run."""
+    row = program + qi * 8
+    ok = qi < end
+    return (tl.load(row, mask=ok, other=-1), tl.load(row + 1, mask=ok, other=0), tl.load(row + 2, mask=ok, other=0),
+            tl.load(row + 3, mask=ok, other=-1), tl.load(row + 4, mask=ok, other=0), tl.load(row + 5, mask=ok, other=0),
+            tl.load(row + 6, mask=ok, other=0), tl.load(row + 7, mask=ok, other=0))
 
 
 @triton.jit
@@ -89,7 +96,7 @@ def _gemv_tile(
         x_rows = x_ptr + offs_t[:, None] * K
         if NORM_IN:
             rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2)[:, None]
-            if TRACE:
+            if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
                 tl.store(probe + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if SILU_MUL:
@@ -276,30 +283,12 @@ def _decode_step_kernel(
     NTB = NT * B
     first = tl.load(queue_offsets + tl.program_id(0))
     end = tl.load(queue_offsets + tl.program_id(0) + 1)
-    # The task after the current one is read one task ahead, so no task starts with a dependent load.
-    nxt = program + first * 8
-    has_next = first < end
-    n_kind = tl.load(nxt, mask=has_next, other=-1)
-    n_layer = tl.load(nxt + 1, mask=has_next, other=0)
-    n_index = tl.load(nxt + 2, mask=has_next, other=0)
-    n_wait = tl.load(nxt + 3, mask=has_next, other=-1)
-    n_count = tl.load(nxt + 4, mask=has_next, other=0)
-    n_signal = tl.load(nxt + 5, mask=has_next, other=0)
-    n_weight = tl.load(nxt + 6, mask=has_next, other=0)
-    n_aux = tl.load(nxt + 7, mask=has_next, other=0)
+    # Each task is read one task ahead, so none starts with a dependent load.
+    n_kind, n_layer, n_index, n_wait, n_count, n_signal, n_weight, n_aux = _read_task(program, first, end)
     for qi in range(first, end):
         kind, layer, index, wait_stage, wait_count, signal, weight, aux = (
             n_kind, n_layer, n_index, n_wait, n_count, n_signal, n_weight, n_aux)
-        nxt = program + (qi + 1) * 8
-        has_next = qi + 1 < end
-        n_kind = tl.load(nxt, mask=has_next, other=-1)
-        n_layer = tl.load(nxt + 1, mask=has_next, other=0)
-        n_index = tl.load(nxt + 2, mask=has_next, other=0)
-        n_wait = tl.load(nxt + 3, mask=has_next, other=-1)
-        n_count = tl.load(nxt + 4, mask=has_next, other=0)
-        n_signal = tl.load(nxt + 5, mask=has_next, other=0)
-        n_weight = tl.load(nxt + 6, mask=has_next, other=0)
-        n_aux = tl.load(nxt + 7, mask=has_next, other=0)
+        n_kind, n_layer, n_index, n_wait, n_count, n_signal, n_weight, n_aux = _read_task(program, qi + 1, end)
         trace_row = trace + qi * 8  # see decode_step
         if TRACE:
             tl.store(trace_row, tl.extra.cuda.globaltimer())
@@ -355,8 +344,9 @@ class LaunchConfig:
 
 
 def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
-    """int64 [tasks, 8]: the graph's tasks in worker-queue order, each with the addresses it reads
-    (see ``WEIGHT`` / ``AUX``). Built once: vLLM's weights do not move after start-up."""
+    """int64 [tasks, 8]: the graph's tasks in worker-queue order, each followed by two addresses: for
+    GEMV tasks the first row of its weight slice and the norm weight (if any), for ATTN the q and k
+    norm weights, for NORM the final norm. Built once: vLLM's weights do not move after start-up."""
     s = graph.shape
     order = graph.queue.long().cpu()
     tasks = graph.tasks.cpu()[order].long()
@@ -385,7 +375,6 @@ def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
         raise ValueError("megakernel: weights must start 16-byte aligned")
     program = torch.cat([tasks, weight[:, None], aux[:, None]], dim=1)
     return program.to(graph.tasks.device)
-
 
 
 def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
