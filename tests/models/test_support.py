@@ -89,7 +89,6 @@ def test_megakernel_unsupported_reasons(kwargs, expected):
     assert expected in support.megakernel_unsupported_reason(_megakernel_config(**kwargs))
 
 
-def test_megakernel_is_refused_on_gpu_until_validated_there(monkeypatch):
-    # Until the persistent kernel has run on a GPU, megakernel mode must not put its tokens in front of users.
+def test_megakernel_supported_on_gpu(monkeypatch):
     monkeypatch.setattr(support, "platform_name", lambda: "cuda")
-    assert "not been validated on a GPU" in support.megakernel_unsupported_reason(_megakernel_config())
+    assert support.megakernel_unsupported_reason(_megakernel_config()) is None

@@ -73,10 +73,6 @@ def run(spec: dict, progress: _Progress) -> dict:
     init_s = time.perf_counter() - t0
     progress.step("engine ready")
 
-    try:
-        statuses, status_error = llm.apply_model(_mirage_status_fn()), None
-    except Exception as e:  # noqa: BLE001 - report it; the timings are still worth having
-        statuses, status_error = None, f"{type(e).__name__}: {e}"
     max_model_len = _model_config(llm).max_model_len
     inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
     result = {
@@ -89,8 +85,6 @@ def run(spec: dict, progress: _Progress) -> dict:
             "args": engine_args,
             **_architecture(llm),
         },
-        "mirage_status": statuses[0] if statuses else None,
-        "mirage_status_error": status_error,
         "prompt_tokens": [len(p["prompt_token_ids"]) for p in inputs],
         "truncated_prompts": truncated,
     }
@@ -109,7 +103,17 @@ def run(spec: dict, progress: _Progress) -> dict:
             str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir)
             for bs in spec["batch_sizes"]
         }
+    # Read after the run: its counters (megakernel steps) then count what the run did.
+    statuses, status_error = _read_status(llm)
+    result.update(mirage_status=statuses[0] if statuses else None, mirage_status_error=status_error)
     return result
+
+
+def _read_status(llm) -> tuple[list | None, str | None]:
+    try:
+        return llm.apply_model(_mirage_status_fn()), None
+    except Exception as e:  # noqa: BLE001 - report it; the timings are still worth having
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _time_batch(llm, batch, one, full, spec, progress, profile_dir) -> dict:

@@ -80,9 +80,6 @@ def megakernel_unsupported_reason(vllm_config) -> str | None:
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         return "tensor/pipeline parallelism needs all-reduces inside the task graph (not implemented)"
-    if platform_name() == "cuda":
-        # The persistent kernel has only run in Triton's interpreter so far: no wrong tokens on trust.
-        return "the persistent kernel has not been validated on a GPU yet"
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
         return f"KV-cache dtype {vllm_config.cache_config.cache_dtype} is not supported"
     head_dim = getattr(vllm_config.model_config.hf_config, "head_dim", 0) or 0
