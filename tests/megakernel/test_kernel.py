@@ -87,6 +87,15 @@ def test_unsupported_shapes_are_refused():
         kernel.decode_step(build_task_graph(shape, 1), weights, batch, DecodeBuffers(shape, torch.float32, "cpu"))
 
 
+def test_non_contiguous_weights_are_refused():
+    # The tiles step through a weight's rows by the row length: a strided view would be read wrongly.
+    weights = random_weights(**TINY, dtype=torch.float32)
+    weights.o[1] = weights.o[1].t().contiguous().t()
+    graph = build_task_graph(weights.shape(batch=1), 1)
+    with pytest.raises(ValueError, match="o weights must be contiguous"):
+        kernel.encode_program(graph, weights)
+
+
 @pytest.mark.parametrize("dtype, hq, hkv", [("bf16", 16, 8), ("fp16", 32, 8), ("bf16", 40, 8)])
 def test_kernel_compiles_for_hopper(dtype, hq, hkv):
     """The interpreter cannot show what a GPU build does: compile for sm_90 ahead of time (no GPU

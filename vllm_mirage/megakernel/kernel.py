@@ -348,6 +348,10 @@ def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
     GEMV tasks the first row of its weight slice and the norm weight (if any), for ATTN the q and k
     norm weights, for NORM the final norm. Built once: vLLM's weights do not move after start-up."""
     s = graph.shape
+    for name in weights.PER_LAYER:
+        for t in getattr(weights, name):
+            if not t.is_contiguous():  # the tiles step through rows by their length
+                raise ValueError(f"megakernel: {name} weights must be contiguous")
     order = graph.queue.long().cpu()
     tasks = graph.tasks.cpu()[order].long()
     kind, layer, index = tasks[:, TYPE], tasks[:, LAYER], tasks[:, INDEX]
