@@ -49,7 +49,8 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
     """Per task kind, summed over layers (µs): the stage's span from its first task's end of wait to its
     last task's end, the mean task time after its wait, and the mean of each phase of a task."""
     t = trace.cpu().double() / 1e3
-    kinds_all = graph.tasks.cpu()[graph.queue.long().cpu()][:, TYPE]
+    tasks = graph.tasks.cpu()[graph.queue.long().cpu()]  # the trace is in queue order
+    kinds_all = tasks[:, TYPE]
     phases = {}
     for kind in kinds_all.unique().tolist():
         r = t[kinds_all == kind]
@@ -61,8 +62,7 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
             ph["loop"] = r[has, 7] - torch.where(r[has, 6] > 0, r[has, 6], r[has, 1])
             ph["epilogue"] = r[has, 2] - r[has, 7]
         phases[Task(kind).name] = {k: round(v.mean().item(), 2) for k, v in ph.items()}
-    tasks = graph.tasks.cpu()[graph.queue.long().cpu()]  # the trace is in queue order
-    kinds, layers = tasks[:, TYPE].tolist(), tasks[:, LAYER].tolist()
+    kinds, layers = kinds_all.tolist(), tasks[:, LAYER].tolist()
     spans = defaultdict(float)
     busy = defaultdict(list)
     stages = defaultdict(list)
@@ -77,22 +77,24 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
             "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
 
 
-def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool) -> list:
-    cfg = SHAPES[name]
+def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool):
+    """(KV batch, graph, buffers) of one decode step at ``context`` cached tokens per request, one
+    worker per SM."""
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
                        num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    buffers = None
-    rows = []
-    for config in configs:
-        workers = sms
-        shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
-        graph = build_task_graph(shape, workers).to("cuda")
-        if buffers is None or buffers.sumsq.shape[1] != shape.out_tiles:
-            buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
-            buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
-        rows.append(time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context))
-    return rows
+    workers = torch.cuda.get_device_properties(0).multi_processor_count
+    shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
+    graph = build_task_graph(shape, workers).to("cuda")
+    buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
+    buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
+    return kvb, graph, buffers
+
+
+def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool) -> list:
+    cfg = SHAPES[name]
+    kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
+    return [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
+            for config in configs]
 
 
 def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context) -> dict:

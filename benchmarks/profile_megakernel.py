@@ -12,12 +12,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_megakernel import SHAPES  # noqa: E402
-from tests.megakernel.conftest import random_batch, random_weights  # noqa: E402
+from benchmarks.bench_megakernel import SHAPES, setup_step  # noqa: E402
+from tests.megakernel.conftest import random_weights  # noqa: E402
 from vllm_mirage.megakernel import kernel  # noqa: E402
-from vllm_mirage.megakernel.graph import build_task_graph  # noqa: E402
 from vllm_mirage.megakernel.kernel import LaunchConfig  # noqa: E402
-from vllm_mirage.megakernel.state import DecodeBuffers  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="qwen3-0.6b")
@@ -27,14 +25,7 @@ ap.add_argument("--config", default="{}", help="LaunchConfig fields as JSON")
 args = ap.parse_args()
 cfg = SHAPES[args.model]
 weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
-batch = random_batch([args.context] * args.batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"],
-                     dtype=torch.bfloat16, num_blocks=args.batch * (args.context // 16 + 1), layout="fa_packed",
-                     device="cuda")
-workers = torch.cuda.get_device_properties(0).multi_processor_count
-shape = weights.shape(batch=args.batch, lm_head=False).for_workers(workers)
-graph = build_task_graph(shape, workers).to("cuda")
-buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
-buffers.load_input(torch.randn(args.batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
+batch, graph, buffers = setup_step(cfg, weights, args.batch, args.context, lm_head=False)
 config = LaunchConfig(**json.loads(args.config))
 for _ in range(2):
     kernel.decode_step(graph, weights, batch, buffers, config=config)
