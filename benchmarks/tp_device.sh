@@ -2,6 +2,7 @@
 # Tensor parallelism on a 2-GPU machine (device kind nvidia-h200-x2) where vLLM and this package are installed.
 #   bash benchmarks/tp_device.sh check OUTDIR   # Mirage at TP=2 against stock at TP=1: same tokens?
 #   bash benchmarks/tp_device.sh bench OUTDIR   # stock vs Mirage, both at TP=2, Qwen3-8B shapes
+#   (BATCHES="1 8" ITERS=3 shorten the bench to fit one 10-minute device call)
 # The token check needs real weights: vLLM's dummy loader fills every rank's shard from the same seed,
 # so a dummy model at TP=2 is a different model from the dummy at TP=1. It writes a random checkpoint
 # of Qwen3-0.6B's shapes instead: layer std scaled to the width so continuations vary, and embeddings
@@ -30,8 +31,8 @@ make_tiny_qwen3('$ckpt', with_tokenizer=False, std=0.15 * (128 / 1024) ** 0.5, e
             --engine-args "{$capture, \"tensor_parallel_size\": 2}" \
             --baseline-args '{"tensor_parallel_size": 1}' --output "$out" ;;
     bench)
-        vllm-mirage bench --model qwen3-8b --batch-sizes 1 8 64 --max-tokens 128 \
-            --num-warmup 2 --num-iterations 5 \
+        vllm-mirage bench --model qwen3-8b --batch-sizes ${BATCHES:-1 8 64} --max-tokens 128 \
+            --num-warmup 2 --num-iterations ${ITERS:-5} \
             --engine-args "{$capture, \"tensor_parallel_size\": 2, \"async_scheduling\": true}" \
             --profile-gpu --output "$out" ;;
 esac
