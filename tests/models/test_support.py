@@ -31,14 +31,19 @@ def test_plain_qwen3_is_supported():
 
 
 class _Quant:
+    def __init__(self, name="fp8"):
+        self.name = name
+
     def get_name(self):
-        return "fp8"
+        return self.name
 
 
 @pytest.mark.parametrize(
     "overrides,expected",
     [
         ({"quant_config": _Quant()}, "quantized weights (fp8)"),
+        ({"quant_config": _Quant("awq")}, "quantized weights (awq)"),
+        ({"quant_config": _Quant("gptq")}, "quantized weights (gptq)"),
         ({"lora_config": object()}, "LoRA is enabled"),
         ({"model_type": "qwen3_moe"}, "'qwen3_moe' is not dense Qwen3"),
         ({"model_type": "llama"}, "'llama' is not dense Qwen3"),
