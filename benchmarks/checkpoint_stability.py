@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_mirage.cli.models import qwen3_preset_config  # noqa: E402
 from vllm_mirage.cli.prompts import fallback_token_ids, load_prompts  # noqa: E402
+from vllm_mirage.tiny_model import randomize_weights_  # noqa: E402
 
 # Keys of the preset that are not Qwen3Config shape/behaviour fields (make_tiny_qwen3 passes its
 # own torch_dtype).
@@ -62,19 +63,9 @@ def build_model(std: float, embed_std: float, *, seed: int = 0, preset: str = "q
     config = {k: v for k, v in qwen3_preset_config(preset).items() if k not in _DROP}
     config.update(overrides)
     cfg = Qwen3Config(**config, torch_dtype="float32")
-    gen = torch.Generator().manual_seed(seed)
     model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        # Same loop, same order as make_tiny_qwen3 (a tied lm_head is the same Parameter as
-        # embed_tokens, so named_parameters yields it once; if it were separate it would come last
-        # and be dropped on load anyway).
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif embed_std is not None and name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                p.copy_(embed_std * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+    # A tied lm_head is the same Parameter as embed_tokens, so it is drawn once, as in the file.
+    randomize_weights_(model, seed=seed, std=std, embed_std=embed_std)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
@@ -111,20 +102,24 @@ def set_tp2(model, on: bool):
                 setattr(mod, attr, cur.lin)
 
 
+def _left_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and positions of a left-padded batch."""
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], tokens: int, batch: int, device) -> dict:
     """Greedy continuation (KV cache, left-padded batches). Returns tokens and per-step gaps."""
     out_tokens, gaps, first_logits, top_ids, top_vals = [], [], [], [], []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = _left_padded(prompts[start:start + batch], device)
         past, step_tok, step_gap, step_ids, step_vals = None, [], [], [], []
         cur_ids, cur_pos = ids, pos
         for t in range(tokens):
@@ -158,14 +153,7 @@ def teacher_forced(model, prompts, ref: dict, tokens: int, batch: int, device) -
     for start in range(0, len(prompts), batch):
         seqs = [p + r[:tokens - 1] for p, r in zip(prompts[start:start + batch],
                                                      ref["tokens"][start:start + batch])]
-        width = max(len(x) for x in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, x in enumerate(seqs):
-            ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = _left_padded(seqs, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                     logits_to_keep=tokens)
         argmax += out.logits.argmax(-1).cpu().tolist()

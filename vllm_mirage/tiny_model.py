@@ -55,7 +55,6 @@ def make_tiny_qwen3(
     ``embed_std`` (default ``std``) scales the embeddings and lm_head: with a large vocabulary, a
     larger value spreads the logits so that greedy choices are not bf16-rounding near-ties.
     """
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     path = Path(path)
@@ -67,8 +66,21 @@ def make_tiny_qwen3(
         cfg.eos_token_id = tokenizer.eos_token_id
         tokenizer.save_pretrained(path)
 
-    gen = torch.Generator().manual_seed(seed)
     model = Qwen3ForCausalLM(cfg)
+    randomize_weights_(model, seed=seed, std=std, embed_std=embed_std)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return path
+
+
+def randomize_weights_(model, *, seed: int = 0, std: float = 0.15, embed_std: float | None = None) -> None:
+    """Fill a Qwen3ForCausalLM's parameters in place, in ``named_parameters`` order from one seeded
+    generator: norm weights 1 + 0.3 randn, embeddings and lm_head ``embed_std`` randn (default
+    ``std``), every other weight ``std`` randn. :func:`make_tiny_qwen3` writes the result;
+    benchmarks/checkpoint_stability.py builds the same model in memory."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -77,9 +89,6 @@ def make_tiny_qwen3(
                 p.copy_(embed_std * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(path, safe_serialization=True)
-    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    return path
 
 
 def _make_tokenizer(vocab_size: int):
