@@ -27,7 +27,9 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_mirage import ops  # noqa: E402
 from vllm_mirage.ops import reference  # noqa: E402
-from vllm_mirage.ops._norm_gemv import GEMV_MAX_TOKENS, default_config, norm_gemv, use_gemv  # noqa: E402
+from vllm_mirage.ops._linear_paths import GEMV_MAX_TOKENS, ROW_MAX_TOKENS, linear_path  # noqa: E402
+from vllm_mirage.ops._norm_gemv import default_config, norm_gemv  # noqa: E402
+from vllm_mirage.ops._row_gemv import fits, row_gemv  # noqa: E402
 from vllm_mirage.ops.add_rms_norm import rms_norm_triton  # noqa: E402
 
 MODELS = {  # H, q heads, kv heads, head_dim, I
@@ -94,10 +96,11 @@ rope_compiled = torch.compile(_rope, dynamic=True)
 
 
 def bench_linear_ops(name, H, N_rows, T, silu, cfg=None, norm=True, force_gemv=False, time_unfused=True,
-                     with_residual=True):
+                     with_residual=True, row_cfg=None):
     """rms_norm_linear (silu=False, weight [N, H]) or rms_norm_linear_silu_mul (silu=True, [2I, H]),
     both with a residual, as in every layer but the first; ``norm=False`` gives linear_silu_mul.
-    ``cfg``/``force_gemv`` run the fused GEMV kernel whatever the shape rule says. Returns a result row."""
+    ``cfg``/``force_gemv`` run the chunked GEMV kernel, ``row_cfg`` the whole-row one, whatever the shape
+    rule says. Returns a result row."""
     wbytes = N_rows * H * 2
     R = copies_for(wbytes)
     weights = [torch.randn(N_rows, H, device="cuda", dtype=DT) * H**-0.5 for _ in range(R)]
@@ -107,6 +110,8 @@ def bench_linear_ops(name, H, N_rows, T, silu, cfg=None, norm=True, force_gemv=F
     n_out = N_rows // 2 if silu else N_rows
 
     def fused(i):
+        if row_cfg is not None:
+            return row_gemv(x, weights[i], nw, EPS, residual=res, silu_mul=silu, config=row_cfg)
         if cfg is not None or force_gemv:
             return norm_gemv(x, weights[i], nw, EPS, residual=res, silu_mul=silu, config=cfg)
         if not norm:
@@ -208,6 +213,52 @@ def sweep(models, tokens):
     return rows
 
 
+LINEAR_OPS = (("qkv", False, True), ("gate_up", True, True), ("gate_up (no norm)", True, False))
+
+
+def row_sweep(models, tokens):
+    """The whole-row GEMV (``_row_gemv.py``) over launch shapes, next to the chunked GEMV and norm + cuBLAS
+    timed in the same process: to choose its default_config and the shape rule."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    first = [{"BLOCK_N": bn, "PROGRAMS": p * sms, "STAGES": 3, "num_warps": 8}
+             for bn in (2, 4, 8) for p in (1, 2, 4, 8)]
+    rows = []
+    for model in models:
+        H, hq, hk, D, I = MODELS[model]
+        for what, silu, norm in LINEAR_OPS:
+            n_rows = 2 * I if silu else (hq + 2 * hk) * D
+            for T in (t for t in tokens if fits(t, H)):
+                base = bench_linear_ops(what, H, n_rows, T, silu, norm=norm, force_gemv=True)
+                row = {"model": model, "op": what, "T": T, "chunked_gemv_us": base["fused_us"],
+                       "unfused_us": base["unfused_us"], "bytes": base["bytes"], "configs": []}
+
+                def run(cfg):
+                    try:
+                        us = bench_linear_ops(what, H, n_rows, T, silu, norm=norm, row_cfg=dict(cfg),
+                                              time_unfused=False)["fused_us"]
+                    except Exception as e:  # e.g. out of registers; keep the record and go on
+                        print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        us = float("inf")
+                    row["configs"].append({**cfg, "us": us})
+
+                def best():
+                    return min(row["configs"], key=lambda c: c["us"])
+
+                for cfg in first:
+                    run(cfg)
+                # Then stages and warps around the best slab width and grid.
+                around = {k: v for k, v in best().items() if k != "us"}
+                for cfg in ({**around, "STAGES": 2}, {**around, "STAGES": 4}, {**around, "num_warps": 4}):
+                    run(cfg)
+                row["best"] = best()
+                row["best_us"] = row["best"]["us"]
+                rows.append(row)
+                print(f"row sweep {model} {what} T={T}: best {row['best']} us; chunked GEMV "
+                      f"{row['chunked_gemv_us']:.2f} us; norm+cuBLAS {row['unfused_us']:.2f} us; "
+                      f"x{row['unfused_us'] / row['best_us']:.2f} vs unfused", flush=True)
+    return rows
+
+
 def crossover(models, tokens):
     """The fused GEMV kernel forced at prefill-ish T against the unfused norm + cuBLAS path: where the
     shape rule (GEMV_MAX_TOKENS) should switch."""
@@ -227,7 +278,7 @@ def _path(op: str, T: int, H: int) -> str:
     if "linear" not in op:
         return "fused"
     has_norm, silu = op.startswith("rms_norm"), "silu" in op
-    return "fused GEMV" if use_gemv(T, H, has_norm, silu) else "norm kernel + cuBLAS"
+    return linear_path(T, H, has_norm, silu)
 
 
 def main():
@@ -235,6 +286,8 @@ def main():
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 512])
     p.add_argument("--sweep", action="store_true", help="also sweep GEMV block sizes at T=1 and 8")
+    p.add_argument("--row-sweep", nargs="*", type=int, default=None, metavar="T",
+                   help="only sweep the whole-row GEMV's launch shapes at these T (default 1 2 4 8)")
     p.add_argument("--crossover", nargs="*", type=int, default=[], metavar="T",
                    help="also time the forced GEMV kernel against norm+cuBLAS at these T")
     p.add_argument("--output", default="benchmarks/results/ops_h100.json")
@@ -243,6 +296,11 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = []
+    if args.row_sweep is not None:
+        sweep_rows = row_sweep(args.models, args.row_sweep or [1, 2, 4, 8])
+        for r in sweep_rows:
+            r["best_bw_pct"] = 100 * r["bytes"] / (r["best_us"] * 1e-6) / bw
+        args.models = []  # the sweep alone
     for model in args.models:
         H, hq, hk, D, I = MODELS[model]
         for T in args.tokens:
@@ -268,14 +326,15 @@ def main():
                 print(f"{model:11s} T={T:<4d} {op:46s} fused {r['fused_us']:8.2f} us  unfused "
                       f"{r['unfused_us']:8.2f} us  x{r['speedup']:.2f}  BW {r['fused_bw_pct']:5.1f}%", flush=True)
 
-    sweep_rows = sweep(args.models, [1, 8]) if args.sweep else []
+    if args.row_sweep is None:
+        sweep_rows = sweep(args.models, [1, 8]) if args.sweep else []
     cross_rows = crossover(args.models, args.crossover) if args.crossover else []
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "dtype": "bfloat16",
-        "copy_bandwidth_GBps": bw / 1e9, "gemv_max_tokens": GEMV_MAX_TOKENS,
+        "copy_bandwidth_GBps": bw / 1e9, "gemv_max_tokens": GEMV_MAX_TOKENS, "row_max_tokens": ROW_MAX_TOKENS,
         "command": " ".join(sys.argv),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

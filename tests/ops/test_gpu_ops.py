@@ -30,7 +30,7 @@ def _cuda():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("H,hq,hk,I", SHAPES)
-@pytest.mark.parametrize("T", [1, 8, 16, 64, 512])
+@pytest.mark.parametrize("T", [1, 2, 8, 16, 64, 512])  # 1-2: row GEMV; 8: chunked or cuBLAS
 def test_ops_match_reference(T, H, hq, hk, I, dtype):
     dev = "cuda"
     x, res = torch.randn(T, H, device=dev, dtype=dtype), torch.randn(T, H, device=dev, dtype=dtype)
@@ -58,15 +58,16 @@ def test_ops_match_reference(T, H, hq, hk, I, dtype):
     assert max(_err(a, b) for a, b in zip(got, want)) < 1e-2
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("T", [2, 4])  # each decode path of the norm ops (_linear_paths.linear_path)
+def test_cuda_graph_capture_and_replay(T):
     """vLLM captures decode in CUDA graphs: the ops must capture and replay on new inputs."""
     H, hq, hk, I = SHAPES[0]
     dt, dev = torch.bfloat16, "cuda"
-    x, res = torch.randn(4, H, device=dev, dtype=dt), torch.randn(4, H, device=dev, dtype=dt)
+    x, res = torch.randn(T, H, device=dev, dtype=dt), torch.randn(T, H, device=dev, dtype=dt)
     nw = torch.ones(H, device=dev, dtype=dt)
     w = (torch.randn((hq + 2 * hk) * D, H, device=dev) * H**-0.5).to(dt)
     gu = (torch.randn(2 * I, H, device=dev) * H**-0.5).to(dt)
-    pos = torch.arange(4, device=dev)
+    pos = torch.arange(T, device=dev)
     cache = _cos_sin_cache(64, D).to(dev, dt)
 
     def step():
@@ -98,6 +99,7 @@ def test_cuda_graph_capture_and_replay():
 def test_fused_kernels_write_every_element(T, dtype, tol):
     """Odd sizes, poisoned outputs, and the fp32 path (ieee dot): every element written, right values."""
     from vllm_mirage.ops._norm_gemv import norm_gemv, silu_mul_triton
+    from vllm_mirage.ops._row_gemv import fits, row_gemv
 
     dev, H, N = "cuda", 1000, 2 * 760
     x, res = torch.randn(T, H, device=dev, dtype=dtype), torch.randn(T, H, device=dev, dtype=dtype)
@@ -108,10 +110,13 @@ def test_fused_kernels_write_every_element(T, dtype, tol):
         n_out = N // 2 if silu else N
         out = torch.full((T, n_out), float("nan"), device=dev, dtype=dtype)
         new_res = torch.full((T, H), float("nan"), device=dev, dtype=dtype)
-        norm_gemv(x, w, nw, 1e-6, residual=res, silu_mul=silu, out=out, new_residual=new_res)
         ref_fn = reference.rms_norm_linear_silu_mul if silu else reference.rms_norm_linear
         ref_out, ref_res = ref_fn(*d(x, nw, w), 1e-6, residual=res.double())
-        assert _err(out, ref_out) < tol and _err(new_res, ref_res) < tol
+        for kernel in (norm_gemv, row_gemv) if fits(T, H) else (norm_gemv,):
+            out.fill_(float("nan"))
+            new_res.fill_(float("nan"))
+            kernel(x, w, nw, 1e-6, residual=res, silu_mul=silu, out=out, new_residual=new_res)
+            assert _err(out, ref_out) < tol and _err(new_res, ref_res) < tol, kernel.__name__
     y = torch.randn(T, N, device=dev, dtype=dtype)
     out = torch.full((T, N // 2), float("nan"), device=dev, dtype=dtype)
     silu_mul_triton(y, out=out)

@@ -4,7 +4,8 @@ import torch
 from tests.ops.conftest import assert_close, poisoned, randn
 from vllm_mirage import ops
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._norm_gemv import GEMV_MAX_TOKENS, norm_gemv
+from vllm_mirage.ops._linear_paths import GEMV_MAX_TOKENS
+from vllm_mirage.ops._norm_gemv import norm_gemv
 
 # (H, N): odd sizes, and Qwen3-like shapes scaled down (the interpreter is slow): a QKV output and
 # its tensor-parallel shards (N/2, N/8).

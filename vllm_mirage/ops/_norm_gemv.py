@@ -16,18 +16,10 @@ measured and lost at every shape: benchmarks/NOTES.md.)
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from vllm_mirage.ops._dispatch import interpreted
-from vllm_mirage.ops.add_rms_norm import rms_norm_triton
-
-# Up to this many tokens the fused GEMV kernel runs; above it, our norm kernel then cuBLAS. From
-# benchmarks/bench_ops.py on an H100 (benchmarks/NOTES.md): the forced GEMV lost to norm + cuBLAS at
-# T = 16 on every Qwen3 shape measured.
-GEMV_MAX_TOKENS = 8
-
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
@@ -235,49 +227,3 @@ def norm_gemv(
             **cfg,
         )
     return out, new_residual
-
-
-def norm_then_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-    silu_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unfused path, wherever ``use_gemv`` says the fused kernel does not win: our norm kernel, then
-    cuBLAS (a tiled GEMM at prefill sizes, a GEMV that streams faster than ours at some decode shapes)."""
-    new_residual = None
-    if norm_weight is not None:
-        x, new_residual = rms_norm_triton(x, norm_weight, eps, residual=residual)
-    y = F.linear(x, weight)
-    if silu_mul:
-        y = silu_mul_triton(y)
-    return y, new_residual
-
-
-def use_gemv(T: int, H: int, has_norm: bool, silu_mul: bool) -> bool:
-    """The shape rule: where the fused GEMV kernel beat our norm kernel + cuBLAS on an H100
-    (benchmarks/results/ops_h100.json, read in benchmarks/NOTES.md). Fixed, so CUDA-graph safe.
-
-    - T > 8: never (the forced GEMV lost at T = 16 on 5 of 6 Qwen3 shapes).
-    - gate_up + SiLU without norm: always at T <= 8 (1.03-1.23x: the [T, 2I] tensor never exists).
-    - norm + gate_up + SiLU: only at H <= 1024 (1.16x on 0.6B; 0.90-0.97x at H = 2048 and 4096,
-      where the RMS pre-pass over x and the residual costs more than the saved launches).
-    - norm + QKV: never (0.81-0.97x: with one weight tile per program, cuBLAS's GEMV streams faster).
-    """
-    if T > GEMV_MAX_TOKENS or (has_norm and not silu_mul):
-        return False
-    return not has_norm or H <= 1024
-
-
-def fused_or_unfused(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-    silu_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    path = norm_gemv if use_gemv(x.shape[0], x.shape[1], norm_weight is not None, silu_mul) else norm_then_linear
-    return path(x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)

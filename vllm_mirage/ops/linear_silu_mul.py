@@ -8,7 +8,7 @@ import torch
 
 from vllm_mirage.ops import reference
 from vllm_mirage.ops._dispatch import record, use_triton
-from vllm_mirage.ops._norm_gemv import fused_or_unfused
+from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 
 @torch.library.custom_op("vllm_mirage::linear_silu_mul", mutates_args=())

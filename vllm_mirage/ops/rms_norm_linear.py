@@ -1,17 +1,17 @@
 """RMSNorm (+ residual add) fused into the following linear layer: Mirage's RMSNorm+QKV fusion.
 
 ``rms_norm_linear(x, norm_weight, weight, eps)`` = ``rmsnorm(x) @ weight.T``; with ``residual`` it returns
-``(rmsnorm(x + residual) @ weight.T, x + residual)``. The fused kernel (``_norm_gemv.py``) normalises the
-activations in registers just before the dot, so they never reach memory; but on an H100 it was slower
-than our norm kernel + cuBLAS at every measured Qwen3 QKV shape, so the shape rule (``use_gemv``)
-currently sends this op to that unfused path on GPU. See benchmarks/NOTES.md.
+``(rmsnorm(x + residual) @ weight.T, x + residual)``. The normalised activations never reach memory. At
+T <= 2 (decode at batch 1-2) the whole-row GEMV (``_row_gemv.py``) runs it, 1.08-1.22x of norm kernel +
+cuBLAS on Qwen3 QKV shapes; at larger T the shape rule (``_linear_paths.linear_path``) sends it to that
+unfused pair, which beat both fused kernels there. See benchmarks/NOTES.md.
 """
 
 import torch
 
 from vllm_mirage.ops import reference
 from vllm_mirage.ops._dispatch import record, use_triton
-from vllm_mirage.ops._norm_gemv import fused_or_unfused
+from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 _NAME = "rms_norm_linear"
 

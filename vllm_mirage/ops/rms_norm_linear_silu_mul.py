@@ -3,15 +3,16 @@
 Returns ``silu(n @ gate.T) * (n @ up.T)`` for ``n = rmsnorm(x [+ residual])``, and with ``residual`` also
 ``x + residual``. In the fused kernel neither the normalised activations nor the ``[T, 2I]`` gate/up
 tensor reach memory: each program owns matching rows of gate and up and applies the activation in its
-epilogue. It runs where it measured faster (``_norm_gemv.use_gemv``: T <= 8 and H <= 1024); elsewhere
-our norm kernel, cuBLAS and a one-pass SiLU-mul kernel.
+epilogue. Two fused kernels run where they measured faster (``_linear_paths.linear_path``): the whole-row
+GEMV at T <= 2, the chunked one at T <= 8 and H <= 1024; elsewhere our norm kernel, cuBLAS and a
+one-pass SiLU-mul kernel.
 """
 
 import torch
 
 from vllm_mirage.ops import reference
 from vllm_mirage.ops._dispatch import record, use_triton
-from vllm_mirage.ops._norm_gemv import fused_or_unfused
+from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 _NAME = "rms_norm_linear_silu_mul"
 
