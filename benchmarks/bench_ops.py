@@ -36,7 +36,9 @@ MODELS = {  # H, q heads, kv heads, head_dim, I
     "qwen3-0.6b": (1024, 16, 8, 128, 3072),
     "qwen3-1.7b": (2048, 16, 8, 128, 6144),
     "qwen3-8b": (4096, 32, 8, 128, 12288),
+    "qwen3-32b": (5120, 64, 8, 128, 25600),  # the family's widest rows: BLOCK_H 8192 in the row GEMV
 }
+DEFAULT_MODELS = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
 EPS = 1e-6
 L2_BYTES = 50 * 2**20
 DT = torch.bfloat16
@@ -283,7 +285,7 @@ def _path(op: str, T: int, H: int) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 512])
     p.add_argument("--sweep", action="store_true", help="also sweep GEMV block sizes at T=1 and 8")
     p.add_argument("--row-sweep", nargs="*", type=int, default=None, metavar="T",

@@ -12,8 +12,8 @@ from vllm_mirage.ops import reference
 
 pytestmark = pytest.mark.gpu
 
-# Qwen3-0.6B and 8B (H, q heads, kv heads, I) and the 8B at TP=4 (per-rank heads and I).
-SHAPES = [(1024, 16, 8, 3072), (4096, 32, 8, 12288), (4096, 8, 2, 3072)]
+# Qwen3-0.6B, 8B and 32B (H, q heads, kv heads, I) and the 8B at TP=4 (per-rank heads and I).
+SHAPES = [(1024, 16, 8, 3072), (4096, 32, 8, 12288), (5120, 64, 8, 25600), (4096, 8, 2, 3072)]
 D = 128
 
 
