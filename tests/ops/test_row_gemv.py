@@ -46,4 +46,3 @@ def test_matches_reference_and_writes_every_element(kind, T, H, N, dtype):
 def test_register_budget():
     assert fits(1, 4096) and fits(2, 4096) and fits(8, 1024)
     assert not fits(4, 4096) and not fits(1, 16384) and not fits(0, 1024)
-
