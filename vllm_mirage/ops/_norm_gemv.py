@@ -15,6 +15,8 @@ measured and lost at every shape: benchmarks/NOTES.md.)
 ``tl.dot`` needs at least 16 rows; padding T up to 16 costs tensor-core cycles we have to spare.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -183,6 +185,50 @@ def _num_stages(cfg: dict, silu_mul: bool, elem_size: int) -> int:
     return max(2, min(4, _SMEM_BUDGET // _stage_bytes(cfg, silu_mul, elem_size)))
 
 
+class GemvLaunch(NamedTuple):
+    """A decode GEMV call, checked and with its outputs allocated: ``args`` and ``flags`` are the leading
+    parameters both GEMV kernels (this file's and ``_row_gemv.py``'s) share."""
+
+    T: int
+    H: int
+    N: int
+    out: torch.Tensor
+    new_residual: torch.Tensor | None
+    args: tuple
+    flags: dict
+
+
+def prepare_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    silu_mul: bool,
+    out: torch.Tensor | None,
+    new_residual: torch.Tensor | None,
+) -> GemvLaunch:
+    x = x.contiguous()
+    T, H = x.shape
+    N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    assert weight.shape[1] == H and weight.stride(1) == 1, "weight must be [N, H] with unit column stride"
+    out = x.new_empty((T, N)) if out is None else out
+    has_res = residual is not None
+    if has_res:
+        residual = residual.contiguous()
+        new_residual = torch.empty_like(x) if new_residual is None else new_residual
+    # Unused pointers get a real tensor (the kernel never dereferences them) and stride 0.
+    args = (
+        x, residual if has_res else x, norm_weight if norm_weight is not None else weight,
+        weight, out, new_residual if has_res else out,
+        T, H, N, eps,
+        x.stride(0), residual.stride(0) if has_res else 0, weight.stride(0), out.stride(0),
+        new_residual.stride(0) if has_res else 0,
+    )
+    flags = {"HAS_NORM": norm_weight is not None, "HAS_RES": has_res, "SILU_MUL": silu_mul}
+    return GemvLaunch(T, H, N, out, new_residual, args, flags)
+
+
 def norm_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -198,32 +244,17 @@ def norm_gemv(
 
     ``out``/``new_residual`` may be passed in (tests poison them); ``config`` overrides the block sizes.
     """
-    x = x.contiguous()
-    T, H = x.shape
-    N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    assert weight.shape[1] == H and weight.stride(1) == 1, "weight must be [N, H] with unit column stride"
-    out = x.new_empty((T, N)) if out is None else out
-    has_res = residual is not None
-    if has_res:
-        residual = residual.contiguous()
-        new_residual = torch.empty_like(x) if new_residual is None else new_residual
+    g = prepare_gemv(x, weight, norm_weight, eps, residual, silu_mul, out, new_residual)
     elem = x.element_size()
-    cfg = {**default_config(T, H, N, silu_mul, elem), **(config or {})}
+    cfg = {**default_config(g.T, g.H, g.N, silu_mul, elem), **(config or {})}
     cfg.setdefault("num_stages", _num_stages(cfg, silu_mul, elem))
     block_t = cfg.pop("BLOCK_T")
-    if T > 0:
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(T, block_t))
+    if g.T > 0:
+        grid = (triton.cdiv(g.N, cfg["BLOCK_N"]), triton.cdiv(g.T, block_t))
         _norm_gemv_kernel[grid](
-            x, residual if has_res else x, norm_weight if norm_weight is not None else weight,
-            weight, out, new_residual if has_res else out,
-            T, H, N, eps,
-            x.stride(0), residual.stride(0) if has_res else 0, weight.stride(0), out.stride(0),
-            new_residual.stride(0) if has_res else 0,
-            HAS_NORM=norm_weight is not None,
-            HAS_RES=has_res,
-            SILU_MUL=silu_mul,
+            *g.args, **g.flags,
             UPCAST=interpreted() or x.dtype == torch.float32,
             BLOCK_T=block_t,
             **cfg,
         )
-    return out, new_residual
+    return g.out, g.new_residual

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_mirage.ops._norm_gemv import _rms_scale, _silu_mul
+from vllm_mirage.ops._norm_gemv import _rms_scale, _silu_mul, prepare_gemv
 
 # Activation elements (BLOCK_T * BLOCK_H) a program may hold: 32 fp32 registers a thread at 8 warps.
 MAX_ROW_ELEMENTS = 8192
@@ -124,31 +124,16 @@ def row_gemv(
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``_norm_gemv.norm_gemv``, for shapes where ``fits(T, H)``."""
-    x = x.contiguous()
-    T, H = x.shape
-    assert fits(T, H), f"{T} rows of {H} do not fit the row GEMV's registers"
-    N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    assert weight.shape[1] == H and weight.stride(1) == 1, "weight must be [N, H] with unit column stride"
-    out = x.new_empty((T, N)) if out is None else out
-    has_res = residual is not None
-    if has_res:
-        residual = residual.contiguous()
-        new_residual = torch.empty_like(x) if new_residual is None else new_residual
-    cfg = {**default_config(T, H, N, silu_mul), **(config or {})}
-    programs = min(cfg.pop("PROGRAMS"), triton.cdiv(N, cfg["BLOCK_N"]))
-    slab_bytes = (2 if silu_mul else 1) * cfg["BLOCK_N"] * triton.next_power_of_2(H) * x.element_size()
+    g = prepare_gemv(x, weight, norm_weight, eps, residual, silu_mul, out, new_residual)
+    assert fits(g.T, g.H), f"{g.T} rows of {g.H} do not fit the row GEMV's registers"
+    cfg = {**default_config(g.T, g.H, g.N, silu_mul), **(config or {})}
+    programs = min(cfg.pop("PROGRAMS"), triton.cdiv(g.N, cfg["BLOCK_N"]))
+    slab_bytes = (2 if silu_mul else 1) * cfg["BLOCK_N"] * triton.next_power_of_2(g.H) * x.element_size()
     cfg["STAGES"] = max(1, min(cfg["STAGES"], 1 + _SMEM_BUDGET // slab_bytes))
     _row_gemv_kernel[(programs,)](
-        x, residual if has_res else x, norm_weight if norm_weight is not None else weight,
-        weight, out, new_residual if has_res else out,
-        T, H, N, eps,
-        x.stride(0), residual.stride(0) if has_res else 0, weight.stride(0), out.stride(0),
-        new_residual.stride(0) if has_res else 0,
-        HAS_NORM=norm_weight is not None,
-        HAS_RES=has_res,
-        SILU_MUL=silu_mul,
-        BLOCK_T=triton.next_power_of_2(T),
-        BLOCK_H=triton.next_power_of_2(H),
+        *g.args, **g.flags,
+        BLOCK_T=triton.next_power_of_2(g.T),
+        BLOCK_H=triton.next_power_of_2(g.H),
         **cfg,
     )
-    return out, new_residual
+    return g.out, g.new_residual
