@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -77,24 +78,33 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
             "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
 
 
-def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool):
+def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, power_of_two_qkv: bool = False):
     """(KV batch, graph, buffers) of one decode step at ``context`` cached tokens per request, one
-    worker per SM."""
+    worker per SM. ``power_of_two_qkv``: QKV tasks keep ``block_n`` rows (the tiles before one-round
+    QKV tiles), for a side-by-side timing."""
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
                        num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
     workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
+    if power_of_two_qkv:
+        shape = replace(shape, block_n_qkv=0)
     graph = build_task_graph(shape, workers).to("cuda")
     buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
     buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
     return kvb, graph, buffers
 
 
-def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool) -> list:
+def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool,
+                compare_qkv_rows: bool) -> list:
     cfg = SHAPES[name]
     kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
-    return [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
+    rows = [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
             for config in configs]
+    if compare_qkv_rows and graph.shape.block_n_qkv:
+        kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head, power_of_two_qkv=True)
+        rows.append(time_config(name, cfg, weights, kvb, graph, buffers, configs[0], bandwidth, lm_head, batch,
+                                context))
+    return rows
 
 
 def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context) -> dict:
@@ -112,9 +122,10 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
         run()
     ms = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
     row = {"model": name, "batch": batch, "context": context, "lm_head": lm_head, "config": config.__dict__,
-           "workers": graph.num_workers, "block_n": shape.block_n, "block_n_out": shape.block_n_out, "step_ms": ms,
+           "workers": graph.num_workers, "block_n": shape.block_n, "qkv_rows": shape.qkv_rows,
+           "block_n_out": shape.block_n_out, "step_ms": ms,
            "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
-    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config}: {ms:.3f} ms/step, floor {floor_ms:.3f} ms "
+    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows}: {ms:.3f} ms/step, floor {floor_ms:.3f} ms "
           f"({100 * floor_ms / ms:.0f}%)", flush=True)
     trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
     kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace)
@@ -146,6 +157,9 @@ def main() -> None:
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
     ap.add_argument("--configs", default='[{}, {"block_k": 256, "block_k_out": 512}]',
                     help="JSON list of LaunchConfig fields, timed side by side")
+    ap.add_argument("--compare-qkv-rows", action="store_true",
+                    help="where QKV tasks are one-round (non power-of-two) tiles, also time the first config "
+                         "with block_n-row QKV tiles")
     args = ap.parse_args()
     configs = [LaunchConfig(**c) for c in json.loads(args.configs)]
     bw = copy_bandwidth()
@@ -155,7 +169,7 @@ def main() -> None:
         cfg = SHAPES[name]
         weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
         for b in args.batch_sizes:
-            rows += bench_shape(name, weights, b, args.context, bw, configs, args.lm_head)
+            rows += bench_shape(name, weights, b, args.context, bw, configs, args.lm_head, args.compare_qkv_rows)
         del weights
         torch.cuda.empty_cache()
     report = compile_report()

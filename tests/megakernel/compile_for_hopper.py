@@ -2,24 +2,51 @@
 what its memory accesses and spin-waits became. Run in a process without TRITON_INTERPRET (the jit
 decorator reads it).
 
-    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH]
+    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH [STAGES [EARLY]]]
+
+MEGAKERNEL_DUMP=PREFIX also writes PREFIX.ttgir and PREFIX.ptx.
 
 Integer arguments and pointers are marked divisible by 16 where a real launch would find them so (the
 JIT specialises on that), so the loads seen here are the ones the GPU runs.
 """
 
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from vllm_mirage.megakernel.graph import DecodeShape
 from vllm_mirage.megakernel.kernel import _decode_step_kernel
 
 
-def main(dtype: str, hq: int, hkv: int, batch: int = 1) -> None:
+def early_weight_copies(ttgir: str) -> int:
+    """Asynchronous copies issued just before (in the same block as) an innermost loop that contains a
+    spin-wait: the weight chunks a GEMV task requests before it waits for its producers."""
+    lines = ttgir.splitlines()
+    indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
+    count = 0
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        depth, end = indent(line), i + 1
+        while end < len(lines) and not (indent(lines[end]) <= depth and lines[end].lstrip().startswith("}")):
+            end += 1
+        body = lines[i + 1:end]
+        if any("scf.for" in b for b in body) or not any("atomic_rmw" in b and "acquire" in b for b in body):
+            continue
+        k = i - 1
+        while k >= 0 and indent(lines[k]) >= depth:
+            count += indent(lines[k]) == depth and "async_copy_global_to_local" in lines[k]
+            k -= 1
+    return count
+
+
+def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: int = 1) -> None:
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
@@ -27,9 +54,14 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1) -> None:
     sig.update({name: "*i64" for name in ("program", "trace", "kvtab", "positions", "slot_mapping")})
     sig.update({name: act for name in ("res", "qkv_buf", "attn_buf", "act_buf", "final_out")})
     sig.update(sumsq="*fp32", cos_sin="*fp32", eps="fp32", scale="fp32")
+    # QKV rows per task as on a 132-SM H100 (48 at Qwen3-8B's head counts: a non-power-of-two tile).
+    qkv_rows = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
+                           num_layers=1, vocab=1, batch=batch).for_workers(132).qkv_rows
     consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=64, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
-                  BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32, BLOCK_N_OUT=32,
-                  BLOCK_N_LM=64, BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=4, UPCAST=False, TRACE=False)
+                  BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32, BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows,
+                  BLOCK_N_OUT=32,
+                  BLOCK_N_LM=64, BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=stages, EARLY=bool(early), UPCAST=False,
+                  TRACE=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)
     # Every pointer (torch allocations) and these sizes and strides are multiples of 16 at Qwen3 shapes;
@@ -42,12 +74,16 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1) -> None:
     compiled = triton.compile(ASTSource(fn=_decode_step_kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
+    if os.environ.get("MEGAKERNEL_DUMP"):
+        for ext in ("ttgir", "ptx"):
+            Path(f"{os.environ['MEGAKERNEL_DUMP']}.{ext}").write_text(compiled.asm[ext])
     loads = re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)
     print(json.dumps({
         "shared_bytes": compiled.metadata.shared,
         "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
         "release_adds": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),
         "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "early_weight_copies": early_weight_copies(compiled.asm["ttgir"]),
         "vector_loads": sum(1 for ld in loads if ".v4" in ld or ".v2" in ld),
         "scalar_16bit_loads": sum(1 for ld in loads if ld.endswith(".b16")),
         "cubin_bytes": len(compiled.asm.get("cubin", b"")),

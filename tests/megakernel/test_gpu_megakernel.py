@@ -16,6 +16,8 @@ from vllm_mirage.megakernel.state import DecodeBuffers
 pytestmark = pytest.mark.gpu
 
 QWEN3_06B = dict(hidden=1024, inter=3072, hq=16, hkv=8, d=128, layers=4, vocab=151936)
+# Qwen3-8B's widths: on 132 SMs its QKV tasks are 48-row tiles (one round), not a power of two.
+QWEN3_8B = dict(hidden=4096, inter=12288, hq=32, hkv=8, d=128, layers=2, vocab=151936)
 
 
 @pytest.fixture(autouse=True)
@@ -24,14 +26,27 @@ def _cuda():
         pytest.fail("GPU test selected on a machine without CUDA")
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(block_k=256, block_k_out=512), LaunchConfig(num_warps=8)])
+CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(stages=9),
+           LaunchConfig(block_k=256, block_k_out=512), LaunchConfig(num_warps=8)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("positions", [[0], [130], [3, 77, 200, 15, 64, 1, 90, 33], list(range(5, 245, 6))])
 def test_all_sms_match_reference(positions, config):
+    _check_all_sms(QWEN3_06B, positions, config)
+
+
+@pytest.mark.parametrize("positions", [[0], [130], [3, 77, 200, 15, 64, 1, 90, 33]])
+def test_all_sms_match_reference_8b_widths(positions):
+    _check_all_sms(QWEN3_8B, positions, LaunchConfig())
+
+
+def _check_all_sms(model, positions, config):
     dev, dtype = "cuda", torch.bfloat16
-    weights = random_weights(**QWEN3_06B, dtype=dtype, device=dev)
-    batch = random_batch(positions, layers=QWEN3_06B["layers"], hkv=8, d=128, dtype=dtype,
+    weights = random_weights(**model, dtype=dtype, device=dev)
+    batch = random_batch(positions, layers=model["layers"], hkv=model["hkv"], d=model["d"], dtype=dtype,
                          num_blocks=16 * len(positions) + 16, layout="fa_packed", device=dev)
-    hidden = torch.randn(len(positions), 1024, device=dev).to(dtype)
+    hidden = torch.randn(len(positions), model["hidden"], device=dev).to(dtype)
     ref_batch = clone_batch(batch, torch.float32)
     weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, ref_batch, hidden.float())

@@ -39,13 +39,14 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 
 
 @pytest.mark.parametrize(
-    "workers, lm_head, block_n_out", [(1, True, 32), (2, True, 16), (5, False, 32), (64, True, 16)]
+    "workers, lm_head, block_n_out, block_n_qkv",
+    [(1, True, 32, 0), (2, True, 16, 0), (5, False, 32, 48), (64, True, 16, 0)],
 )
-def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out):
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
-    shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out)
+    shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv)
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
@@ -98,3 +99,9 @@ def test_narrow_tiles_only_where_a_stage_would_idle_half_the_sms():
                       num_layers=36, vocab=151936, batch=1).for_workers(132)
     # 8B keeps 32-row tiles everywhere: 16-row QKV/GU tiles measured 8.4 ms per step against 6.4 (H100).
     assert (big.block_n, big.block_n_out, big.out_tiles) == (32, 32, 128)
+    # ... except QKV: 6144 features in 32-row tiles take two rounds over 132 SMs, in 48-row tiles one.
+    assert (big.qkv_rows, big.tasks_in_stage(Task.QKV)) == (48, 128)
+    assert shape.qkv_rows == 32 and shape.tasks_in_stage(Task.QKV) == 128  # 0.6B: one round already
+    wide = DecodeShape(hidden=5120, intermediate=25600, num_heads=64, num_kv_heads=8, head_dim=128,
+                       num_layers=64, vocab=151936, batch=1).for_workers(132)
+    assert wide.qkv_rows == 32  # 32B: one round would need 80-row tiles; two rounds stay as they are

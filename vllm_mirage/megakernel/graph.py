@@ -2,7 +2,7 @@
 
 A decode step for ``B`` requests (one new token each) is lowered, layer by layer, into tasks:
 
-    QKV    norm(residual) @ W_qkv.T, one ``block_n`` slice of the fused q|k|v features
+    QKV    norm(residual) @ W_qkv.T, one ``qkv_rows`` slice of the fused q|k|v features
     ATTN   one (request, kv head): q/k RMSNorm + rotary, KV-cache append, paged decode attention
     O      residual += attn @ W_o.T, one ``block_n_out`` slice of the hidden features
     GU     SiLU(norm(residual) @ W_gate.T) * (norm(residual) @ W_up.T), one ``block_n`` slice
@@ -69,6 +69,7 @@ class DecodeShape:
     block_n: int = 32  # output features per QKV / GU task
     block_n_out: int = 32  # hidden features per O / DOWN task (and columns per sum-of-squares partial)
     block_n_lm: int = 64
+    block_n_qkv: int = 0  # q|k|v features per QKV task, a multiple of 16; 0: block_n (see for_workers)
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
 
     def for_workers(self, workers: int) -> "DecodeShape":
@@ -81,8 +82,25 @@ class DecodeShape:
                 block //= 2
             return block
 
-        return replace(self, block_n=fit(self.block_n, min(self.qkv_features, self.intermediate)),
-                       block_n_out=fit(self.block_n_out, self.hidden))
+        block_n = fit(self.block_n, min(self.qkv_features, self.intermediate))
+        return replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
+                       block_n_qkv=self._one_round_qkv(block_n, workers))
+
+    def _one_round_qkv(self, block_n: int, workers: int) -> int:
+        """QKV rows per task: ``block_n``, unless that takes two rounds of tasks over the workers and up
+        to twice as many rows (a multiple of 16) take one. Qwen3-8B's 6144 q|k|v features in 32-row
+        tiles are 192 tasks for 132 SMs: a second round of 60 tasks while 72 SMs wait (the QKV stage
+        ran at 1.65 TB/s, benchmarks/NOTES.md); 48-row tiles are 128 tasks, one round. Other stages
+        keep power-of-two tiles: GU's would need 96 rows, its gate and up chunks then overflow shared
+        memory."""
+        if -(-self.qkv_features // block_n) <= workers:
+            return 0
+        rows = 16 * -(-self.qkv_features // (16 * workers))
+        return rows if rows <= 2 * block_n else 0
+
+    @property
+    def qkv_rows(self) -> int:
+        return self.block_n_qkv or self.block_n
 
     @property
     def out_tiles(self) -> int:
@@ -96,7 +114,7 @@ class DecodeShape:
     def tasks_in_stage(self, task: Task) -> int:
         cdiv = lambda a, b: -(-a // b)  # noqa: E731
         return {
-            Task.QKV: cdiv(self.qkv_features, self.block_n),
+            Task.QKV: cdiv(self.qkv_features, self.qkv_rows),
             Task.ATTN: self.batch * self.num_kv_heads,
             Task.O: self.out_tiles,
             Task.GU: cdiv(self.intermediate, self.block_n),

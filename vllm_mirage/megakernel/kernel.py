@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_mirage.megakernel.graph import INDEX, LAYER, TYPE, Task, TaskGraph
+from vllm_mirage.megakernel.graph import INDEX, LAYER, TYPE, DecodeShape, Task, TaskGraph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
@@ -48,15 +48,25 @@ def _read_task(program, qi, end):
 
 
 @triton.jit
-def _wait(counters, stage, count, trace_row, TRACE: tl.constexpr):
-    """Spin until ``stage`` has signalled ``count`` tasks (acquire); stage < 0: no wait. With TRACE,
-    the time the wait ended goes to ``trace_row[1]``."""
+def _wait(counters, stage, count, trace_row, TRACE: tl.constexpr, BARRIER: tl.constexpr = True):
+    """Spin until ``stage`` has signalled ``count`` tasks (acquire); stage < 0: no wait. Returns the
+    count seen (≥ 0), which callers put in the masks of the loads that must not start before it. With
+    TRACE, the time the wait ended goes to ``trace_row[1]``.
+
+    One thread loads the counter and hands it to the others through shared memory, behind a CTA
+    barrier, so every thread's later loads are ordered after the acquire. BARRIER adds one more
+    barrier after the loop; inside a loop Triton is to pipeline, leave it out: any barrier in a loop
+    stops Triton's pipeliner (seen in the sm_90 compile)."""
+    seen = tl.full([], 0, tl.int32)
     if stage >= 0:
-        while tl.atomic_add(counters + stage, 0, sem="acquire") < count:
-            pass
-    tl.debug_barrier()
+        seen = tl.atomic_add(counters + stage, 0, sem="acquire")
+        while seen < count:
+            seen = tl.atomic_add(counters + stage, 0, sem="acquire")
+    if BARRIER:
+        tl.debug_barrier()
     if TRACE:
         tl.store(trace_row + 1, tl.extra.cuda.globaltimer())
+    return seen
 
 
 @triton.jit
@@ -73,61 +83,87 @@ def _gemv_tile(
     x_ptr, w_ptr, B, K, N, n0, out_ptr,
     nw_ptr, sumsq_ptr, NT, eps,
     res_ptr, sumsq_out_ptr,
+    counters, wait_stage, wait_count, trace_row,
     NORM_IN: tl.constexpr, SILU_MUL: tl.constexpr, ADD_RES: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
-    STAGES: tl.constexpr, probe=None, TRACE: tl.constexpr = False,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
+    STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
 ):
-    """out[:, n0:n0+BLOCK_N] = f(x) @ W[n0:n0+BLOCK_N].T for x [B, K], W [N (x2 with SILU_MUL), K];
-    ``w_ptr`` points at row n0.
+    """out[:, n0:n0+ROWS] = f(x) @ W[n0:n0+ROWS].T for x [B, K], W [N (x2 with SILU_MUL), K];
+    ``w_ptr`` points at row n0; ROWS ≤ BLOCK_N, the tile's power-of-two height. The task's wait
+    (``_wait`` on ``wait_stage``) happens in here.
 
     NORM_IN: x is a residual slot and f its RMSNorm (weight ``nw``, RMS from ``sumsq_ptr``'s NT tiles).
     SILU_MUL: up rows follow the N gate rows; out = silu(gate) * up. ADD_RES: out = res + y, rounded,
     and each row's sum of squares over these columns goes to ``sumsq_out_ptr[row]``.
+
+    EARLY: wait inside the first step of the weight loop. Triton's pipeliner issues the first
+    STAGES - 1 weight chunks before the loop, so they stream while the worker waits for its producers
+    (weights never depend on them). Every activation load is masked by the count the wait returned:
+    that data dependency keeps it, and the RMS, after the wait. Otherwise the wait comes first.
     """
     dtype = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_N)
     offs_n = n0 + rows
-    n_mask = offs_n < N
+    n_mask = (rows < ROWS) & (offs_n < N)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+    seen = tl.full([], 0, tl.int32)
+    if not EARLY:
+        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE)
     for t0 in range(0, B, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
         x_rows = x_ptr + offs_t[:, None] * K
-        if NORM_IN:
-            rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2)[:, None]
-            if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
-                tl.store(probe + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        if NORM_IN:
-            # Triton pipelines only loads that feed the dot directly; the activation goes through the
-            # norm first, so it is double-buffered by hand (one chunk ahead).
-            x = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & (offs_k < K)[None, :], other=0.0,
-                        cache_modifier=".cg")
-            nw = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0)
-        # The weight stream is software-pipelined by Triton (cp.async, STAGES chunks in flight).
+        rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
+        x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+        nw = tl.zeros([BLOCK_K], dtype=dtype)
+        # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
+        # an activation that feeds the dot directly, which is only right once the wait is behind us
+        # (not EARLY, no norm: O and DOWN). Otherwise it is double-buffered by hand, one chunk ahead:
+        # Triton does not pipeline a load whose value is carried to the next step.
+        BY_HAND: tl.constexpr = NORM_IN or EARLY
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + offs_k
             k_mask = k < K
             wm = n_mask[:, None] & k_mask[None, :]
-            if NORM_IN:
+            w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
+            if SILU_MUL:
+                w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
+            if BY_HAND:
+                if k0 == 0:
+                    if EARLY:
+                        if t0 == 0:
+                            seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
+                    ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
+                    if NORM_IN:
+                        rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
+                        if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
+                            tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
+                        nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
+                    x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
+                                cache_modifier=".cg")
                 kn = k + BLOCK_K
-                x_next = tl.load(x_rows + kn[None, :], mask=t_mask[:, None] & (kn < K)[None, :], other=0.0,
+                ready = offs_t < tl.where(seen >= 0, B, 0)
+                x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & (kn < K)[None, :], other=0.0,
                                  cache_modifier=".cg")
-                nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
-                a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+                if NORM_IN:
+                    nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
+                    a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+                    nw = nw_next
+                else:
+                    a = x
                 x = x_next
-                nw = nw_next
             else:
                 a = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0,
                             cache_modifier=".cg")
-            acc += _dot(a, tl.trans(tl.load(w_rows + k[None, :], mask=wm, other=0.0)), UPCAST)
+            acc += _dot(a, tl.trans(w), UPCAST)
             if SILU_MUL:
-                acc_up += _dot(a, tl.trans(tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)), UPCAST)
+                acc_up += _dot(a, tl.trans(w_up), UPCAST)
         if TRACE:
-            tl.store(probe + 7, tl.extra.cuda.globaltimer() + tl.sum(acc).to(tl.int64) * 0)
+            tl.store(trace_row + 7, tl.extra.cuda.globaltimer() + tl.sum(acc).to(tl.int64) * 0)
         if SILU_MUL:
             y = _silu_mul(acc, acc_up, dtype)
         else:
@@ -271,9 +307,10 @@ def _decode_step_kernel(
     res, sumsq, qkv_buf, attn_buf, act_buf, final_out,
     B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_QKV: tl.constexpr,
+    QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-    NT_P2: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
+    NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
@@ -292,12 +329,15 @@ def _decode_step_kernel(
         trace_row = trace + qi * 8  # see decode_step
         if TRACE:
             tl.store(trace_row, tl.extra.cuda.globaltimer())
-        _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        if kind == 1 or kind == 6:  # ATTN, NORM; the GEMV tiles wait inside (see _gemv_tile's EARLY)
+            _wait(counters, wait_stage, wait_count, trace_row, TRACE)
         wt = _address(weight, ptr)
         if kind == 0:  # QKV: input norm of residual slot 2 layer, q|k|v features
-            _gemv_tile(res + 2 * layer * BH, wt, B, H, NQKV, index * BLOCK_N, qkv_buf + layer * B * NQKV,
+            _gemv_tile(res + 2 * layer * BH, wt, B, H, NQKV, index * QKV_ROWS, qkv_buf + layer * B * NQKV,
                        _address(aux, ptr), sumsq + 2 * layer * NTB, NT, eps, res, sumsq,
-                       True, False, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, trace_row, TRACE)
+                       counters, wait_stage, wait_count, trace_row,
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_QKV, QKV_ROWS, BLOCK_K, NT_P2, STAGES, EARLY,
+                       TRACE)
         elif kind == 1:  # ATTN; weight, aux: q and k norm weights
             b = index // HKV
             _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ, wt, _address(aux, ptr),
@@ -308,19 +348,23 @@ def _decode_step_kernel(
         elif kind == 2:  # O: residual slot 2 layer + 1 = slot 2 layer + attn @ W_o.T, one column tile
             _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
-                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, trace_row, TRACE)
+                       counters, wait_stage, wait_count, trace_row,
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, EARLY, TRACE)
         elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up
             _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                        _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
-                       True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, trace_row, TRACE)
+                       counters, wait_stage, wait_count, trace_row,
+                       True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
         elif kind == 4:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + act @ W_down.T
             _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
                        wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
-                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, trace_row, TRACE)
+                       counters, wait_stage, wait_count, trace_row,
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, EARLY, TRACE)
         elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
             _gemv_tile(res + (2 * layer + 2) * BH, wt, B, H, V, index * BLOCK_N_LM, final_out,
                        _address(aux, ptr), sumsq + (2 * layer + 2) * NTB, NT, eps, res, sumsq,
-                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES)
+                       counters, wait_stage, wait_count, trace_row,
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
         else:  # NORM: final norm of request `index`, for vLLM's own lm_head
             _norm_row(res + (2 * layer + 2) * BH, sumsq + (2 * layer + 2) * NTB, _address(aux, ptr), final_out, index,
                       B, H, NT, eps, BLOCK_H, NT_P2)
@@ -340,7 +384,16 @@ class LaunchConfig:
     num_warps: int = 4
     block_k: int = 128  # weight chunk of tasks over the hidden size (QKV, GU, LM)
     block_k_out: int = 256  # of O and DOWN, whose tiles have half the rows on small models
-    stages: int = 4  # weight chunks in flight per GEMV task (Triton's software pipelining)
+    stages: int = 4  # weight chunks in flight per GEMV task, plus one (Triton's software pipelining)
+    # A GEMV task's first weight chunks are requested before its wait. None: where it measured faster
+    # (H100, benchmarks/NOTES.md): batch 1, and any batch up to 16 on hidden sizes ≤ 2048. On Qwen3-8B
+    # at batch 8 the kernel without it was faster (6.66 vs 7.13 ms per step), for a reason not found yet.
+    early_weights: bool | None = None
+
+    def early_for(self, shape: DecodeShape) -> bool:
+        if self.early_weights is not None:
+            return self.early_weights
+        return shape.batch == 1 or shape.hidden <= 2048
 
 
 def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
@@ -361,7 +414,7 @@ def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
     aux = torch.zeros_like(kind)
     # (kind, weights per layer, rows per task, row length, norm weights per layer)
     gemv = [
-        (Task.QKV, weights.qkv, s.block_n, s.hidden, weights.input_norm),
+        (Task.QKV, weights.qkv, s.qkv_rows, s.hidden, weights.input_norm),
         (Task.O, weights.o, s.block_n_out, s.num_heads * s.head_dim, None),
         (Task.GU, weights.gate_up, s.block_n, s.hidden, weights.post_norm),
         (Task.DOWN, weights.down, s.block_n_out, s.intermediate, None),
@@ -456,9 +509,10 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         cache.stride(0), cache.stride(1), cache.stride(2),
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size, BLOCK_S=max(64, batch.block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
-        BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
+        BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
+        BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
-        NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages,
+        NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_for(s),
         UPCAST=interpreted() or buffers.qkv.dtype == torch.float32,
         TRACE=trace is not None, num_warps=num_warps,
     )

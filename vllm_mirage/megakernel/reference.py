@@ -121,7 +121,7 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
     task, layer, index = Task(row[TYPE]), row[LAYER], row[INDEX]
     cols = lambda block, n, tile=index: slice(tile * block, min((tile + 1) * block, n))  # noqa: E731
     if task == Task.QKV:
-        n = cols(shape.block_n, shape.qkv_features)
+        n = cols(shape.qkv_rows, shape.qkv_features)
         buf.qkv[layer][:, n] = F.linear(_normed(buf, 2 * layer, weights.input_norm[layer], eps), weights.qkv[layer][n])
     elif task == Task.ATTN and attention is not None:
         if index == 0:
