@@ -125,8 +125,8 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
            "workers": graph.num_workers, "block_n": shape.block_n, "qkv_rows": shape.qkv_rows,
            "block_n_out": shape.block_n_out, "step_ms": ms,
            "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
-    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows}: {ms:.3f} ms/step, floor {floor_ms:.3f} ms "
-          f"({100 * floor_ms / ms:.0f}%)", flush=True)
+    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows}: {ms:.3f} ms/step, "
+          f"floor {floor_ms:.3f} ms ({100 * floor_ms / ms:.0f}%)", flush=True)
     trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
     kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace)
     torch.cuda.synchronize()

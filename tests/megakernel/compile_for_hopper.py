@@ -58,10 +58,10 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: 
     qkv_rows = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
                            num_layers=1, vocab=1, batch=batch).for_workers(132).qkv_rows
     consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=64, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
-                  BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32, BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows,
-                  BLOCK_N_OUT=32,
-                  BLOCK_N_LM=64, BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=stages, EARLY=bool(early), UPCAST=False,
-                  TRACE=False)
+                  BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32,
+                  BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows, BLOCK_N_OUT=32, BLOCK_N_LM=64,
+                  BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=stages, EARLY=bool(early),
+                  UPCAST=False, TRACE=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)
     # Every pointer (torch allocations) and these sizes and strides are multiples of 16 at Qwen3 shapes;

@@ -66,7 +66,7 @@ class DecodeShape:
     num_layers: int
     vocab: int  # lm_head rows (this rank's shard)
     batch: int  # B requests, one token each
-    block_n: int = 32  # output features per QKV / GU task
+    block_n: int = 32  # output features per GU task, and per QKV task unless block_n_qkv says otherwise
     block_n_out: int = 32  # hidden features per O / DOWN task (and columns per sum-of-squares partial)
     block_n_lm: int = 64
     block_n_qkv: int = 0  # q|k|v features per QKV task, a multiple of 16; 0: block_n (see for_workers)

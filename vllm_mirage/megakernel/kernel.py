@@ -4,7 +4,8 @@ Each program is a worker that runs its own queue of tasks (see :mod:`vllm_mirage
 encoded by the host with everything a task needs to start (its weight slice's address included), so
 a worker reads its next task while the current one runs and no task starts with a chain of dependent
 loads. For each task it spins on the counter of the stage it depends on (acquire), runs the tile and
-bumps its own stage's counter (release). The grid must not exceed what the GPU keeps resident at once
+bumps its own stage's counter (release). A GEMV task asks for its first weight chunks before it spins:
+weights never depend on other tasks, so they stream while the worker waits (``_gemv_tile``, EARLY). The grid must not exceed what the GPU keeps resident at once
 (one program per SM), or a waiting worker could hold the SM its producer needs.
 
 The tiles are the fused ops' math at decode sizes: RMSNorm applied to each activation chunk just
@@ -384,7 +385,7 @@ class LaunchConfig:
     num_warps: int = 4
     block_k: int = 128  # weight chunk of tasks over the hidden size (QKV, GU, LM)
     block_k_out: int = 256  # of O and DOWN, whose tiles have half the rows on small models
-    stages: int = 4  # weight chunks in flight per GEMV task, plus one (Triton's software pipelining)
+    stages: int = 4  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A GEMV task's first weight chunks are requested before its wait. None: where it measured faster
     # (H100, benchmarks/NOTES.md): batch 1, and any batch up to 16 on hidden sizes ≤ 2048. On Qwen3-8B
     # at batch 8 the kernel without it was faster (6.66 vs 7.13 ms per step), for a reason not found yet.
