@@ -69,6 +69,23 @@ def test_bench_tiny(run_cli, cli_cache, tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_several_modes_share_the_stock_runs(run_cli, cli_cache, tmp_path):
+    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "--num-iterations", "1", "--num-warmup", "0",
+                   "--max-tokens", "3", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
+                   "--mode", "fused", "megakernel")
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert "--mode fused:" in proc.stdout and "--mode megakernel:" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["sides"]) == {"stock", "mirage[fused]", "mirage[megakernel]"}  # one stock engine
+    fused, megakernel = results["modes"]
+    assert fused["mirage_status"]["mode"] == "fused" and megakernel["mirage_status"]["mode"] == "megakernel"
+    assert megakernel["mirage_status"]["megakernel_steps"] > 0
+    assert results["rows"] == fused["rows"] and fused["rows"] != megakernel["rows"]
+    assert fused["rows"][0]["stock"] == megakernel["rows"][0]["stock"]
+    for label in ("mirage-fused", "mirage-megakernel"):
+        assert (tmp_path / f"{label}.log").stat().st_size > 0
+
+
 def test_non_qwen3_model_says_mirage_did_not_apply(run_cli, tiny_llama, tmp_path):
     proc = run_cli("check", "--model", str(tiny_llama), "--skip-baseline", "--max-tokens", "2",
                    "--max-model-len", "256")

@@ -18,17 +18,21 @@ def test_bench_arguments():
     assert args.num_warmup == 0 and args.num_iterations == 3
     assert args.baseline_args == ["{}", '{"async_scheduling": true}']
     assert args.profile_gpu and args.max_model_len == 4096 and args.gpu_memory_utilization == 0.5
+    assert args.mode == ["fused"]
+    assert build_parser().parse_args(["bench", "--mode", "fused", "megakernel"]).mode == ["fused", "megakernel"]
 
 
 def test_check_arguments_and_defaults():
     args = build_parser().parse_args(["check", "--skip-baseline", "--tolerance", "0.1"])
+    assert args.mode == "fused"  # check compares one Mirage side
     assert args.func == "check" and args.skip_baseline and args.tolerance == 0.1
     # Unset means "pick for the device" (see context.defaults), not a fixed number.
     assert args.model is None and args.max_tokens is None and args.dtype is None
     assert args.gpu_memory_utilization == 0.85
 
 
-@pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"]])
+@pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],
+                                  ["bench", "--mode", "turbo"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)

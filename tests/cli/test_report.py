@@ -92,6 +92,26 @@ def test_reports_are_written(tmp_path, gpu):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_several_modes_get_a_table_each(tmp_path):
+    results = synthetic_results(True)
+    megakernel = runner_result("mirage[megakernel]", 0.0015, gpu=0.001)
+    results["modes"] = [
+        {"mode": "fused", "label": "mirage[fused]", "mirage_status": results["mirage_status"],
+         "mirage_assessment": results["mirage_assessment"], "rows": results["rows"]},
+        {"mode": "megakernel", "label": "mirage[megakernel]", "mirage_status": {"mode": "megakernel"},
+         "mirage_assessment": "Mirage applied: megakernel, 28 fused decoder layers",
+         "rows": stats.summarize([results["sides"]["stock"]], megakernel, N)},
+    ]
+    paths = write_reports(results, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "### mirage[fused]" in md and "### mirage[megakernel]" in md and "Mirage applied: megakernel" in md
+    stock_b1 = [l for l in md.splitlines() if l.startswith("| 1 | stock")]
+    assert len(stock_b1) == 2 and stock_b1[0] == stock_b1[1]  # the same stock runs under both
+    mk_b1 = next(l for l in md.splitlines() if l.startswith("| 1 | mirage[megakernel]"))
+    assert mk_b1.split("|")[8].strip() == "1.00"  # its own GPU time per step, not the fused side's
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_table_prints_without_reports():
     text = render_table(synthetic_results(False)["rows"])
     assert text.count("\n") == 6 and "speed-up" in text

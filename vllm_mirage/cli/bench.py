@@ -7,14 +7,27 @@ import json
 import shlex
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_mirage.cli import stats
 from vllm_mirage.cli.context import Context, defaults, parse_json_dict, prepare, runner_spec
 from vllm_mirage.cli.errors import EXIT_OK, CliError
-from vllm_mirage.cli.launch import SideRun, run_side
+from vllm_mirage.cli.launch import SideRun, file_label, run_side
 from vllm_mirage.cli.report import render_table, write_reports
 from vllm_mirage.cli.status import assess_mirage
+
+
+@dataclass
+class MirageSide:
+    """One Mirage side of a bench run (one per --mode) and its figures against the stock runs."""
+
+    mode: str
+    label: str
+    result: dict  # the runner's
+    code: int  # exit code of its assessment
+    assessment: str
+    rows: list[dict]  # stats.summarize against the stock runs
 
 
 def run_bench(args) -> int:
@@ -48,67 +61,79 @@ def run_bench(args) -> int:
         profile_gpu=bool(args.profile_gpu),
     )
 
-    def side_run(side: str, label: str, extra: dict, profile_name: str) -> SideRun:
-        spec = runner_spec(ctx, "bench", side, extra, profile_dir=str(out_dir / profile_name), **common)
+    def side_run(side: str, label: str, extra: dict, mirage_mode: str | None = None) -> SideRun:
+        spec = runner_spec(ctx, "bench", side, extra, mirage_mode=mirage_mode,
+                           profile_dir=str(out_dir / f"profile-{file_label(label)}"), **common)
         return SideRun(side, label, spec, steps)
 
     several = len(baselines) > 1
-    runs = [
-        side_run("stock", f"stock[{i}]" if several else "stock", extra, f"profile-stock{i}")
-        for i, extra in enumerate(baselines)
-    ]
-    runs.append(side_run("mirage", "mirage", mirage_args, "profile-mirage"))
+    runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
+    labels = {mode: "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]" for mode in ctx.modes}
+    runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         results = [run_side(r, Path(work), out_dir, ctx.on_cuda, args.verbose) for r in runs]
-    stock_results, mirage = results[:-1], results[-1]
+    stock_results, mirage_results = results[: len(baselines)], results[len(baselines):]
 
-    if mirage["truncated_prompts"]:
-        ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
-    code, assessment = assess_mirage(mirage, ctx.mode)
-    rows = stats.summarize(stock_results, mirage, ctx.max_tokens)
-    noisy = [f"batch {r['batch_size']} {side}" for r in rows for side in ("stock", "mirage")
+    if mirage_results[0]["truncated_prompts"]:
+        ctx.note(f"{mirage_results[0]['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
+    sides = []
+    for mode, result in zip(ctx.modes, mirage_results):
+        code, assessment = assess_mirage(result, mode)
+        rows = stats.summarize(stock_results, result, ctx.max_tokens)
+        sides.append(MirageSide(mode, labels[mode], result, code, assessment, rows))
+    noisy = [f"batch {r['batch_size']} {side}" for m in sides for r in m.rows for side in ("stock", "mirage")
              if (r[side]["decode_step_s"] or 0) < 0]
     if noisy:
         # Reported as measured, not clamped: a negative step says the numbers are noise.
-        ctx.note(f"negative decode step ({', '.join(noisy)}): the max_tokens=1 call took longer than the "
-                 "max_tokens=N call; timing noise exceeds the decode time, so raise --max-tokens, "
+        ctx.note(f"negative decode step ({', '.join(sorted(set(noisy)))}): the max_tokens=1 call took longer "
+                 "than the max_tokens=N call; timing noise exceeds the decode time, so raise --max-tokens, "
                  "--num-warmup or --num-iterations")
-    report = build_results(ctx, args, rows, stock_results, baselines, mirage, assessment, common)
+    report = build_results(ctx, args, stock_results, baselines, sides, common)
     paths = write_reports(report, out_dir)
-    print(render_table(rows))
-    print(assessment)
+    for m in sides:
+        if len(sides) > 1:
+            print(f"--mode {m.mode}:")
+        print(render_table(m.rows, m.label))
+        print(m.assessment)
     print(f"Wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
-    if code != EXIT_OK:
-        print(f"vllm-mirage: {assessment}", file=sys.stderr)
-    return code
+    failed = [m for m in sides if m.code != EXIT_OK]
+    for m in failed:
+        print(f"vllm-mirage: {m.assessment}", file=sys.stderr)
+    return failed[0].code if failed else EXIT_OK
 
 
-def build_results(ctx: Context, args, rows, stock_results, baselines, mirage, assessment, common) -> dict:
-    sides = {r["label"]: _raw(r) for r in [*stock_results, mirage]}
-    return {
+def build_results(ctx: Context, args, stock_results, baselines, sides: list[MirageSide], common) -> dict:
+    """The results dict of the run. ``rows``, ``mirage_status`` and ``mirage_assessment`` are the first
+    --mode's (the whole report with one mode); with several, ``modes`` has each one's."""
+    first = sides[0].result
+    results = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "system": mirage["system"],
+        "system": first["system"],
         "model": {
             "name": args.model or defaults(ctx.on_cuda)["model"],
             **ctx.model.to_spec(),
-            "config": mirage["engine"].get("hf_config") or ctx.model.config,
+            "config": first["engine"].get("hf_config") or ctx.model.config,
         },
-        "dtype": mirage["engine"]["dtype"],
+        "dtype": first["engine"]["dtype"],
         "prompts": {
             "file": ctx.prompts_file,
             "count": len(ctx.prompts),
-            "tokens": mirage["prompt_tokens"],
-            "truncated": mirage["truncated_prompts"],
+            "tokens": first["prompt_tokens"],
+            "truncated": first["truncated_prompts"],
         },
         "settings": {"max_tokens": ctx.max_tokens, **common, "engine_args": ctx.engine_args},
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
-        "mirage_status": mirage["mirage_status"],
-        "mirage_assessment": assessment,
+        "mirage_status": first["mirage_status"],
+        "mirage_assessment": sides[0].assessment,
         "notes": ctx.notes,
-        "rows": rows,
-        "sides": sides,
+        "rows": sides[0].rows,
+        "sides": {r["label"]: _raw(r) for r in [*stock_results, *(m.result for m in sides)]},
     }
+    if len(sides) > 1:
+        results["modes"] = [{"mode": m.mode, "label": m.label, "mirage_status": m.result["mirage_status"],
+                             "mirage_assessment": m.assessment, "rows": m.rows} for m in sides]
+    return results
 
 
 def _raw(result: dict) -> dict:

@@ -27,17 +27,23 @@ class Context:
     prompts_file: str
     max_tokens: int
     engine_args: dict  # for both sides; per-side extras are added by the subcommand
-    mode: str = "fused"  # --mode: the Mirage side's path, "fused" or "megakernel"
+    mode: str = "fused"  # --mode: the Mirage side's path, "fused" or "megakernel" (bench: the first of several)
     notes: list[str] = field(default_factory=list)  # shown in the output and the report
+    modes: list[str] = field(default_factory=list)  # bench: every --mode, one Mirage side each
 
     @property
     def mirage_switch(self) -> str:
         """VLLM_USE_MIRAGE for the Mirage side."""
-        return "megakernel" if self.mode == "megakernel" else "1"
+        return switch_for(self.mode)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"note: {text}", file=sys.stderr)
+
+
+def switch_for(mode: str) -> str:
+    """VLLM_USE_MIRAGE for a Mirage side run in ``mode``."""
+    return "megakernel" if mode == "megakernel" else "1"
 
 
 def defaults(on_cuda: bool) -> dict:
@@ -53,7 +59,8 @@ def prepare(args, command: str) -> Context:
     max_tokens = d[f"{command}_max_tokens"] if args.max_tokens is None else args.max_tokens
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
-    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, mode=args.mode)
+    modes = [args.mode] if isinstance(args.mode, str) else list(dict.fromkeys(args.mode))
+    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, mode=modes[0], modes=modes)
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:
@@ -98,7 +105,10 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
     return value
 
 
-def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | None = None, **more) -> dict:
+def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | None = None,
+                mirage_mode: str | None = None, **more) -> dict:
+    """What the runner process needs for one side; ``mirage_mode`` overrides ``ctx.mode`` (bench runs one
+    Mirage side per --mode)."""
     return {
         "mode": mode,
         "side": side,
@@ -106,6 +116,6 @@ def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | No
         "prompts": ctx.prompts,
         "max_tokens": ctx.max_tokens,
         "engine_args": {**ctx.engine_args, **(extra_engine_args or {})},
-        "mirage_switch": ctx.mirage_switch,
+        "mirage_switch": switch_for(mirage_mode or ctx.mode),
         **more,
     }

@@ -66,7 +66,7 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     side_dir = Path(tempfile.mkdtemp(prefix=f"{run.side}-", dir=workdir))
     spec_path, result_path = side_dir / "spec.json", side_dir / "result.json"
     spec_path.write_text(json.dumps(run.spec))
-    log_path = log_dir / f"{_safe(run.label)}.log"
+    log_path = log_dir / f"{file_label(run.label)}.log"
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
     with open(log_path, "w") as log:
@@ -108,6 +108,6 @@ def _tail(log_path: Path) -> str:
     return "\n".join(f"  | {l}" for l in lines[-LOG_TAIL_LINES:])
 
 
-def _safe(label: str) -> str:
+def file_label(label: str) -> str:
     # "stock[1]" -> "stock-1"
     return re.sub(r"[^\w-]+", "-", label).strip("-")

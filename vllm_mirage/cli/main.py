@@ -24,6 +24,11 @@ _MODEL_HELP = (
 )
 
 
+MODES = ["fused", "megakernel"]
+_MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1) or fused layers plus megakernel decode "
+              "steps (VLLM_USE_MIRAGE=megakernel)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-mirage", description=__doc__.split("\n\n")[0],
@@ -50,13 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", metavar="DIR",
                         help="where presets are written (default: $VLLM_MIRAGE_CACHE or ~/.cache/vllm-mirage)")
     common.add_argument("--verbose", action="store_true", help="show engine output instead of logging it")
-    common.add_argument("--mode", choices=["fused", "megakernel"], default="fused",
-                        help="the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1) or fused layers plus "
-                             "megakernel decode steps (VLLM_USE_MIRAGE=megakernel)")
 
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "
                                        "(greedy, ignore_eos) and compare token ids and logprobs.")
+    check.add_argument("--mode", choices=MODES, default="fused", help=_MODE_HELP)
     check.add_argument("--skip-baseline", action="store_true", help="only run the Mirage side (smoke test)")
     check.add_argument("--tolerance", type=float, metavar="NATS",
                        help="16-bit dtypes: a divergence where Mirage's token is at most this far below the "
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", parents=[common], help="measure stock vLLM and Mirage speed",
                            description="Time stock vLLM and vLLM with Mirage, each in its own fresh process.")
+    bench.add_argument("--mode", choices=MODES, nargs="+", default=["fused"],
+                       help=_MODE_HELP + "; several, e.g. 'fused megakernel', run one Mirage side each against "
+                                         "the same stock runs")
     bench.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="default 1 8 64 on GPU, 1 4 on CPU")
     bench.add_argument("--num-warmup", type=int, metavar="W", help="warm-up iterations per batch size")
     bench.add_argument("--num-iterations", type=int, metavar="K", help="timed iterations per batch size")

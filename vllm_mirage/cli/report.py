@@ -22,7 +22,7 @@ def write_reports(results: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}
     paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
     paths["markdown"].write_text(render_markdown(results))
-    write_plot(results["rows"], paths["plot"], title=results["model"]["name"])
+    write_plot(_mode_rows(results), paths["plot"], title=results["model"]["name"])
     return paths
 
 
@@ -30,12 +30,19 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{1000 * seconds:.2f}"
 
 
-def render_table(rows: list[dict]) -> str:
+def _mode_rows(results: dict) -> list[tuple[str, str, list[dict]]]:
+    """(label, assessment, rows) per Mirage side: one, or one per --mode of a several-mode run."""
+    if "modes" in results:
+        return [(m["label"], m["mirage_assessment"], m["rows"]) for m in results["modes"]]
+    return [("mirage", results["mirage_assessment"], results["rows"])]
+
+
+def render_table(rows: list[dict], mirage_label: str = "mirage") -> str:
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
     for row in rows:
         for side in ("stock", "mirage"):
             f = row[side]
-            label = row["stock_label"] if side == "stock" else "mirage"
+            label = row["stock_label"] if side == "stock" else mirage_label
             speedup = "" if side == "stock" else f"{row['speedup_tokens_per_s']:.2f}x"
             cells = (
                 str(row["batch_size"]), label, _ms(f["latency_mean_s"]), _ms(f["latency_p50_s"]),
@@ -61,13 +68,18 @@ def render_markdown(results: dict) -> str:
         f"- Prompts: {results['prompts']['count']} from {results['prompts']['file']}; "
         f"max_tokens {settings['max_tokens']}, warm-up {settings['num_warmup']}, "
         f"iterations {settings['num_iterations']}",
-        f"- {results['mirage_assessment']}",
+        *(f"- {text}" for _, text, _ in _mode_rows(results)),
         "- Stock baselines: " + "; ".join(
             f"{b['label']} = {json.dumps(b['extra_engine_args'])}" for b in results["baselines"]
         ),
         f"- Command: `{results['command']}`",
         "",
-        render_table(results["rows"]),
+    ]
+    for label, _, rows in _mode_rows(results):
+        if "modes" in results:
+            lines += [f"### {label}", ""]
+        lines.append(render_table(rows, label))
+    lines += [
         "## Method",
         "",
         stats.__doc__.split("\n\n", 1)[1].strip(),
@@ -84,23 +96,31 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
+def write_plot(sides: list[tuple[str, str, list[dict]]], path: Path, title: str = "") -> None:
+    """Throughput of stock and each Mirage side, and each side's speed-up over stock, per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here, and never one in CI
     import matplotlib.pyplot as plt
 
-    sizes = [r["batch_size"] for r in rows]
+    first = sides[0][2]
+    sizes = [r["batch_size"] for r in first]
     fig, (tput, speed) = plt.subplots(1, 2, figsize=(10, 4))
-    for side, marker in (("stock", "o"), ("mirage", "s")):
-        tput.plot(sizes, [r[side]["output_tokens_per_s"] for r in rows], marker=marker, label=side)
-    tput.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput")
-    speed.bar([str(s) for s in sizes], [r["speedup_tokens_per_s"] for r in rows], color="tab:green")
+    tput.plot(sizes, [r["stock"]["output_tokens_per_s"] for r in first], marker="o", label="stock")
+    width = 0.8 / len(sides)
+    for i, (label, _, rows) in enumerate(sides):
+        tput.plot(sizes, [r["mirage"]["output_tokens_per_s"] for r in rows], marker="s", label=label)
+        speed.bar([x + (i - (len(sides) - 1) / 2) * width for x in range(len(sizes))],
+                  [r["speedup_tokens_per_s"] for r in rows], width=width, label=label)
+    speed.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     speed.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     speed.set(xlabel="batch size", ylabel="Mirage / stock (tokens/s)", title="Speed-up")
+    if len(sides) > 1:
+        speed.legend()
     if len(sizes) > 1 and min(sizes) > 0:
         tput.set_xscale("log", base=2)
     tput.set_xticks(sizes, [str(s) for s in sizes])
+    tput.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput")
     tput.legend()
     fig.suptitle(title)
     fig.tight_layout()
