@@ -387,8 +387,9 @@ class LaunchConfig:
     block_k_out: int = 256  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 4  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A GEMV task's first weight chunks are requested before its wait. None: where it measured faster
-    # (H100, benchmarks/NOTES.md): batch 1, and any batch up to 16 on hidden sizes ≤ 2048. On Qwen3-8B
-    # at batch 8 the kernel without it was faster (6.66 vs 7.13 ms per step), for a reason not found yet.
+    # (H100, benchmarks/NOTES.md): batch 1 (0.6B and 8B), and hidden sizes ≤ 2048 (measured on 0.6B at
+    # batch 8; 1.7B not measured). On Qwen3-8B at batch 8 the kernel without it was faster (6.66 vs 7.13
+    # ms per step), for a reason not found yet.
     early_weights: bool | None = None
 
     def early_for(self, shape: DecodeShape) -> bool:
