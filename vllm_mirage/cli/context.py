@@ -27,14 +27,14 @@ class Context:
     prompts_file: str
     max_tokens: int
     engine_args: dict  # for both sides; per-side extras are added by the subcommand
-    mode: str = "fused"  # --mode: the Mirage side's path, "fused" or "megakernel" (bench: the first of several)
+    # --mode: the Mirage side's path, "fused" or "megakernel"; bench takes several, one Mirage side each.
+    modes: list[str] = field(default_factory=lambda: ["fused"])
     notes: list[str] = field(default_factory=list)  # shown in the output and the report
-    modes: list[str] = field(default_factory=list)  # bench: every --mode, one Mirage side each
 
     @property
-    def mirage_switch(self) -> str:
-        """VLLM_USE_MIRAGE for the Mirage side."""
-        return switch_for(self.mode)
+    def mode(self) -> str:
+        """The Mirage side's path (check's only one, bench's first)."""
+        return self.modes[0]
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -60,7 +60,7 @@ def prepare(args, command: str) -> Context:
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
     modes = [args.mode] if isinstance(args.mode, str) else list(dict.fromkeys(args.mode))
-    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, mode=modes[0], modes=modes)
+    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, modes=modes)
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:

@@ -124,8 +124,8 @@ def row_gemv(
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``_norm_gemv.norm_gemv``, for shapes where ``fits(T, H)``."""
+    assert fits(*x.shape), f"{x.shape[0]} rows of {x.shape[1]} do not fit the row GEMV's registers"
     g = prepare_gemv(x, weight, norm_weight, eps, residual, silu_mul, out, new_residual)
-    assert fits(g.T, g.H), f"{g.T} rows of {g.H} do not fit the row GEMV's registers"
     cfg = {**default_config(g.T, g.H, g.N, silu_mul), **(config or {})}
     programs = min(cfg.pop("PROGRAMS"), triton.cdiv(g.N, cfg["BLOCK_N"]))
     slab_bytes = (2 if silu_mul else 1) * cfg["BLOCK_N"] * triton.next_power_of_2(g.H) * x.element_size()
