@@ -7,6 +7,7 @@ environment without it (``subprocess_env`` in tests/conftest.py).
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -35,6 +36,13 @@ def assert_close(out, ref, dtype):
 
 def poisoned(shape, dtype, device="cpu"):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_case(request):
+    """Each case draws the same inputs on every run, so a case near its tolerance fails every time or
+    never, not one run in five (bf16 norm→gate/up→SiLU on the interpreter errs 2.0–2.9e-2 over seeds)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture
