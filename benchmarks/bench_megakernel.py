@@ -2,10 +2,11 @@
 
     python benchmarks/bench_megakernel.py --out benchmarks/results/megakernel_h100.json
 
-Qwen3-0.6B and Qwen3-8B shapes with random bf16 weights, batch 1/8/64, context 128 per request. The step
-runs under a CUDA graph (as vLLM would run it); the floor is the bytes the step must read (weights +
-the KV cache it attends over) divided by the device-to-device copy bandwidth measured here. Launch
-configurations are timed side by side; one traced run per shape says where the time goes per stage.
+Qwen3-0.6B and Qwen3-8B shapes with random bf16 weights, batch 1/8/64, context 128 per request (or
+``--context``). The step runs under a CUDA graph (as vLLM would run it); the floor is the bytes the step
+must read (weights + the KV cache it attends over) divided by the device-to-device copy bandwidth
+measured here. Launch configurations are timed side by side; one traced run per shape says where the
+time goes per stage.
 """
 
 import argparse
@@ -78,16 +79,19 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
             "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
 
 
-def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, power_of_two_qkv: bool = False):
+def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, power_of_two_qkv: bool = False,
+               attn_splits: int | None = None):
     """(KV batch, graph, buffers) of one decode step at ``context`` cached tokens per request, one
     worker per SM. ``power_of_two_qkv``: QKV tasks keep ``block_n`` rows (the tiles before one-round
-    QKV tiles), for a side-by-side timing."""
+    QKV tiles), for a side-by-side timing; ``attn_splits`` overrides the default context splits."""
     kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
                        num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
     workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
     if power_of_two_qkv:
         shape = replace(shape, block_n_qkv=0)
+    if attn_splits is not None:
+        shape = replace(shape, attn_splits=attn_splits)
     graph = build_task_graph(shape, workers).to("cuda")
     buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
     buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
@@ -95,11 +99,16 @@ def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, powe
 
 
 def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool,
-                compare_qkv_rows: bool) -> list:
+                compare_qkv_rows: bool, attn_splits: list[int]) -> list:
     cfg = SHAPES[name]
     kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
     rows = [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
             for config in configs]
+    for splits in attn_splits:
+        if splits != graph.shape.attn_splits:
+            kvb, graph_s, buffers = setup_step(cfg, weights, batch, context, lm_head, attn_splits=splits)
+            rows.append(time_config(name, cfg, weights, kvb, graph_s, buffers, configs[0], bandwidth, lm_head,
+                                    batch, context))
     if compare_qkv_rows and graph.shape.block_n_qkv:
         kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head, power_of_two_qkv=True)
         rows.append(time_config(name, cfg, weights, kvb, graph, buffers, configs[0], bandwidth, lm_head, batch,
@@ -123,9 +132,10 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
     ms = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
     row = {"model": name, "batch": batch, "context": context, "lm_head": lm_head, "config": config.__dict__,
            "workers": graph.num_workers, "block_n": shape.block_n, "qkv_rows": shape.qkv_rows,
-           "block_n_out": shape.block_n_out, "step_ms": ms,
+           "block_n_out": shape.block_n_out, "attn_splits": shape.attn_splits, "step_ms": ms,
            "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
-    print(f"{name} b{batch} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows}: {ms:.3f} ms/step, "
+    print(f"{name} b{batch} ctx{context} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows} "
+          f"attn_splits={shape.attn_splits}: {ms:.3f} ms/step, "
           f"floor {floor_ms:.3f} ms ({100 * floor_ms / ms:.0f}%)", flush=True)
     trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
     kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace)
@@ -153,13 +163,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-8b"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
-    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--context", type=int, nargs="+", default=[128], help="cached tokens per request")
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
     ap.add_argument("--configs", default='[{}, {"block_k": 256, "block_k_out": 512}]',
                     help="JSON list of LaunchConfig fields, timed side by side")
     ap.add_argument("--compare-qkv-rows", action="store_true",
                     help="where QKV tasks are one-round (non power-of-two) tiles, also time the first config "
                          "with block_n-row QKV tiles")
+    ap.add_argument("--attn-splits", type=int, nargs="*", default=[],
+                    help="also time the first config with these context splits per (request, kv head)")
     args = ap.parse_args()
     configs = [LaunchConfig(**c) for c in json.loads(args.configs)]
     bw = copy_bandwidth()
@@ -167,9 +179,11 @@ def main() -> None:
     rows = []
     for name in args.models:
         cfg = SHAPES[name]
-        weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda")
+        weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda", max_positions=max(args.context) + 1)
         for b in args.batch_sizes:
-            rows += bench_shape(name, weights, b, args.context, bw, configs, args.lm_head, args.compare_qkv_rows)
+            for context in args.context:
+                rows += bench_shape(name, weights, b, context, bw, configs, args.lm_head, args.compare_qkv_rows,
+                                    args.attn_splits)
         del weights
         torch.cuda.empty_cache()
     report = compile_report()

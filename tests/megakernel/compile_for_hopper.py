@@ -50,14 +50,18 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: 
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
-    sig.update({name: "*i32" for name in ("queue_offsets", "counters", "block_tables")})
+    sig.update({name: "*i32" for name in ("queue_offsets", "counters", "block_tables", "arrivals")})
     sig.update({name: "*i64" for name in ("program", "trace", "kvtab", "positions", "slot_mapping")})
     sig.update({name: act for name in ("res", "qkv_buf", "attn_buf", "act_buf", "final_out")})
-    sig.update(sumsq="*fp32", cos_sin="*fp32", eps="fp32", scale="fp32")
-    # QKV rows per task as on a 132-SM H100 (48 at Qwen3-8B's head counts: a non-power-of-two tile).
-    qkv_rows = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
-                           num_layers=1, vocab=1, batch=batch).for_workers(132).qkv_rows
+    sig.update({name: "*fp32" for name in ("sumsq", "cos_sin", "attn_acc", "attn_ml")})
+    sig.update(eps="fp32", scale="fp32")
+    # QKV rows per task and attention splits as on a 132-SM H100 (48-row QKV tiles at Qwen3-8B's head
+    # counts: a non-power-of-two tile).
+    shape = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
+                        num_layers=1, vocab=1, batch=batch).for_workers(132)
+    qkv_rows = shape.qkv_rows
     consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=64, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
+                  ATTN_SPLITS=shape.attn_splits,
                   BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32,
                   BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows, BLOCK_N_OUT=32, BLOCK_N_LM=64,
                   BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=stages, EARLY=bool(early),
@@ -82,6 +86,8 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: 
         "shared_bytes": compiled.metadata.shared,
         "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
         "release_adds": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),
+        "attn_splits": shape.attn_splits,
+        "arrival_adds": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)),
         "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "early_weight_copies": early_weight_copies(compiled.asm["ttgir"]),
         "vector_loads": sum(1 for ld in loads if ".v4" in ld or ".v2" in ld),

@@ -14,7 +14,8 @@ from tests.ops.test_qk_norm_rope import _cos_sin_cache  # noqa: E402
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeWeights  # noqa: E402
 
 
-def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="cpu", seed=0) -> DecodeWeights:
+def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="cpu", seed=0,
+                   max_positions=256) -> DecodeWeights:
     gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: 8B shapes are slow on a CPU
     rnd = lambda *s, scale: (scale * torch.randn(*s, generator=gen, device=device)).to(dtype)  # noqa: E731
     norm = lambda n: (1 + 0.3 * torch.randn(n, generator=gen, device=device)).to(dtype)  # noqa: E731
@@ -29,7 +30,7 @@ def random_weights(*, hidden, inter, hq, hkv, d, layers, vocab, dtype, device="c
         down=[rnd(hidden, inter, scale=inter ** -0.5) for _ in range(layers)],
         final_norm=norm(hidden),
         lm_head=rnd(vocab, hidden, scale=hidden ** -0.5),
-        cos_sin_cache=_cos_sin_cache(256, d, base=10000.0).to(device),
+        cos_sin_cache=_cos_sin_cache(max_positions, d, base=10000.0).to(device),
         eps=1e-6,
     )
 

@@ -3,6 +3,8 @@
 Run with ``python -m pytest -m gpu tests/megakernel`` on a CUDA machine; deselected by default.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -41,11 +43,18 @@ def test_all_sms_match_reference_8b_widths(positions):
     _check_all_sms(QWEN3_8B, positions, LaunchConfig())
 
 
-def _check_all_sms(model, positions, config):
+@pytest.mark.parametrize("attn_splits", [1, 2, 8])
+@pytest.mark.parametrize("positions", [[1000], [0, 999, 64, 300]])
+def test_context_splits_match_reference(positions, attn_splits):
+    # Long contexts, where each split walks several chunks; a split count beyond the default rule's.
+    _check_all_sms(QWEN3_06B, positions, LaunchConfig(), attn_splits)
+
+
+def _check_all_sms(model, positions, config, attn_splits=None):
     dev, dtype = "cuda", torch.bfloat16
-    weights = random_weights(**model, dtype=dtype, device=dev)
+    weights = random_weights(**model, dtype=dtype, device=dev, max_positions=max(positions) + 1)
     batch = random_batch(positions, layers=model["layers"], hkv=model["hkv"], d=model["d"], dtype=dtype,
-                         num_blocks=16 * len(positions) + 16, layout="fa_packed", device=dev)
+                         num_blocks=len(positions) * (max(positions) // 16 + 1) + 16, layout="fa_packed", device=dev)
     hidden = torch.randn(len(positions), model["hidden"], device=dev).to(dtype)
     ref_batch = clone_batch(batch, torch.float32)
     weights32 = float32_weights(weights)
@@ -53,12 +62,15 @@ def _check_all_sms(model, positions, config):
 
     workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=len(positions)).for_workers(workers)
+    if attn_splits is not None:
+        shape = replace(shape, attn_splits=attn_splits)
     graph = build_task_graph(shape, workers).to(dev)
     buffers = DecodeBuffers(shape, dtype, dev)
     buffers.load_input(hidden)
     first = kernel.decode_step(graph, weights, batch, buffers, config=config).clone()
     assert rel_err(first, want) <= 2e-2, rel_err(first, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
+    assert (buffers.arrivals == (shape.attn_splits if shape.attn_splits > 1 else 0)).all()
 
     # Same result again (each tile has one owner: no atomics in the math), and under a CUDA graph.
     assert torch.equal(kernel.decode_step(graph, weights, batch, buffers, config=config), first)

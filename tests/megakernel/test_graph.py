@@ -4,7 +4,7 @@ import torch
 from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.graph import (
-    NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
+    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
 )
 from vllm_mirage.megakernel.state import DecodeBuffers
 
@@ -39,14 +39,16 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 
 
 @pytest.mark.parametrize(
-    "workers, lm_head, block_n_out, block_n_qkv",
-    [(1, True, 32, 0), (2, True, 16, 0), (5, False, 32, 48), (64, True, 16, 0)],
+    "workers, lm_head, block_n_out, block_n_qkv, attn_splits",
+    [(1, True, 32, 0, 1), (2, True, 16, 0, 1), (5, False, 32, 48, 1), (64, True, 16, 0, 1),
+     (3, True, 32, 0, 4), (7, False, 16, 0, 2)],
 )
-def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv):
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
-    shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv)
+    shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
+                          attn_splits=attn_splits)
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
@@ -105,3 +107,18 @@ def test_narrow_tiles_only_where_a_stage_would_idle_half_the_sms():
     wide = DecodeShape(hidden=5120, intermediate=25600, num_heads=64, num_kv_heads=8, head_dim=128,
                        num_layers=64, vocab=151936, batch=1).for_workers(132)
     assert wide.qkv_rows == 32  # 32B: one round would need 80-row tiles; two rounds stay as they are
+
+
+def test_attention_splits_fill_one_round_of_workers():
+    def splits(batch, hkv=8, workers=132):
+        return DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=hkv, head_dim=128,
+                           num_layers=2, vocab=64, batch=batch).for_workers(workers).attn_splits
+
+    assert splits(1) == MAX_ATTN_SPLITS  # 8 kv heads: 8 tasks for 132 SMs without splits
+    assert (splits(8), splits(16), splits(64)) == (2, 1, 1)  # 64 (request, head) pairs: two splits fill 128
+    assert splits(1, workers=4) == 1
+    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
+                        num_layers=2, vocab=64, batch=3, attn_splits=4)
+    assert shape.tasks_in_stage(Task.ATTN) == 96
+    # Splits of one head are adjacent: round-robin puts them on neighbouring workers.
+    assert [shape.attn_task(i) for i in (0, 3, 4, 95)] == [(0, 0, 0), (0, 0, 3), (0, 1, 0), (2, 7, 3)]

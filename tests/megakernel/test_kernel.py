@@ -24,16 +24,21 @@ def _poison(buffers):
 @pytest.mark.parametrize("early_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "positions, lm_head, layout, block_n_out, block_n_qkv",
+    "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits",
     [
-        ([0], True, "flash", 32, 0),
-        ([5, 37, 16], True, "fa_packed", 16, 0),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
-        ([20], True, "flash", 32, 48),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0),  # 70 cached tokens: two 64-token attention chunks over 16-token pages
-        ([33, 2], True, "head_major", 32, 0),
+        ([0], True, "flash", 32, 0, 1),
+        ([5, 37, 16], True, "fa_packed", 16, 0, 1),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
+        ([20], True, "flash", 32, 48, 1),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
+        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: two 64-token attention chunks over 16-token pages
+        ([33, 2], True, "head_major", 32, 0, 1),
+        # Context splits: 200 tokens in 4 slices of one 64-token chunk; 70 in 2; 0 and 9 leave the first
+        # slices empty (only the last has a token, the new one).
+        ([200, 0], True, "fa_packed", 32, 0, 4),
+        ([70, 9], False, "flash", 16, 0, 2),
     ],
 )
-def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, dtype, early_weights):
+def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, dtype,
+                                  early_weights):
     weights = random_weights(**TINY, dtype=dtype)
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
@@ -43,7 +48,8 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
     weights32 = float32_weights(weights)
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
-    shape = weights.shape(batch=len(positions), lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv)
+    shape = weights.shape(batch=len(positions), lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
+                          attn_splits=attn_splits)
     graph = build_task_graph(shape, 1)
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)
@@ -53,6 +59,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
     assert out.shape == want.shape and not out.isnan().any(), "unwritten output"
     assert rel_err(out, want) <= TOLERANCE[dtype], rel_err(out, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()  # every task signalled once
+    assert (buffers.arrivals == (attn_splits if attn_splits > 1 else 0)).all()  # every split arrived once
     for got, ref, old in zip(batch.k_caches + batch.v_caches, want_batch.k_caches + want_batch.v_caches,
                              before.k_caches + before.v_caches):
         for b, pos in enumerate(positions):
@@ -124,3 +131,5 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv):
     # at these batch-1 shapes). A barrier inside the weight loop, as the wait first had there, makes
     # Triton drop the pipelining without a word; this count then falls to 0.
     assert info["early_weight_copies"] > 0, info
+    # Batch 1 splits attention over the context; the merge must follow an acquire-release arrival.
+    assert info["attn_splits"] > 1 and info["arrival_adds"] >= 1, info

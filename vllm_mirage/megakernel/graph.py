@@ -3,7 +3,9 @@
 A decode step for ``B`` requests (one new token each) is lowered, layer by layer, into tasks:
 
     QKV    norm(residual) @ W_qkv.T, one ``qkv_rows`` slice of the fused q|k|v features
-    ATTN   one (request, kv head): q/k RMSNorm + rotary, KV-cache append, paged decode attention
+    ATTN   one (request, kv head, context split): q/k RMSNorm + rotary, paged decode attention over
+           one ``attn_splits``-th of the cached tokens; the last split also appends k/v to the cache
+           and attends to the new token, and whichever split of a head finishes last combines them
     O      residual += attn @ W_o.T, one ``block_n_out`` slice of the hidden features
     GU     SiLU(norm(residual) @ W_gate.T) * (norm(residual) @ W_up.T), one ``block_n`` slice
     DOWN   residual += act @ W_down.T, one ``block_n_out`` slice of the hidden features
@@ -47,6 +49,7 @@ class Task(enum.IntEnum):
     NORM = 6
 
 
+MAX_ATTN_SPLITS = 4  # see DecodeShape._attn_splits
 STAGES_PER_LAYER = 5  # QKV, ATTN, O, GU, DOWN; LM (or NORM) is one stage after the last layer
 NO_WAIT = -1
 
@@ -70,6 +73,7 @@ class DecodeShape:
     block_n_out: int = 32  # hidden features per O / DOWN task (and columns per sum-of-squares partial)
     block_n_lm: int = 64
     block_n_qkv: int = 0  # q|k|v features per QKV task, a multiple of 16; 0: block_n (see for_workers)
+    attn_splits: int = 1  # ATTN tasks per (request, kv head), each over a slice of the context; a power of 2
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
 
     def for_workers(self, workers: int) -> "DecodeShape":
@@ -84,7 +88,17 @@ class DecodeShape:
 
         block_n = fit(self.block_n, min(self.qkv_features, self.intermediate))
         return replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
-                       block_n_qkv=self._one_round_qkv(block_n, workers))
+                       block_n_qkv=self._one_round_qkv(block_n, workers),
+                       attn_splits=self._attn_splits(workers))
+
+    def _attn_splits(self, workers: int) -> int:
+        """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage
+        still fits in one round. At batch 1 one task per kv head is 8 tasks for 132 SMs, each walking the
+        whole context alone (8.2 µs per layer at 128 tokens, benchmarks/NOTES.md)."""
+        splits = self.attn_splits
+        while splits * 2 <= MAX_ATTN_SPLITS and self.batch * self.num_kv_heads * splits * 2 <= workers:
+            splits *= 2
+        return splits
 
     def _one_round_qkv(self, block_n: int, workers: int) -> int:
         """QKV rows per task: ``block_n``, unless that takes two rounds of tasks over the workers and up
@@ -97,6 +111,12 @@ class DecodeShape:
             return 0
         rows = 16 * -(-self.qkv_features // (16 * workers))
         return rows if rows <= 2 * block_n else 0
+
+    def attn_task(self, index: int) -> tuple[int, int, int]:
+        """(request, kv head, split) of ATTN task ``index``: the splits of one head are adjacent, so
+        round-robin dealing puts them on neighbouring workers."""
+        head, split = divmod(index, self.attn_splits)
+        return (*divmod(head, self.num_kv_heads), split)
 
     @property
     def qkv_rows(self) -> int:
@@ -115,7 +135,7 @@ class DecodeShape:
         cdiv = lambda a, b: -(-a // b)  # noqa: E731
         return {
             Task.QKV: cdiv(self.qkv_features, self.qkv_rows),
-            Task.ATTN: self.batch * self.num_kv_heads,
+            Task.ATTN: self.batch * self.num_kv_heads * self.attn_splits,
             Task.O: self.out_tiles,
             Task.GU: cdiv(self.intermediate, self.block_n),
             Task.DOWN: self.out_tiles,

@@ -10,10 +10,11 @@ weights never depend on other tasks, so they stream while the worker waits (``_g
 
 The tiles are the fused ops' math at decode sizes: RMSNorm applied to each activation chunk just
 before the dot (its RMS from the producers' per-tile sums of squares), SiLU·mul as the gate/up
-epilogue, the residual add and its sums of squares as the O/DOWN epilogue, and one attention task per
-(request, kv head) that normalises and rotates q/k, appends k/v to vLLM's paged cache and attends over
-the cached tokens plus the new one (kept in registers, so no task reads what it just stored). Weights
-are addressed in place: they stay vLLM's tensors.
+epilogue, the residual add and its sums of squares as the O/DOWN epilogue, and attention tasks per
+(request, kv head, context split) that normalise and rotate q/k, append k/v to vLLM's paged cache and
+attend over their share of the cached tokens, the last split also over the new one (kept in registers,
+so no task reads what it just stored); where a head has several splits, the last to finish merges
+them. Weights are addressed in place: they stay vLLM's tensors.
 """
 
 from __future__ import annotations
@@ -209,14 +210,15 @@ def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
 
 
 @triton.jit
-def _kv_chunk(k_cache, v_cache, bt_ptr, j, pos, kvh, stride_blk, stride_tok, stride_head,
+def _kv_chunk(k_cache, v_cache, bt_ptr, j, start, end, kvh, stride_blk, stride_tok, stride_head,
               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Keys and values (each as two head-dim halves) of cached tokens [j BLOCK_S, (j + 1) BLOCK_S) ∩ [0, pos),
-    gathered across ``PAGE``-token cache blocks; masked rows are zero."""
+    """Keys and values (each as two head-dim halves) of cached tokens
+    [start + j BLOCK_S, start + (j + 1) BLOCK_S) ∩ [start, end), gathered across ``PAGE``-token cache
+    blocks; masked rows are zero."""
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, HALF)
-    tok = j * BLOCK_S + tl.arange(0, BLOCK_S)
-    tok_mask = tok < pos
+    tok = start + j * BLOCK_S + tl.arange(0, BLOCK_S)
+    tok_mask = tok < end
     page = tl.load(bt_ptr + tok // PAGE, mask=tok_mask, other=0).to(tl.int64)
     rows = (page * stride_blk + (tok % PAGE) * stride_tok + kvh * stride_head)[:, None] + d[None, :]
     m = tok_mask[:, None]
@@ -226,20 +228,32 @@ def _kv_chunk(k_cache, v_cache, bt_ptr, j, pos, kvh, stride_blk, stride_tok, str
 
 @triton.jit
 def _attention_tile(
-    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, eps, scale,
-    stride_blk, stride_tok, stride_head,
+    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, split, eps, scale,
+    stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One request, one kv head: q/k norm + rotary, store k/v at ``slot``, attend over [0, pos].
+    """One request, one kv head, one of SPLITS slices of the context: q/k norm + rotary, attend over the
+    slice's cached tokens; the last slice also stores k/v at ``slot`` and attends to the new token.
 
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
     across pages, one chunk ahead of its use. The first chunk is requested before this step's q/k/v
-    are even read: it does not depend on them.
+    are even read: it does not depend on them. Slices are whole chunks, so at short contexts the
+    later slices hold no cached token.
+
+    With SPLITS > 1 the slice's unnormalised output, running max and sum go to ``part_acc`` /
+    ``part_ml`` ([HQ, SPLITS, D] / [HQ, SPLITS, 2] float32 of this request and layer), then the task
+    bumps the head's ``arrivals`` counter (acquire-release); the task that brings it to SPLITS has seen
+    every other slice's part and writes the merged output. So the output is complete before that task
+    signals its stage, and the O stage, which waits for every ATTN task, reads it whole.
     """
     G: tl.constexpr = HQ // HKV
     HALF: tl.constexpr = D // 2
-    kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, pos, kvh, stride_blk, stride_tok,
+    per = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK_S) * BLOCK_S
+    start = tl.minimum(split * per, pos)
+    end = tl.minimum(start + per, pos)
+    last = split == SPLITS - 1
+    kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, start, end, kvh, stride_blk, stride_tok,
                                              stride_head, D, PAGE, BLOCK_S)
     d = tl.arange(0, HALF)
     g = tl.arange(0, BLOCK_G)
@@ -260,23 +274,23 @@ def _attention_tile(
     q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
     k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
 
-    # Append this step's key and value at vLLM's slot (negative: a padding row, nothing to store). No
-    # chunk reads it: they stop before ``pos``.
-    keep = (d * 0 + slot)[None, :] >= 0
+    # The last split appends this step's key and value at vLLM's slot (negative: a padding row, nothing
+    # to store). No chunk reads it: they stop before ``pos``.
+    keep = (d * 0 + tl.where(last, slot, -1))[None, :] >= 0
     at = (slot // PAGE) * stride_blk + (slot % PAGE) * stride_tok + kvh * stride_head + d[None, :]
     tl.store(k_cache + at, k1, mask=keep)
     tl.store(k_cache + at + HALF, k2, mask=keep)
     tl.store(v_cache + at, v1, mask=keep)
     tl.store(v_cache + at + HALF, v2, mask=keep)
 
-    # Online softmax over the cached tokens [0, pos).
+    # Online softmax over the slice's cached tokens.
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-    for j in range(0, tl.cdiv(pos, BLOCK_S)):
-        nk1, nk2, nv1, nv2, n_mask = _kv_chunk(k_cache, v_cache, bt_ptr, j + 1, pos, kvh, stride_blk, stride_tok,
-                                               stride_head, D, PAGE, BLOCK_S)
+    for j in range(0, tl.cdiv(end - start, BLOCK_S)):
+        nk1, nk2, nv1, nv2, n_mask = _kv_chunk(k_cache, v_cache, bt_ptr, j + 1, start, end, kvh, stride_blk,
+                                               stride_tok, stride_head, D, PAGE, BLOCK_S)
         s = (_dot(q1, tl.trans(kb1), UPCAST) + _dot(q2, tl.trans(kb2), UPCAST)) * scale
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -287,28 +301,58 @@ def _attention_tile(
         acc2 = acc2 * alpha[:, None] + _dot(p.to(dtype), vb2, UPCAST)
         m_i = m_new
         kb1, kb2, vb1, vb2, tok_mask = nk1, nk2, nv1, nv2, n_mask
-    # The new token itself, from registers.
-    s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
-             + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
-    m_new = tl.maximum(m_i, s_new)
-    alpha = tl.exp(m_i - m_new)
-    p_new = tl.exp(s_new - m_new)
-    l_i = l_i * alpha + p_new
-    acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)
-    acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)
+    if last:  # the new token itself, from registers
+        s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
+                 + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p_new = tl.exp(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)
+        acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)
+        m_i = m_new
     dst = out_ptr + heads[:, None] * D + d[None, :]
-    tl.store(dst, (acc1 / l_i[:, None]).to(dtype), mask=g_mask)
-    tl.store(dst + HALF, (acc2 / l_i[:, None]).to(dtype), mask=g_mask)
+    if SPLITS == 1:
+        tl.store(dst, (acc1 / l_i[:, None]).to(dtype), mask=g_mask)
+        tl.store(dst + HALF, (acc2 / l_i[:, None]).to(dtype), mask=g_mask)
+    else:
+        part = heads * SPLITS + split
+        tl.store(part_acc + part[:, None] * D + d[None, :], acc1, mask=g_mask)
+        tl.store(part_acc + part[:, None] * D + HALF + d[None, :], acc2, mask=g_mask)
+        tl.store(part_ml + part * 2, m_i, mask=g < G)
+        tl.store(part_ml + part * 2 + 1, l_i, mask=g < G)
+        tl.debug_barrier()  # every thread's part is stored before the arrival publishes it
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLITS - 1:
+            _merge_parts(part_acc, part_ml, dst, heads, g < G, dtype, D, SPLITS)
+
+
+@triton.jit
+def _merge_parts(part_acc, part_ml, dst, heads, g_ok, dtype, D: tl.constexpr, SPLITS: tl.constexpr):
+    """dst[heads] = the softmax-weighted sum of the SPLITS parts of each head (see _attention_tile).
+    The parts were written by other workers: read through L2 (.cg), after the acquiring arrival."""
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    parts = heads[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]  # [BLOCK_G, SPLITS]
+    ok = g_ok[:, None]
+    m = tl.load(part_ml + parts * 2, mask=ok, other=0.0, cache_modifier=".cg")
+    w = tl.exp(m - tl.max(m, axis=1)[:, None])  # an empty slice has m = -inf: weight 0
+    l = tl.sum(w * tl.load(part_ml + parts * 2 + 1, mask=ok, other=1.0, cache_modifier=".cg"), axis=1)
+    at = parts[:, :, None] * D + d[None, None, :]
+    acc1 = tl.sum(w[:, :, None] * tl.load(part_acc + at, mask=ok[:, :, None], other=0.0, cache_modifier=".cg"), axis=1)
+    acc2 = tl.sum(w[:, :, None] * tl.load(part_acc + at + HALF, mask=ok[:, :, None], other=0.0,
+                                          cache_modifier=".cg"), axis=1)
+    tl.store(dst, (acc1 / l[:, None]).to(dtype), mask=ok)
+    tl.store(dst + HALF, (acc2 / l[:, None]).to(dtype), mask=ok)
 
 
 @triton.jit
 def _decode_step_kernel(
     program, queue_offsets, counters, trace,
     kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt,
-    res, sumsq, qkv_buf, attn_buf, act_buf, final_out,
+    res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals,
     B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_QKV: tl.constexpr,
+    BLOCK_G: tl.constexpr, ATTN_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_QKV: tl.constexpr,
     QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
@@ -339,13 +383,17 @@ def _decode_step_kernel(
                        counters, wait_stage, wait_count, trace_row,
                        True, False, False, UPCAST, BLOCK_T, BLOCK_N_QKV, QKV_ROWS, BLOCK_K, NT_P2, STAGES, EARLY,
                        TRACE)
-        elif kind == 1:  # ATTN; weight, aux: q and k norm weights
-            b = index // HKV
-            _attention_tile(qkv_buf + (layer * B + b) * NQKV, attn_buf + (layer * B + b) * NQ, wt, _address(aux, ptr),
+        elif kind == 1:  # ATTN (request, kv head, split) = graph.DecodeShape.attn_task; aux: q and k norm weights
+            head = index // ATTN_SPLITS
+            b = head // HKV
+            row = layer * B + b
+            _attention_tile(qkv_buf + row * NQKV, attn_buf + row * NQ, wt, _address(aux, ptr),
                             _address(tl.load(kvtab + layer * 2), ptr), _address(tl.load(kvtab + layer * 2 + 1), ptr),
                             block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
-                            cos_sin, index % HKV, eps, scale,
-                            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, UPCAST)
+                            cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale, stride_blk, stride_tok, stride_head,
+                            attn_acc + row * HQ * ATTN_SPLITS * D, attn_ml + row * HQ * ATTN_SPLITS * 2,
+                            arrivals + row * HKV + head % HKV,
+                            HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST)
         elif kind == 2:  # O: residual slot 2 layer + 1 = slot 2 layer + attn @ W_o.T, one column tile
             _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
@@ -449,6 +497,8 @@ def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch
     bs = batch.block_size
     if bs & (bs - 1) or bs < 16:
         raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
+    if s.attn_splits & (s.attn_splits - 1) or s.attn_splits < 1:
+        raise ValueError(f"megakernel: attn_splits {s.attn_splits} must be a power of two")
     if s.num_heads % s.num_kv_heads:
         raise ValueError("megakernel: query heads must be a multiple of kv heads")
     if (s.hidden * buffers.qkv.element_size()) % 16 or (s.intermediate * buffers.qkv.element_size()) % 16:
@@ -501,16 +551,17 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     block_k = max(32, min(config.block_k // shrink, triton.next_power_of_2(s.hidden)))
     block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
     num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
-    buffers.counters.zero_()
+    buffers.sync.zero_()
     _decode_step_kernel[(graph.num_workers,)](
         program, graph.queue_offsets, buffers.counters, buffers.counters if trace is None else trace,
         kvtab, weights.cos_sin_cache, batch.positions, batch.slot_mapping, batch.block_tables,
         batch.block_tables.stride(0),
         buffers.res, buffers.sumsq, buffers.qkv, buffers.attn, buffers.act, out,
+        buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
         s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size, BLOCK_S=max(64, batch.block_size),
-        BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)),
+        BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
         BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),

@@ -28,6 +28,13 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeigh
 from vllm_mirage.ops import reference as ops
 
 
+def cached_tokens(cache, block_table, start: int, end: int) -> torch.Tensor:
+    """Tokens [start, end) of one request from a paged cache ``[num_blocks, block_size, Hkv, D]``."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (end + block_size - 1) // block_size].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[start:end]
+
+
 def decode_attention(q, k_new, v_new, k_cache, v_cache, block_table, position: int, slot: int) -> torch.Tensor:
     """One request's decode attention for one layer; stores ``k_new``/``v_new`` at cache ``slot``.
 
@@ -39,13 +46,30 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, block_table, position: i
     if slot >= 0:
         k_cache[slot // block_size, slot % block_size] = k_new
         v_cache[slot // block_size, slot % block_size] = v_new
-    blocks = block_table[: (position + block_size - 1) // block_size].long()
-    keys = torch.cat([k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:position], k_new[None]]).float()
-    values = torch.cat([v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:position], v_new[None]]).float()
+    keys = torch.cat([cached_tokens(k_cache, block_table, 0, position), k_new[None]]).float()
+    values = torch.cat([cached_tokens(v_cache, block_table, 0, position), v_new[None]]).float()
     group = q.shape[0] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     scores = torch.einsum("hd,nhd->hn", q.float(), keys) * q.shape[-1] ** -0.5
     return torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), values).to(q.dtype)
+
+
+def attention_part(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """Softmax attention of ``q`` [G, D] over ``keys``/``values`` [N, D] (N may be 0), left unnormalised
+    in float32 as a context split leaves it: (running max [G], sum of exponentials [G], acc [G, D])."""
+    if keys.shape[0] == 0:
+        zeros = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        return zeros[:, 0] - float("inf"), zeros[:, 0], zeros
+    scores = q.float() @ keys.float().T * q.shape[-1] ** -0.5
+    m = scores.amax(-1)
+    p = (scores - m[:, None]).exp()
+    return m, p.sum(-1), p @ values.float()
+
+
+def merge_parts(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """The attention output [G, D] from S parts (``m``, ``l`` [G, S], ``acc`` [G, S, D])."""
+    w = (m - m.amax(-1, keepdim=True)).exp()
+    return (w[..., None] * acc).sum(1) / (w * l).sum(1)[:, None]
 
 
 def decode_step(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor, lm_head: bool = True) -> torch.Tensor:
@@ -89,6 +113,7 @@ def run_graph(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buff
     whose inputs are incomplete would compute garbage; the tests compare the result with
     :func:`decode_step`.
     """
+    buffers.sync.zero_()  # the head arrivals of split attention count from zero, as in the kernel
     counters = [0] * graph.shape.num_stages
     queues = [graph.worker_queue(w) for w in range(graph.num_workers)]
     heads = [0] * graph.num_workers
@@ -131,19 +156,7 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
                                     weights.cos_sin_cache, eps)
             buf.attn[layer] = attention(layer, q, k, v.contiguous())
     elif task == Task.ATTN:
-        b, kvh = divmod(index, shape.num_kv_heads)
-        d, group = shape.head_dim, shape.num_heads // shape.num_kv_heads
-        heads = slice(kvh * group * d, (kvh + 1) * group * d)
-        qkv = buf.qkv[layer][b : b + 1]
-        k_col = shape.num_heads * d + kvh * d
-        v_col = (shape.num_heads + shape.num_kv_heads) * d + kvh * d
-        q, k = ops.qk_norm_rope(qkv[:, heads], qkv[:, k_col : k_col + d], weights.q_norm[layer],
-                                weights.k_norm[layer], batch.positions[b : b + 1], weights.cos_sin_cache, eps)
-        heads_kv = slice(kvh, kvh + 1)
-        out = decode_attention(q.view(group, d), k.view(1, d), qkv[:, v_col : v_col + d].view(1, d),
-                               batch.k_caches[layer][:, :, heads_kv], batch.v_caches[layer][:, :, heads_kv],
-                               batch.block_tables[b], int(batch.positions[b]), int(batch.slot_mapping[b]))
-        buf.attn[layer][b, heads] = out.reshape(-1)
+        _attention_task(shape, layer, index, weights, batch, buf)
     elif task == Task.O:
         n = cols(shape.block_n_out, shape.hidden)
         _add_to_residual(buf, 2 * layer + 1, index, n, F.linear(buf.attn[layer], weights.o[layer][n]))
@@ -174,3 +187,40 @@ def _add_to_residual(buf: DecodeBuffers, slot: int, tile: int, n: slice, y: torc
     r = y + buf.res[slot - 1][:, n]
     buf.res[slot][:, n] = r
     buf.sumsq[slot, tile] = r.float().square().sum(-1)
+
+
+def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch: DecodeBatch,
+                    buf: DecodeBuffers) -> None:
+    """One (request, kv head, split): its part of the cached tokens; the last split also appends this
+    step's k/v and attends to them. With one split the output goes straight to ``attn``; otherwise the
+    part goes to ``attn_acc``/``attn_ml`` and the head's last arrival merges all parts."""
+    b, kvh, split = shape.attn_task(index)
+    splits, d, group = shape.attn_splits, shape.head_dim, shape.num_heads // shape.num_kv_heads
+    heads = slice(kvh * group * d, (kvh + 1) * group * d)
+    qkv = buf.qkv[layer][b : b + 1]
+    k_col = shape.num_heads * d + kvh * d
+    v_col = (shape.num_heads + shape.num_kv_heads) * d + kvh * d
+    q, k = ops.qk_norm_rope(qkv[:, heads], qkv[:, k_col : k_col + d], weights.q_norm[layer],
+                            weights.k_norm[layer], batch.positions[b : b + 1], weights.cos_sin_cache, eps=weights.eps)
+    q, k, v = q.view(group, d), k.view(d), qkv[0, v_col : v_col + d]
+    k_cache, v_cache = batch.k_caches[layer][:, :, kvh], batch.v_caches[layer][:, :, kvh]
+    position, slot, table = int(batch.positions[b]), int(batch.slot_mapping[b]), batch.block_tables[b]
+    per = -(-position // splits)
+    start, end = min(split * per, position), min((split + 1) * per, position)
+    keys, values = cached_tokens(k_cache, table, start, end), cached_tokens(v_cache, table, start, end)
+    if split == splits - 1:
+        if slot >= 0:
+            k_cache[slot // k_cache.shape[1], slot % k_cache.shape[1]] = k
+            v_cache[slot // v_cache.shape[1], slot % v_cache.shape[1]] = v
+        keys, values = torch.cat([keys, k[None]]), torch.cat([values, v[None]])
+    m, l, acc = attention_part(q, keys, values)
+    if splits == 1:
+        buf.attn[layer][b, heads] = (acc / l[:, None]).to(q.dtype).reshape(-1)
+        return
+    rows = slice(kvh * group, (kvh + 1) * group)
+    buf.attn_acc[layer, b, rows, split] = acc
+    buf.attn_ml[layer, b, rows, split] = torch.stack([m, l], -1)
+    buf.arrivals[layer, b, kvh] += 1
+    if buf.arrivals[layer, b, kvh] == splits:
+        ml = buf.attn_ml[layer, b, rows]
+        buf.attn[layer][b, heads] = merge_parts(ml[..., 0], ml[..., 1], buf.attn_acc[layer, b, rows]).to(q.dtype).reshape(-1)

@@ -83,6 +83,11 @@ class DecodeBuffers:
     ``res[2 l + 1]`` its post-attention norm, ``res[2 L]`` the final norm. ``sumsq[j, tile, b]`` is the
     sum of squares of ``res[j][b]`` over one ``block_n_out`` column tile, written by the task that wrote
     those columns; a norm adds the tiles in order.
+
+    With ``attn_splits`` > 1 each ATTN task leaves its part of a head's attention unnormalised in
+    float32 (``attn_acc``; ``attn_ml`` holds its running max and sum) and bumps the head's ``arrivals``
+    counter; the task that arrives last merges the parts into ``attn``. ``sync`` holds the stage
+    counters and the arrivals, zeroed together before each step.
     """
 
     def __init__(self, shape: DecodeShape, dtype: torch.dtype, device):
@@ -95,7 +100,13 @@ class DecodeBuffers:
         self.act = new(L, B, shape.intermediate)
         self.logits = new(B, shape.vocab) if shape.lm_head else None
         self.hidden_out = None if shape.lm_head else new(B, H)  # final norm output (NORM tasks)
-        self.counters = torch.zeros(shape.num_stages, dtype=torch.int32, device=device)
+        heads, splits = B * shape.num_kv_heads, shape.attn_splits
+        self.sync = torch.zeros(shape.num_stages + L * heads, dtype=torch.int32, device=device)
+        self.counters = self.sync[: shape.num_stages]
+        self.arrivals = self.sync[shape.num_stages :].view(L, B, shape.num_kv_heads)
+        parts = (L, B, shape.num_heads, splits) if splits > 1 else (1, 1, 1, 1)  # unread at one split
+        self.attn_acc = torch.empty(*parts, shape.head_dim, dtype=torch.float32, device=device)
+        self.attn_ml = torch.empty(*parts, 2, dtype=torch.float32, device=device)
 
     def load_input(self, hidden: torch.Tensor) -> None:
         """``hidden`` [B, H]: the embedded tokens (vLLM's embedding layer runs before the step). They are
