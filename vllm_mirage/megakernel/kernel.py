@@ -338,7 +338,8 @@ def _merge_parts(part_acc, part_ml, dst, heads, g_ok, dtype, D: tl.constexpr, SP
     w = tl.exp(m - tl.max(m, axis=1)[:, None])  # an empty slice has m = -inf: weight 0
     l = tl.sum(w * tl.load(part_ml + parts * 2 + 1, mask=ok, other=1.0, cache_modifier=".cg"), axis=1)
     at = parts[:, :, None] * D + d[None, None, :]
-    acc1 = tl.sum(w[:, :, None] * tl.load(part_acc + at, mask=ok[:, :, None], other=0.0, cache_modifier=".cg"), axis=1)
+    acc1 = tl.sum(w[:, :, None] * tl.load(part_acc + at, mask=ok[:, :, None], other=0.0, cache_modifier=".cg"),
+                  axis=1)
     acc2 = tl.sum(w[:, :, None] * tl.load(part_acc + at + HALF, mask=ok[:, :, None], other=0.0,
                                           cache_modifier=".cg"), axis=1)
     tl.store(dst, (acc1 / l[:, None]).to(dtype), mask=ok)
@@ -352,8 +353,8 @@ def _decode_step_kernel(
     res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals,
     B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr, ATTN_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_QKV: tl.constexpr,
-    QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
+    BLOCK_G: tl.constexpr, ATTN_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N_QKV: tl.constexpr, QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):

@@ -223,4 +223,5 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     buf.arrivals[layer, b, kvh] += 1
     if buf.arrivals[layer, b, kvh] == splits:
         ml = buf.attn_ml[layer, b, rows]
-        buf.attn[layer][b, heads] = merge_parts(ml[..., 0], ml[..., 1], buf.attn_acc[layer, b, rows]).to(q.dtype).reshape(-1)
+        merged = merge_parts(ml[..., 0], ml[..., 1], buf.attn_acc[layer, b, rows])
+        buf.attn[layer][b, heads] = merged.to(q.dtype).reshape(-1)
