@@ -79,19 +79,16 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
             "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
 
 
-def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, power_of_two_qkv: bool = False,
-               attn_splits: int | None = None):
+def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, kvb=None, **overrides):
     """(KV batch, graph, buffers) of one decode step at ``context`` cached tokens per request, one
-    worker per SM. ``power_of_two_qkv``: QKV tasks keep ``block_n`` rows (the tiles before one-round
-    QKV tiles), for a side-by-side timing; ``attn_splits`` overrides the default context splits."""
-    kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
-                       num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
+    worker per SM. ``overrides`` replace fields of the default shape for a side-by-side timing (e.g.
+    ``attn_splits=1``, or ``block_n_qkv=0``: the tiles before one-round QKV tiles); ``kvb`` reuses a
+    KV batch made for the same batch and context."""
+    if kvb is None:
+        kvb = random_batch([context] * batch, layers=cfg["layers"], hkv=cfg["hkv"], d=cfg["d"], dtype=torch.bfloat16,
+                           num_blocks=batch * (context // 16 + 1), layout="fa_packed", device="cuda")
     workers = torch.cuda.get_device_properties(0).multi_processor_count
-    shape = weights.shape(batch=batch, lm_head=lm_head).for_workers(workers)
-    if power_of_two_qkv:
-        shape = replace(shape, block_n_qkv=0)
-    if attn_splits is not None:
-        shape = replace(shape, attn_splits=attn_splits)
+    shape = replace(weights.shape(batch=batch, lm_head=lm_head).for_workers(workers), **overrides)
     graph = build_task_graph(shape, workers).to("cuda")
     buffers = DecodeBuffers(shape, torch.bfloat16, "cuda")
     buffers.load_input(torch.randn(batch, cfg["hidden"], device="cuda").to(torch.bfloat16))
@@ -100,17 +97,16 @@ def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, powe
 
 def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool,
                 compare_qkv_rows: bool, attn_splits: list[int]) -> list:
+    """Every launch config on the default shape, then the first config on each requested shape variant."""
     cfg = SHAPES[name]
     kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
     rows = [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
             for config in configs]
-    for splits in attn_splits:
-        if splits != graph.shape.attn_splits:
-            kvb, graph_s, buffers = setup_step(cfg, weights, batch, context, lm_head, attn_splits=splits)
-            rows.append(time_config(name, cfg, weights, kvb, graph_s, buffers, configs[0], bandwidth, lm_head,
-                                    batch, context))
+    variants = [{"attn_splits": s} for s in attn_splits if s != graph.shape.attn_splits]
     if compare_qkv_rows and graph.shape.block_n_qkv:
-        kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head, power_of_two_qkv=True)
+        variants.append({"block_n_qkv": 0})
+    for overrides in variants:
+        _, graph, buffers = setup_step(cfg, weights, batch, context, lm_head, kvb, **overrides)
         rows.append(time_config(name, cfg, weights, kvb, graph, buffers, configs[0], bandwidth, lm_head, batch,
                                 context))
     return rows

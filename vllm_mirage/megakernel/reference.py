@@ -35,6 +35,15 @@ def cached_tokens(cache, block_table, start: int, end: int) -> torch.Tensor:
     return cache[blocks].reshape(-1, *cache.shape[2:])[start:end]
 
 
+def store_token(k_cache, v_cache, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write a token's key and value at cache ``slot`` (block × block_size + offset); < 0: a padding
+    row, nothing to store."""
+    if slot >= 0:
+        block, offset = divmod(slot, k_cache.shape[1])
+        k_cache[block, offset] = k
+        v_cache[block, offset] = v
+
+
 def decode_attention(q, k_new, v_new, k_cache, v_cache, block_table, position: int, slot: int) -> torch.Tensor:
     """One request's decode attention for one layer; stores ``k_new``/``v_new`` at cache ``slot``.
 
@@ -42,10 +51,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, block_table, position: i
     ``[num_blocks, block_size, Hkv, D]`` hold the ``position`` earlier tokens. Softmax in float32,
     output rounded to the activation dtype.
     """
-    block_size = k_cache.shape[1]
-    if slot >= 0:
-        k_cache[slot // block_size, slot % block_size] = k_new
-        v_cache[slot // block_size, slot % block_size] = v_new
+    store_token(k_cache, v_cache, slot, k_new, v_new)
     keys = torch.cat([cached_tokens(k_cache, block_table, 0, position), k_new[None]]).float()
     values = torch.cat([cached_tokens(v_cache, block_table, 0, position), v_new[None]]).float()
     group = q.shape[0] // keys.shape[1]
@@ -193,7 +199,8 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
                     buf: DecodeBuffers) -> None:
     """One (request, kv head, split): its part of the cached tokens; the last split also appends this
     step's k/v and attends to them. With one split the output goes straight to ``attn``; otherwise the
-    part goes to ``attn_acc``/``attn_ml`` and the head's last arrival merges all parts."""
+    part goes to ``attn_acc``/``attn_ml`` and the head's last arrival merges all parts. Slices here are
+    even; the kernel's are whole 64-token chunks. The merge is exact either way: only rounding differs."""
     b, kvh, split = shape.attn_task(index)
     splits, d, group = shape.attn_splits, shape.head_dim, shape.num_heads // shape.num_kv_heads
     heads = slice(kvh * group * d, (kvh + 1) * group * d)
@@ -209,9 +216,7 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     start, end = min(split * per, position), min((split + 1) * per, position)
     keys, values = cached_tokens(k_cache, table, start, end), cached_tokens(v_cache, table, start, end)
     if split == splits - 1:
-        if slot >= 0:
-            k_cache[slot // k_cache.shape[1], slot % k_cache.shape[1]] = k
-            v_cache[slot // v_cache.shape[1], slot % v_cache.shape[1]] = v
+        store_token(k_cache, v_cache, slot, k, v)
         keys, values = torch.cat([keys, k[None]]), torch.cat([values, v[None]])
     m, l, acc = attention_part(q, keys, values)
     if splits == 1:
