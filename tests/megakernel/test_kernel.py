@@ -71,6 +71,41 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
                                                for b, p in enumerate(positions)}
 
 
+
+def test_empty_slices_do_not_wait():
+    # A context slice with no cached token (not the last) needs nothing from this step, so its task must
+    # not wait for the QKV stage: that is what frees its worker for the next task's early weights. One
+    # worker whose queue runs those tasks before any QKV task would spin forever if they waited.
+    import threading
+
+    from vllm_mirage.megakernel.graph import INDEX, TYPE, Task, TaskGraph
+
+    weights = random_weights(**TINY, dtype=torch.float32)
+    positions = [9, 40]  # 4 slices of whole 64-token chunks: [0, pos), two empty ones, the new token
+    batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=torch.float32)
+    hidden = torch.randn(len(positions), TINY["hidden"])
+    shape = weights.shape(batch=len(positions), attn_splits=4)
+    graph = build_task_graph(shape, 1)
+    empty = [t for t in graph.queue.tolist() if graph.tasks[t, TYPE] == Task.ATTN
+             and shape.attn_task(int(graph.tasks[t, INDEX]))[2] in (1, 2)]
+    assert len(empty) == TINY["layers"] * len(positions) * TINY["hkv"] * 2
+    queue = torch.tensor(empty + [t for t in graph.queue.tolist() if t not in empty], dtype=torch.int32)
+    reordered = TaskGraph(shape, graph.tasks, queue, graph.queue_offsets, graph.stage_counts)
+
+    outs = {}
+    for name, g in (("in order", graph), ("empty first", reordered)):
+        run_batch = clone_batch(batch)
+        buffers = DecodeBuffers(shape, torch.float32, "cpu")
+        buffers.load_input(hidden)
+        run = threading.Thread(target=lambda: outs.__setitem__(name, kernel.decode_step(g, weights, run_batch,
+                                                                                        buffers).clone()),
+                               daemon=True)  # a waiting task would spin forever: do not keep pytest alive
+        run.start()
+        run.join(timeout=600)
+        assert not run.is_alive(), f"{name}: the step did not finish (an empty slice waited for QKV)"
+    assert torch.equal(outs["in order"], outs["empty first"])
+
+
 def test_padding_rows_store_nothing():
     # vLLM pads decode batches up to a CUDA-graph size with slot -1 rows: they must not touch the cache.
     weights = random_weights(**TINY, dtype=torch.float32)

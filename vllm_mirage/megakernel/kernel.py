@@ -229,9 +229,9 @@ def _kv_chunk(k_cache, v_cache, bt_ptr, j, start, end, kvh, stride_blk, stride_t
 @triton.jit
 def _attention_tile(
     qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, split, eps, scale,
-    stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals,
+    stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals, counters, wait_stage, wait_count, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     """One request, one kv head, one of SPLITS slices of the context: q/k norm + rotary, attend over the
     slice's cached tokens; the last slice also stores k/v at ``slot`` and attends to the new token.
@@ -239,7 +239,9 @@ def _attention_tile(
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
     across pages, one chunk ahead of its use. The first chunk is requested before this step's q/k/v
     are even read: it does not depend on them. Slices are whole chunks, so at short contexts the
-    later slices hold no cached token.
+    later slices hold no cached token. Such a slice (unless it is the last) needs nothing from this
+    step: it leaves an empty part without waiting for the QKV stage (the task's wait is in here), so
+    its worker goes straight on to its next task and that task's early weight loads.
 
     With SPLITS > 1 the slice's unnormalised output, running max and sum go to ``part_acc`` /
     ``part_ml`` ([HQ, SPLITS, D] / [HQ, SPLITS, 2] float32 of this request and layer), then the task
@@ -253,6 +255,48 @@ def _attention_tile(
     start = tl.minimum(split * per, pos)
     end = tl.minimum(start + per, pos)
     last = split == SPLITS - 1
+    d = tl.arange(0, HALF)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = (g < G)[:, None]
+    heads = kvh * G + g
+    dst = out_ptr + heads[:, None] * D + d[None, :]
+    dtype = out_ptr.dtype.element_ty
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    if (end > start) | last:
+        _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        m_i, l_i, acc1, acc2 = _attend_slice(
+            qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, start, end, last, eps, scale,
+            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, UPCAST)
+    elif TRACE:
+        tl.store(trace_row + 1, tl.extra.cuda.globaltimer())
+    if SPLITS == 1:
+        tl.store(dst, (acc1 / l_i[:, None]).to(dtype), mask=g_mask)
+        tl.store(dst + HALF, (acc2 / l_i[:, None]).to(dtype), mask=g_mask)
+    else:
+        part = heads * SPLITS + split
+        tl.store(part_acc + part[:, None] * D + d[None, :], acc1, mask=g_mask)
+        tl.store(part_acc + part[:, None] * D + HALF + d[None, :], acc2, mask=g_mask)
+        tl.store(part_ml + part * 2, m_i, mask=g < G)
+        tl.store(part_ml + part * 2 + 1, l_i, mask=g < G)
+        tl.debug_barrier()  # every thread's part is stored before the arrival publishes it
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLITS - 1:
+            _merge_parts(part_acc, part_ml, dst, heads, g < G, dtype, D, SPLITS)
+
+
+@triton.jit
+def _attend_slice(
+    qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, start, end, last, eps, scale,
+    stride_blk, stride_tok, stride_head,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The running max, sum and unnormalised output halves of one kv head's q heads over cached tokens
+    [start, end), and over the new token if ``last`` (which also appends it to the cache)."""
+    G: tl.constexpr = HQ // HKV
+    HALF: tl.constexpr = D // 2
     kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, start, end, kvh, stride_blk, stride_tok,
                                              stride_head, D, PAGE, BLOCK_S)
     d = tl.arange(0, HALF)
@@ -311,19 +355,7 @@ def _attention_tile(
         acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)
         acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)
         m_i = m_new
-    dst = out_ptr + heads[:, None] * D + d[None, :]
-    if SPLITS == 1:
-        tl.store(dst, (acc1 / l_i[:, None]).to(dtype), mask=g_mask)
-        tl.store(dst + HALF, (acc2 / l_i[:, None]).to(dtype), mask=g_mask)
-    else:
-        part = heads * SPLITS + split
-        tl.store(part_acc + part[:, None] * D + d[None, :], acc1, mask=g_mask)
-        tl.store(part_acc + part[:, None] * D + HALF + d[None, :], acc2, mask=g_mask)
-        tl.store(part_ml + part * 2, m_i, mask=g < G)
-        tl.store(part_ml + part * 2 + 1, l_i, mask=g < G)
-        tl.debug_barrier()  # every thread's part is stored before the arrival publishes it
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLITS - 1:
-            _merge_parts(part_acc, part_ml, dst, heads, g < G, dtype, D, SPLITS)
+    return m_i, l_i, acc1, acc2
 
 
 @triton.jit
@@ -375,7 +407,7 @@ def _decode_step_kernel(
         trace_row = trace + qi * 8  # see decode_step
         if TRACE:
             tl.store(trace_row, tl.extra.cuda.globaltimer())
-        if kind == 1 or kind == 6:  # ATTN, NORM; the GEMV tiles wait inside (see _gemv_tile's EARLY)
+        if kind == 6:  # NORM; the GEMV and attention tiles wait inside (see _gemv_tile, _attention_tile)
             _wait(counters, wait_stage, wait_count, trace_row, TRACE)
         wt = _address(weight, ptr)
         if kind == 0:  # QKV: input norm of residual slot 2 layer, q|k|v features
@@ -393,8 +425,8 @@ def _decode_step_kernel(
                             block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
                             cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale, stride_blk, stride_tok, stride_head,
                             attn_acc + row * HQ * ATTN_SPLITS * D, attn_ml + row * HQ * ATTN_SPLITS * 2,
-                            arrivals + row * HKV + head % HKV,
-                            HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST)
+                            arrivals + row * HKV + head % HKV, counters, wait_stage, wait_count, trace_row,
+                            HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST, TRACE)
         elif kind == 2:  # O: residual slot 2 layer + 1 = slot 2 layer + attn @ W_o.T, one column tile
             _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
