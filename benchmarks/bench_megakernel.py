@@ -114,6 +114,7 @@ def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, 
 
 def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context) -> dict:
     shape = graph.shape
+    config = config.for_shape(shape)  # record what ran, not the Nones
     program = kernel.encode_program(graph, weights)
     kvtab = kernel.kv_pointer_table(kvb)
     floor_ms = step_bytes(cfg, batch, context, lm_head) / bandwidth * 1e3

@@ -13,7 +13,9 @@ JIT specialises on that), so the loads seen here are the ones the GPU runs.
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -21,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_mirage.megakernel.graph import DecodeShape
-from vllm_mirage.megakernel.kernel import _decode_step_kernel
+from vllm_mirage.megakernel.kernel import ATTN_CHUNK, LaunchConfig, _decode_step_kernel
 
 
 def early_weight_copies(ttgir: str) -> int:
@@ -46,7 +48,23 @@ def early_weight_copies(ttgir: str) -> int:
     return count
 
 
-def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: int = 1) -> None:
+def register_use(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) as ptxas reports them for sm_90a. The kernel sits at
+    the 255-register cap; spills in a weight loop cost more than any other change to it (run 22 in
+    benchmarks/NOTES.md), and the GPU's own count needs a GPU."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "k.ptx")
+        src.write_text(ptx)
+        out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp, "k.cubin"))],
+                             capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    return (int(re.search(r"Used (\d+) registers", log).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", log).group(1)))
+
+
+def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = None, early: int | None = None) -> None:
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
@@ -60,11 +78,15 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: 
     shape = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
                         num_layers=1, vocab=1, batch=batch).for_workers(132)
     qkv_rows = shape.qkv_rows
-    consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=64, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
+    config = LaunchConfig(**({} if stages is None else {"stages": stages}),
+                          early_weights=None if early is None else bool(early)).for_shape(shape)
+    consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=ATTN_CHUNK,
+                  BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
                   ATTN_SPLITS=shape.attn_splits,
                   BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32,
                   BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows, BLOCK_N_OUT=32, BLOCK_N_LM=64,
-                  BLOCK_K=128, BLOCK_K_OUT=256, BLOCK_H=1024, NT_P2=128, STAGES=stages, EARLY=bool(early),
+                  BLOCK_K=config.block_k, BLOCK_K_OUT=config.block_k_out, BLOCK_H=1024, NT_P2=128,
+                  STAGES=config.stages, EARLY=config.early_weights,
                   UPCAST=False, TRACE=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)
@@ -82,7 +104,10 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int = 4, early: 
         for ext in ("ttgir", "ptx"):
             Path(f"{os.environ['MEGAKERNEL_DUMP']}.{ext}").write_text(compiled.asm[ext])
     loads = re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)
+    registers, spill_bytes = register_use(ptx)
     print(json.dumps({
+        "registers": registers,
+        "spill_store_bytes": spill_bytes,
         "shared_bytes": compiled.metadata.shared,
         "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
         "release_adds": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),

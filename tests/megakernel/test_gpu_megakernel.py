@@ -28,8 +28,8 @@ def _cuda():
         pytest.fail("GPU test selected on a machine without CUDA")
 
 
-CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(stages=9),
-           LaunchConfig(block_k=256, block_k_out=512), LaunchConfig(num_warps=8)]
+CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(block_k=128, block_k_out=256, stages=9),
+           LaunchConfig(block_k=128, block_k_out=256, stages=4), LaunchConfig(num_warps=8)]
 
 
 @pytest.mark.parametrize("config", CONFIGS)

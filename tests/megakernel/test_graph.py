@@ -114,8 +114,8 @@ def test_attention_splits_fill_one_round_of_workers():
         return DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=hkv, head_dim=128,
                            num_layers=2, vocab=64, batch=batch).for_workers(workers).attn_splits
 
-    assert splits(1) == MAX_ATTN_SPLITS  # 8 kv heads: 8 tasks for 132 SMs without splits
-    assert (splits(8), splits(16), splits(64)) == (2, 1, 1)  # 64 (request, head) pairs: two splits fill 128
+    assert splits(1) == MAX_ATTN_SPLITS == 16  # 8 kv heads: 8 tasks for 132 SMs without splits
+    assert (splits(2), splits(4), splits(8), splits(16), splits(64)) == (8, 4, 2, 1, 1)  # b8: two splits fill 128
     assert splits(1, workers=4) == 1
     shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
                         num_layers=2, vocab=64, batch=3, attn_splits=4)

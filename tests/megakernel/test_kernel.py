@@ -29,10 +29,10 @@ def _poison(buffers):
         ([0], True, "flash", 32, 0, 1),
         ([5, 37, 16], True, "fa_packed", 16, 0, 1),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
         ([20], True, "flash", 32, 48, 1),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: two 64-token attention chunks over 16-token pages
+        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: three 32-token attention chunks over 16-token pages
         ([33, 2], True, "head_major", 32, 0, 1),
-        # Context splits: 200 tokens in 4 slices of one 64-token chunk; 70 in 2; 0 and 9 leave the first
-        # slices empty (only the last has a token, the new one).
+        # Context splits: 200 tokens in 4 slices of two 32-token chunks (the last: 8 and the new token);
+        # 70 in 2 slices; 0 leaves every slice but the last empty, and 9 the second of 2 (the new token only).
         ([200, 0], True, "fa_packed", 32, 0, 4),
         ([70, 9], False, "flash", 16, 0, 2),
     ],
@@ -81,14 +81,19 @@ def test_empty_slices_do_not_wait():
     from vllm_mirage.megakernel.graph import INDEX, TYPE, Task, TaskGraph
 
     weights = random_weights(**TINY, dtype=torch.float32)
-    positions = [9, 40]  # 4 slices of whole 64-token chunks: [0, pos), two empty ones, the new token
+    positions = [9, 40]  # 4 slices of whole 32-token chunks: 9 leaves slices 1 and 2 empty, 40 slice 2
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=torch.float32)
     hidden = torch.randn(len(positions), TINY["hidden"])
     shape = weights.shape(batch=len(positions), attn_splits=4)
     graph = build_task_graph(shape, 1)
-    empty = [t for t in graph.queue.tolist() if graph.tasks[t, TYPE] == Task.ATTN
-             and shape.attn_task(int(graph.tasks[t, INDEX]))[2] in (1, 2)]
-    assert len(empty) == TINY["layers"] * len(positions) * TINY["hkv"] * 2
+
+    def is_empty(task):
+        b, _, split = shape.attn_task(int(graph.tasks[task, INDEX]))
+        per = -(-(-(-positions[b] // 4)) // kernel.ATTN_CHUNK) * kernel.ATTN_CHUNK  # the kernel's slices
+        return split < 3 and min(split * per, positions[b]) == positions[b]
+
+    empty = [t for t in graph.queue.tolist() if graph.tasks[t, TYPE] == Task.ATTN and is_empty(t)]
+    assert len(empty) == TINY["layers"] * TINY["hkv"] * 3
     queue = torch.tensor(empty + [t for t in graph.queue.tolist() if t not in empty], dtype=torch.int32)
     reordered = TaskGraph(shape, graph.tasks, queue, graph.queue_offsets, graph.stage_counts)
 

@@ -19,7 +19,7 @@ them. Weights are addressed in place: they stay vLLM's tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -29,6 +29,12 @@ from vllm_mirage.megakernel.graph import INDEX, LAYER, TYPE, DecodeShape, Task, 
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
+
+# Cached tokens per step of an attention task's loop (at least one KV-cache block). The next chunk's
+# keys and values wait in registers while this one is used; at 64 tokens that is 128 registers per
+# thread in a kernel already at the 255 cap, and 16 context splits ran 5% slower than 4 at 128 cached
+# tokens on Qwen3-0.6B (benchmarks/NOTES.md, run 23). At 32 they cost the same.
+ATTN_CHUNK = 32
 
 
 @triton.jit
@@ -283,7 +289,7 @@ def _attention_tile(
         tl.store(part_ml + part * 2 + 1, l_i, mask=g < G)
         tl.debug_barrier()  # every thread's part is stored before the arrival publishes it
         if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLITS - 1:
-            _merge_parts(part_acc, part_ml, dst, heads, g < G, dtype, D, SPLITS)
+            _merge_parts(part_acc, part_ml, out_ptr, kvh, dtype, G, D, SPLITS)
 
 
 @triton.jit
@@ -359,13 +365,17 @@ def _attend_slice(
 
 
 @triton.jit
-def _merge_parts(part_acc, part_ml, dst, heads, g_ok, dtype, D: tl.constexpr, SPLITS: tl.constexpr):
-    """dst[heads] = the softmax-weighted sum of the SPLITS parts of each head (see _attention_tile).
-    The parts were written by other workers: read through L2 (.cg), after the acquiring arrival."""
+def _merge_parts(part_acc, part_ml, out_ptr, kvh, dtype, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """out[kv head kvh's G q heads] = the softmax-weighted sum of their SPLITS parts (see
+    _attention_tile). The parts were written by other workers: read through L2 (.cg), after the
+    acquiring arrival. Rows are G rounded up to a power of two, not the attention's 16 (tl.dot's
+    minimum): a [16, SPLITS, D] float32 load would take 32 · SPLITS registers per thread."""
     HALF: tl.constexpr = D // 2
+    g = tl.arange(0, triton.next_power_of_2(G))
+    ok = (g < G)[:, None]
+    heads = kvh * G + g
     d = tl.arange(0, HALF)
-    parts = heads[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]  # [BLOCK_G, SPLITS]
-    ok = g_ok[:, None]
+    parts = heads[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]  # [G_P2, SPLITS]
     m = tl.load(part_ml + parts * 2, mask=ok, other=0.0, cache_modifier=".cg")
     w = tl.exp(m - tl.max(m, axis=1)[:, None])  # an empty slice has m = -inf: weight 0
     l = tl.sum(w * tl.load(part_ml + parts * 2 + 1, mask=ok, other=1.0, cache_modifier=".cg"), axis=1)
@@ -374,6 +384,7 @@ def _merge_parts(part_acc, part_ml, dst, heads, g_ok, dtype, D: tl.constexpr, SP
                   axis=1)
     acc2 = tl.sum(w[:, :, None] * tl.load(part_acc + at + HALF, mask=ok[:, :, None], other=0.0,
                                           cache_modifier=".cg"), axis=1)
+    dst = out_ptr + heads[:, None] * D + d[None, :]
     tl.store(dst, (acc1 / l[:, None]).to(dtype), mask=ok)
     tl.store(dst + HALF, (acc2 / l[:, None]).to(dtype), mask=ok)
 
@@ -461,22 +472,30 @@ def _decode_step_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tunables of the persistent kernel (measured: benchmarks/NOTES.md)."""
+    """Tunables of the persistent kernel; None: the default for the shape (:meth:`for_shape`), each
+    measured on the H100 (benchmarks/NOTES.md)."""
 
     num_warps: int = 4
-    block_k: int = 128  # weight chunk of tasks over the hidden size (QKV, GU, LM)
-    block_k_out: int = 256  # of O and DOWN, whose tiles have half the rows on small models
-    stages: int = 4  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
-    # A GEMV task's first weight chunks are requested before its wait. None: where it measured faster
-    # (H100, benchmarks/NOTES.md): batch 1 (0.6B and 8B), and hidden sizes ≤ 2048 (measured on 0.6B at
-    # batch 8; 1.7B not measured). On Qwen3-8B at batch 8 the kernel without it was faster (6.66 vs 7.13
-    # ms per step), for a reason not found yet.
+    block_k: int | None = None  # weight chunk of tasks over the hidden size (QKV, GU, LM)
+    block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
+    stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
+    # A GEMV task's first weight chunks are requested before its wait.
     early_weights: bool | None = None
 
-    def early_for(self, shape: DecodeShape) -> bool:
-        if self.early_weights is not None:
-            return self.early_weights
-        return shape.batch == 1 or shape.hidden <= 2048
+    def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
+        """The config with every None replaced by what measured fastest for ``shape``.
+
+        Chunks: 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B 0.91
+        → 0.89 at stages 4), 128 / 256 above (8B batch 8: 6.27 vs 6.50 ms). Early weights: at batch 1
+        (0.6B and 8B) and hidden sizes ≤ 2048 (0.6B at batch 8; 1.7B not measured); on 8B at batch 8 the
+        kernel without them was faster (6.66 vs 7.13 ms), for a reason not found yet."""
+        one = shape.batch == 1
+        return replace(
+            self,
+            block_k=self.block_k or (256 if one else 128),
+            block_k_out=self.block_k_out or (512 if one else 256),
+            early_weights=self.early_weights if self.early_weights is not None else one or shape.hidden <= 2048,
+        )
 
 
 def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
@@ -569,9 +588,9 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; column 5 is
     unused; GEMV tasks also record (6) the end of the RMS and (7) of the weight loop.
     """
-    config = config or LaunchConfig()
-    check_supported(graph, weights, batch, buffers)
     s = graph.shape
+    config = (config or LaunchConfig()).for_shape(s)
+    check_supported(graph, weights, batch, buffers)
     if program is None:
         program = encode_program(graph, weights)
     if kvtab is None:
@@ -593,12 +612,13 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
         s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
-        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size, BLOCK_S=max(64, batch.block_size),
+        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size,
+        BLOCK_S=max(ATTN_CHUNK, batch.block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
         BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
-        NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_for(s),
+        NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
         UPCAST=interpreted() or buffers.qkv.dtype == torch.float32,
         TRACE=trace is not None, num_warps=num_warps,
     )

@@ -200,7 +200,8 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     """One (request, kv head, split): its part of the cached tokens; the last split also appends this
     step's k/v and attends to them. With one split the output goes straight to ``attn``; otherwise the
     part goes to ``attn_acc``/``attn_ml`` and the head's last arrival merges all parts. Slices here are
-    even; the kernel's are whole 64-token chunks. The merge is exact either way: only rounding differs."""
+    even; the kernel's are whole chunks (``kernel.ATTN_CHUNK`` tokens). The merge is exact either way: only
+    rounding differs."""
     b, kvh, split = shape.attn_task(index)
     splits, d, group = shape.attn_splits, shape.head_dim, shape.num_heads // shape.num_kv_heads
     heads = slice(kvh * group * d, (kvh + 1) * group * d)
