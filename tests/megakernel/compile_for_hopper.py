@@ -49,9 +49,9 @@ def early_weight_copies(ttgir: str) -> int:
 
 
 def register_use(ptx: str) -> tuple[int, int]:
-    """(registers per thread, bytes of spill stores) as ptxas reports them for sm_90a. The kernel sits at
-    the 255-register cap; spills in a weight loop cost more than any other change to it (run 22 in
-    benchmarks/NOTES.md), and the GPU's own count needs a GPU."""
+    """(registers per thread, bytes of spill stores) as ptxas reports them for sm_90a, without a GPU. The
+    kernel sits at the 255-register cap; this is how attention's register use was found to be what it
+    runs out on (benchmarks/NOTES.md, eighth session). Spill bytes alone do not predict step time."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:

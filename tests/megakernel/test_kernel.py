@@ -29,7 +29,7 @@ def _poison(buffers):
         ([0], True, "flash", 32, 0, 1),
         ([5, 37, 16], True, "fa_packed", 16, 0, 1),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
         ([20], True, "flash", 32, 48, 1),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: three 32-token attention chunks over 16-token pages
+        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: three 32-token chunks over 16-token pages
         ([33, 2], True, "head_major", 32, 0, 1),
         # Context splits: 200 tokens in 4 slices of two 32-token chunks (the last: 8 and the new token);
         # 70 in 2 slices; 0 leaves every slice but the last empty, and 9 the second of 2 (the new token only).
@@ -69,7 +69,6 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
         changed = (got != old).any(dim=(2, 3)).nonzero().tolist()
         assert {tuple(c) for c in changed} <= {(int(batch.block_tables[b, p // 16]), p % 16)
                                                for b, p in enumerate(positions)}
-
 
 
 def test_empty_slices_do_not_wait():

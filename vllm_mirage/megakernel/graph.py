@@ -95,9 +95,9 @@ class DecodeShape:
         """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage
         still fits in one round. At batch 1 one task per kv head is 8 tasks for 132 SMs, each walking the
         whole context alone (8.2 µs per layer at 128 tokens, benchmarks/NOTES.md). vLLM replays one CUDA
-        graph per batch size whatever the context, so the count cannot follow the context; the most
-        that fit cost no more than 4 at 128 tokens and run 1.8× faster at 4096 (0.6B, run 23): slices
-        past the context leave empty parts without waiting (kernel._attention_tile)."""
+        graph per batch size whatever the context, so the count cannot follow the context. With
+        32-token chunks (kernel.ATTN_CHUNK) 16 splits cost what 4 do at 128 tokens and run 1.8× faster
+        at 4096 (0.6B, run 23)."""
         splits = self.attn_splits
         while splits * 2 <= MAX_ATTN_SPLITS and self.batch * self.num_kv_heads * splits * 2 <= workers:
             splits *= 2
