@@ -162,8 +162,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[128], help="cached tokens per request")
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
-    ap.add_argument("--configs", default='[{}, {"block_k": 256, "block_k_out": 512}]',
-                    help="JSON list of LaunchConfig fields, timed side by side")
+    ap.add_argument("--configs", default='[{}, {"block_k": 128, "block_k_out": 256, "stages": 4}]',
+                    help="JSON list of LaunchConfig fields, timed side by side (default: the shape's "
+                         "defaults, and the defaults before the eighth session)")
     ap.add_argument("--compare-qkv-rows", action="store_true",
                     help="where QKV tasks are one-round (non power-of-two) tiles, also time the first config "
                          "with block_n-row QKV tiles")
