@@ -274,8 +274,8 @@ def _attention_tile(
     if (end > start) | last:
         _wait(counters, wait_stage, wait_count, trace_row, TRACE)
         m_i, l_i, acc1, acc2 = _attend_slice(
-            qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, start, end, last, eps, scale,
-            stride_blk, stride_tok, stride_head, HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, UPCAST)
+            qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
+            eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, HQ, HKV, D, PAGE, BLOCK_S, UPCAST)
     elif TRACE:
         tl.store(trace_row + 1, tl.extra.cuda.globaltimer())
     if SPLITS == 1:
@@ -294,21 +294,18 @@ def _attention_tile(
 
 @triton.jit
 def _attend_slice(
-    qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, start, end, last, eps, scale,
-    stride_blk, stride_tok, stride_head,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+    qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
+    eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """The running max, sum and unnormalised output halves of one kv head's q heads over cached tokens
-    [start, end), and over the new token if ``last`` (which also appends it to the cache)."""
-    G: tl.constexpr = HQ // HKV
+    """Online softmax of q heads ``heads`` (rows masked by ``g_mask``) of kv head ``kvh``, from the running
+    max ``m_i``, sum ``l_i`` and unnormalised output halves ``acc1``/``acc2`` on, over cached tokens
+    [start, end) and over the new token if ``last`` (which also appends it to the cache); returns them."""
     HALF: tl.constexpr = D // 2
     kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, start, end, kvh, stride_blk, stride_tok,
                                              stride_head, D, PAGE, BLOCK_S)
     d = tl.arange(0, HALF)
-    g = tl.arange(0, BLOCK_G)
-    g_mask = (g < G)[:, None]
-    heads = kvh * G + g
     q_src = qkv_ptr + heads[:, None] * D + d[None, :]
     q1 = tl.load(q_src, mask=g_mask, other=0.0, cache_modifier=".cg")
     q2 = tl.load(q_src + HALF, mask=g_mask, other=0.0, cache_modifier=".cg")
@@ -334,10 +331,6 @@ def _attend_slice(
     tl.store(v_cache + at + HALF, v2, mask=keep)
 
     # Online softmax over the slice's cached tokens.
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     for j in range(0, tl.cdiv(end - start, BLOCK_S)):
         nk1, nk2, nv1, nv2, n_mask = _kv_chunk(k_cache, v_cache, bt_ptr, j + 1, start, end, kvh, stride_blk,
                                                stride_tok, stride_head, D, PAGE, BLOCK_S)
