@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_mirage.megakernel.graph import DecodeShape
-from vllm_mirage.megakernel.kernel import ATTN_CHUNK, LaunchConfig, _decode_step_kernel
+from vllm_mirage.megakernel.kernel import LaunchConfig, _decode_step_kernel, launch_constants
 
 
 def early_weight_copies(ttgir: str) -> int:
@@ -77,17 +77,9 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
     # counts: a non-power-of-two tile).
     shape = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
                         num_layers=1, vocab=1, batch=batch).for_workers(132)
-    qkv_rows = shape.qkv_rows
     config = LaunchConfig(**({} if stages is None else {"stages": stages}),
-                          early_weights=None if early is None else bool(early)).for_shape(shape)
-    consts = dict(HQ=hq, HKV=hkv, D=128, PAGE=16, BLOCK_S=ATTN_CHUNK,
-                  BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
-                  ATTN_SPLITS=shape.attn_splits,
-                  BLOCK_T=min(64, max(16, triton.next_power_of_2(batch))), BLOCK_N=32,
-                  BLOCK_N_QKV=triton.next_power_of_2(qkv_rows), QKV_ROWS=qkv_rows, BLOCK_N_OUT=32, BLOCK_N_LM=64,
-                  BLOCK_K=config.block_k, BLOCK_K_OUT=config.block_k_out, BLOCK_H=1024, NT_P2=128,
-                  STAGES=config.stages, EARLY=config.early_weights,
-                  UPCAST=False, TRACE=False)
+                          early_weights=None if early is None else bool(early))
+    consts, num_warps = launch_constants(shape, config, block_size=16, upcast=False, trace=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)
     # Every pointer (torch allocations) and these sizes and strides are multiples of 16 at Qwen3 shapes;
@@ -98,7 +90,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
         aligned.append("B")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(fn=_decode_step_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     if os.environ.get("MEGAKERNEL_DUMP"):
         for ext in ("ttgir", "ptx"):

@@ -582,7 +582,6 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     unused; GEMV tasks also record (6) the end of the RMS and (7) of the weight loop.
     """
     s = graph.shape
-    config = (config or LaunchConfig()).for_shape(s)
     check_supported(graph, weights, batch, buffers)
     if program is None:
         program = encode_program(graph, weights)
@@ -590,12 +589,9 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         kvtab = kv_pointer_table(batch)
     cache = batch.k_caches[0]
     out = buffers.logits if s.lm_head else buffers.hidden_out
-    block_t = min(64, max(16, triton.next_power_of_2(s.batch)))
-    # Registers: a 64-token block quarters the weight chunks and takes 8 warps (else it spills).
-    shrink = 1 if block_t <= 16 else block_t // 16
-    block_k = max(32, min(config.block_k // shrink, triton.next_power_of_2(s.hidden)))
-    block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
-    num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
+    consts, num_warps = launch_constants(s, config or LaunchConfig(), batch.block_size,
+                                         upcast=interpreted() or buffers.qkv.dtype == torch.float32,
+                                         trace=trace is not None)
     buffers.sync.zero_()
     _decode_step_kernel[(graph.num_workers,)](
         program, graph.queue_offsets, buffers.counters, buffers.counters if trace is None else trace,
@@ -605,14 +601,30 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
         s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
-        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=batch.block_size,
-        BLOCK_S=max(ATTN_CHUNK, batch.block_size),
+        **consts, num_warps=num_warps,
+    )
+    return out
+
+
+def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upcast: bool,
+                     trace: bool) -> tuple[dict, int]:
+    """The kernel's compile-time arguments and warp count for shape ``s`` with KV-cache blocks of
+    ``block_size`` tokens: what :func:`decode_step` launches, and what tests/megakernel/compile_for_hopper.py
+    compiles ahead of time."""
+    config = config.for_shape(s)
+    block_t = min(64, max(16, triton.next_power_of_2(s.batch)))
+    # Registers: a 64-token block quarters the weight chunks and takes 8 warps (else it spills).
+    shrink = 1 if block_t <= 16 else block_t // 16
+    block_k = max(32, min(config.block_k // shrink, triton.next_power_of_2(s.hidden)))
+    block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
+    num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
+    consts = dict(
+        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=block_size, BLOCK_S=max(ATTN_CHUNK, block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
         BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
         NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
-        UPCAST=interpreted() or buffers.qkv.dtype == torch.float32,
-        TRACE=trace is not None, num_warps=num_warps,
+        UPCAST=upcast, TRACE=trace,
     )
-    return out
+    return consts, num_warps
