@@ -95,10 +95,9 @@ def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, kvb=
     return kvb, graph, buffers
 
 
-def bench_shape(name: str, weights, batch: int, context: int, bandwidth: float, configs: list, lm_head: bool,
-                compare_qkv_rows: bool, attn_splits: list[int]) -> list:
+def bench_shape(name: str, cfg: dict, weights, batch: int, context: int, bandwidth: float, configs: list,
+                lm_head: bool, compare_qkv_rows: bool, attn_splits: list[int]) -> list:
     """Every launch config on the default shape, then the first config on each requested shape variant."""
-    cfg = SHAPES[name]
     kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
     rows = [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
             for config in configs]
@@ -161,6 +160,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-8b"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[128], help="cached tokens per request")
+    ap.add_argument("--layers", type=int, help="decoder layers instead of the model's (the same kernel variants: "
+                    "a 1-layer run in parallel processes fills Triton's cache before a timed run)")
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
     ap.add_argument("--configs", default='[{}, {"block_k": 128, "block_k_out": 256, "stages": 4}]',
                     help="JSON list of LaunchConfig fields, timed side by side (default: the shape's "
@@ -176,11 +177,11 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name in args.models:
-        cfg = SHAPES[name]
+        cfg = dict(SHAPES[name], **({"layers": args.layers} if args.layers else {}))
         weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda", max_positions=max(args.context) + 1)
         for b in args.batch_sizes:
             for context in args.context:
-                rows += bench_shape(name, weights, b, context, bw, configs, args.lm_head, args.compare_qkv_rows,
+                rows += bench_shape(name, cfg, weights, b, context, bw, configs, args.lm_head, args.compare_qkv_rows,
                                     args.attn_splits)
         del weights
         torch.cuda.empty_cache()

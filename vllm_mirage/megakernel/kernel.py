@@ -4,9 +4,10 @@ Each program is a worker that runs its own queue of tasks (see :mod:`vllm_mirage
 encoded by the host with everything a task needs to start (its weight slice's address included), so
 a worker reads its next task while the current one runs and no task starts with a chain of dependent
 loads. For each task it spins on the counter of the stage it depends on (acquire), runs the tile and
-bumps its own stage's counter (release). A GEMV task asks for its first weight chunks before it spins:
-weights never depend on other tasks, so they stream while the worker waits (``_gemv_tile``, EARLY). The grid must not exceed what the GPU keeps resident at once
-(one program per SM), or a waiting worker could hold the SM its producer needs.
+bumps its own stage's counter (release). A task with a norm (QKV, GU, LM) asks for its first weight
+chunks before it spins: weights never depend on other tasks, so they stream while the worker waits
+(``_gemv_tile``, EARLY). The grid must not exceed what the GPU keeps resident at once (one program per
+SM), or a waiting worker could hold the SM its producer needs.
 
 The tiles are the fused ops' math at decode sizes: RMSNorm applied to each activation chunk just
 before the dot (its RMS from the producers' per-tile sums of squares), SiLU·mul as the gate/up
@@ -104,11 +105,12 @@ def _gemv_tile(
     SILU_MUL: up rows follow the N gate rows; out = silu(gate) * up. ADD_RES: out = res + y, rounded,
     and each row's sum of squares over these columns goes to ``sumsq_out_ptr[row]``.
 
-    EARLY: wait inside the first step of the weight loop. Triton's pipeliner issues the first
-    STAGES - 1 weight chunks before the loop, so they stream while the worker waits for its producers
-    (weights never depend on them). Every activation load is masked by the count the wait returned:
-    that data dependency keeps it, and the RMS, after the wait. Otherwise the wait comes first.
+    EARLY (with NORM_IN only): wait inside the first step of the weight loop. Triton's pipeliner issues
+    the first STAGES - 1 weight chunks before the loop, so they stream while the worker waits for its
+    producers (weights never depend on them). Every activation load is masked by the count the wait
+    returned: that data dependency keeps it, and the RMS, after the wait. Otherwise the wait comes first.
     """
+    tl.static_assert(NORM_IN or not EARLY, "only tasks with a norm load their weights early")
     dtype = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_N)
     offs_n = n0 + rows
@@ -129,10 +131,9 @@ def _gemv_tile(
         x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
         nw = tl.zeros([BLOCK_K], dtype=dtype)
         # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
-        # an activation that feeds the dot directly, which is only right once the wait is behind us
-        # (not EARLY, no norm: O and DOWN). Otherwise it is double-buffered by hand, one chunk ahead:
-        # Triton does not pipeline a load whose value is carried to the next step.
-        BY_HAND: tl.constexpr = NORM_IN or EARLY
+        # an activation that feeds the dot directly (O and DOWN, which wait first). A normed one is
+        # double-buffered by hand, one chunk ahead: Triton does not pipeline a load whose value is
+        # carried to the next step.
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + offs_k
             k_mask = k < K
@@ -140,29 +141,25 @@ def _gemv_tile(
             w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
             if SILU_MUL:
                 w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
-            if BY_HAND:
+            if NORM_IN:
                 if k0 == 0:
                     if EARLY:
                         if t0 == 0:
                             seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
                     ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
-                    if NORM_IN:
-                        rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
-                        if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
-                            tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
-                        nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
+                    rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
+                    if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
+                        tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
+                    nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
                     x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
                                 cache_modifier=".cg")
                 kn = k + BLOCK_K
                 ready = offs_t < tl.where(seen >= 0, B, 0)
                 x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & (kn < K)[None, :], other=0.0,
                                  cache_modifier=".cg")
-                if NORM_IN:
-                    nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
-                    a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
-                    nw = nw_next
-                else:
-                    a = x
+                nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
+                a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+                nw = nw_next
                 x = x_next
             else:
                 a = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0,
@@ -435,7 +432,8 @@ def _decode_step_kernel(
             _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
                        counters, wait_stage, wait_count, trace_row,
-                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, EARLY, TRACE)
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES,
+                       False, TRACE)
         elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up
             _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                        _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
@@ -445,7 +443,8 @@ def _decode_step_kernel(
             _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
                        wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
                        counters, wait_stage, wait_count, trace_row,
-                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES, EARLY, TRACE)
+                       False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES,
+                       False, TRACE)
         elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
             _gemv_tile(res + (2 * layer + 2) * BH, wt, B, H, V, index * BLOCK_N_LM, final_out,
                        _address(aux, ptr), sumsq + (2 * layer + 2) * NTB, NT, eps, res, sumsq,
@@ -472,7 +471,9 @@ class LaunchConfig:
     block_k: int | None = None  # weight chunk of tasks over the hidden size (QKV, GU, LM)
     block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
-    # A GEMV task's first weight chunks are requested before its wait.
+    # A QKV, GU or LM task's first weight chunks are requested before its wait. O and DOWN always wait
+    # first: with their weights early too, Qwen3-0.6B ran 2-5% slower at batches 1-8, 1.7B 1-2%, 8B at
+    # batch 1 0.2% faster (benchmarks/NOTES.md, ninth session).
     early_weights: bool | None = None
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
