@@ -87,7 +87,12 @@ def _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2: tl.constexpr):
     return tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
 
 
-@triton.jit
+# The tiles are device functions, not inlined into the kernel: ptxas then allocates each one's registers
+# on its own (under the kernel's 255) instead of all task kinds' together. Inlined, the batch-1 kernel
+# spilled 600 bytes and a change to one tile moved spills into another's weight loop; as functions, the
+# H100's build reports no spills, and Qwen3-0.6B b1 / 8B b8 ran 2.6% / 1.3% faster (benchmarks/NOTES.md,
+# run 34).
+@triton.jit(noinline=True)
 def _gemv_tile(
     x_ptr, w_ptr, B, K, N, n0, out_ptr,
     nw_ptr, sumsq_ptr, NT, eps,
@@ -229,7 +234,7 @@ def _kv_chunk(k_cache, v_cache, bt_ptr, j, start, end, kvh, stride_blk, stride_t
             tl.load(v_cache + rows, mask=m, other=0.0), tl.load(v_cache + rows + HALF, mask=m, other=0.0), tok_mask)
 
 
-@triton.jit
+@triton.jit(noinline=True)  # see _gemv_tile
 def _attention_tile(
     qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, split, eps, scale,
     stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals, counters, wait_stage, wait_count, trace_row,
