@@ -486,8 +486,8 @@ class LaunchConfig:
 
         Chunks: 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B 0.91
         → 0.89 at stages 4), 128 / 256 above (8B batch 8: 6.27 vs 6.50 ms). Early weights: at batch 1
-        (0.6B and 8B) and hidden sizes ≤ 2048 (0.6B at batch 8; 1.7B not measured); on 8B at batch 8 the
-        kernel without them was faster (6.66 vs 7.13 ms), for a reason not found yet."""
+        and hidden sizes ≤ 2048 (0.6B and 1.7B at batch 8); on 8B at batches 2-8 the kernel without them
+        is faster (b8 6.18 vs 6.32 ms, run 35), for a reason not found yet."""
         one = shape.batch == 1
         return replace(
             self,

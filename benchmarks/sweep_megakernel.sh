@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Time megakernel launch configs, and optionally whole kernel variants, on a GPU:
+#   bash benchmarks/sweep_megakernel.sh OUTDIR JOBS [KERNEL.py ...]
+# JOBS has one shape per line, "MODEL BATCH CONFIGS", e.g.
+#   qwen3-8b 1 [{}, {"stages": 4}]
+# Each KERNEL.py replaces vllm_mirage/megakernel/kernel.py in a copy of the tree of its own (without any,
+# the tree as it is). Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape,
+# config) is compiled by a 1-layer run in parallel processes (Triton's cache is shared); then each shape
+# is timed in one process per kernel, the kernels alternating, and OUTDIR gets one JSON and log each.
+set -uo pipefail
+out=$1 jobs=$2
+shift 2
+bench=benchmarks/bench_megakernel.py
+mkdir -p "$out"
+trees=()
+if [ $# -eq 0 ]; then
+    trees=("$PWD")
+else
+    for kernel in "$@"; do
+        tree=$(mktemp -d)/$(basename "$kernel" .py)
+        mkdir -p "$tree" && cp -r vllm_mirage benchmarks tests "$tree"/ && cp "$kernel" "$tree"/vllm_mirage/megakernel/kernel.py
+        trees+=("$tree")
+    done
+fi
+start=$(date +%s)
+while read -r model batch configs; do
+    [ -z "$model" ] && continue
+    # One process per distinct config (not in a pipeline: `wait` only sees this shell's children).
+    python3 -c 'import json, sys; [print(json.dumps([c])) for c in json.loads(sys.argv[1])]' "$configs" |
+        sort -u > "$out/.configs"
+    for tree in "${trees[@]}"; do
+        while read -r config; do
+            (cd "$tree" && python3 $bench --layers 1 --models "$model" --batch-sizes "$batch" --configs "$config" \
+                --out "$(mktemp)" > /dev/null 2>&1) &
+        done < "$out/.configs"
+    done
+done < "$jobs"
+wait
+rm -f "$out/.configs"
+echo "compiled in $(( $(date +%s) - start )) s"
+while read -r model batch configs; do
+    [ -z "$model" ] && continue
+    for tree in "${trees[@]}"; do
+        name=$( [ $# -eq 0 ] && echo "" || echo "$(basename "$tree")_")${model}_b$batch
+        (cd "$tree" && python3 $bench --models "$model" --batch-sizes "$batch" --configs "$configs" \
+            --out "$out/$name.json" > "$out/$name.log" 2>&1)
+        grep -h "ms/step" "$out/$name.log" | sed "s/^/$( [ $# -eq 0 ] || basename "$tree") /"
+    done
+done < "$jobs"
+echo "done in $(( $(date +%s) - start )) s"
