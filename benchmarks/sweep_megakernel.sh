@@ -41,10 +41,11 @@ echo "compiled in $(( $(date +%s) - start )) s"
 while read -r model batch configs; do
     [ -z "$model" ] && continue
     for tree in "${trees[@]}"; do
-        name=$( [ $# -eq 0 ] && echo "" || echo "$(basename "$tree")_")${model}_b$batch
+        kernel=$( [ $# -eq 0 ] || echo "$(basename "$tree") ")  # the variant's name, if there are variants
+        name=${kernel// /_}${model}_b$batch
         (cd "$tree" && python3 $bench --models "$model" --batch-sizes "$batch" --configs "$configs" \
             --out "$out/$name.json" > "$out/$name.log" 2>&1)
-        grep -h "ms/step" "$out/$name.log" | sed "s/^/$( [ $# -eq 0 ] || basename "$tree") /"
+        grep -h "ms/step" "$out/$name.log" | sed "s/^/$kernel/"
     done
 done < "$jobs"
 echo "done in $(( $(date +%s) - start )) s"

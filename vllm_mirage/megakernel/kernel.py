@@ -477,8 +477,8 @@ class LaunchConfig:
     block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, GU or LM task's first weight chunks are requested before its wait. O and DOWN always wait
-    # first: with their weights early too, Qwen3-0.6B ran 2-5% slower at batches 1-8, 1.7B 1-2%, 8B at
-    # batch 1 0.2% faster (benchmarks/NOTES.md, ninth session).
+    # first: with their weights early too, Qwen3-0.6B ran 1-5% slower at batches 1-8, 1.7B 1-2%, 8B at
+    # batch 1 0.2% faster (benchmarks/NOTES.md, ninth session, run 31).
     early_weights: bool | None = None
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
@@ -486,8 +486,8 @@ class LaunchConfig:
 
         Chunks: 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B 0.91
         → 0.89 at stages 4), 128 / 256 above (8B batch 8: 6.27 vs 6.50 ms). Early weights: at batch 1
-        and hidden sizes ≤ 2048 (0.6B and 1.7B at batch 8); on 8B at batches 2-8 the kernel without them
-        is faster (b8 6.18 vs 6.32 ms, run 35), for a reason not found yet."""
+        and hidden sizes ≤ 2048 (0.6B at batch 8; 1.7B not measured); on 8B at batches 2-8 the kernel
+        without them is faster (b8 6.18 vs 6.32 ms, run 35), for a reason not found yet."""
         one = shape.batch == 1
         return replace(
             self,
