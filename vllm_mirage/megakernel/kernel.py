@@ -132,9 +132,10 @@ def _gemv_tile(
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
-        x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
-        nw = tl.zeros([BLOCK_K], dtype=dtype)
+        if NORM_IN:  # the by-hand double buffer's state (see below)
+            rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
+            x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+            nw = tl.zeros([BLOCK_K], dtype=dtype)
         # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
         # an activation that feeds the dot directly (O and DOWN, which wait first). A normed one is
         # double-buffered by hand, one chunk ahead: Triton does not pipeline a load whose value is
