@@ -78,7 +78,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
     shape = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
                         num_layers=1, vocab=1, batch=batch).for_workers(132)
     config = LaunchConfig(**({} if stages is None else {"stages": stages}),
-                          early_weights=None if early is None else bool(early))
+                          **({} if early is None else {"early_weights": bool(early)}))
     consts, num_warps = launch_constants(shape, config, block_size=16, upcast=False, trace=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)

@@ -480,21 +480,20 @@ class LaunchConfig:
     # A QKV, GU or LM task's first weight chunks are requested before its wait. O and DOWN always wait
     # first: with their weights early too, Qwen3-0.6B ran 1-5% slower at batches 1-8, 1.7B 1-2%, 8B at
     # batch 1 0.2% faster (benchmarks/NOTES.md, ninth session, run 31).
-    early_weights: bool | None = None
+    early_weights: bool = True
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
 
-        Chunks: 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B 0.91
-        → 0.89 at stages 4), 128 / 256 above (8B batch 8: 6.27 vs 6.50 ms). Early weights: at batch 1
-        and hidden sizes ≤ 2048 (0.6B at batch 8; 1.7B not measured); on 8B at batches 2-8 the kernel
-        without them is faster (b8 6.18 vs 6.32 ms, run 35), for a reason not found yet."""
-        one = shape.batch == 1
+        Chunks of 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B
+        0.91 → 0.89 at stages 4) and at hidden sizes above 2048: on 8B at batches 2-16, early weights
+        lose with 128-column chunks (b8 6.32 vs 6.18 ms waiting first, run 35) and win with 256 (6.12,
+        and 0.7-4.4% at b2-b16; runs 37, 38). 128 / 256 at small hidden sizes above batch 1 (0.6B b8)."""
+        wide = shape.batch == 1 or shape.hidden > 2048
         return replace(
             self,
-            block_k=self.block_k or (256 if one else 128),
-            block_k_out=self.block_k_out or (512 if one else 256),
-            early_weights=self.early_weights if self.early_weights is not None else one or shape.hidden <= 2048,
+            block_k=self.block_k or (256 if wide else 128),
+            block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),
         )
 
 
