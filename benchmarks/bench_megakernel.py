@@ -96,14 +96,13 @@ def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, kvb=
 
 
 def bench_shape(name: str, cfg: dict, weights, batch: int, context: int, bandwidth: float, configs: list,
-                lm_head: bool, compare_qkv_rows: bool, attn_splits: list[int]) -> list:
-    """Every launch config on the default shape, then the first config on each requested shape variant."""
+                lm_head: bool, shapes: list[dict], attn_splits: list[int]) -> list:
+    """Every launch config on the default shape, then the first config on each requested shape variant
+    (``shapes``: DecodeShape fields over the default, in order; {} is the default again)."""
     kvb, graph, buffers = setup_step(cfg, weights, batch, context, lm_head)
     rows = [time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_head, batch, context)
             for config in configs]
-    variants = [{"attn_splits": s} for s in attn_splits if s != graph.shape.attn_splits]
-    if compare_qkv_rows and graph.shape.block_n_qkv:
-        variants.append({"block_n_qkv": 0})
+    variants = [{"attn_splits": s} for s in attn_splits if s != graph.shape.attn_splits] + shapes
     for overrides in variants:
         _, graph, buffers = setup_step(cfg, weights, batch, context, lm_head, kvb, **overrides)
         rows.append(time_config(name, cfg, weights, kvb, graph, buffers, configs[0], bandwidth, lm_head, batch,
@@ -128,9 +127,10 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
     ms = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
     row = {"model": name, "batch": batch, "context": context, "lm_head": lm_head, "config": config.__dict__,
            "workers": graph.num_workers, "block_n": shape.block_n, "qkv_rows": shape.qkv_rows,
-           "block_n_out": shape.block_n_out, "attn_splits": shape.attn_splits, "step_ms": ms,
-           "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
+           "block_n_out": shape.block_n_out, "attn_splits": shape.attn_splits,
+           "step_ms": ms, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
     print(f"{name} b{batch} ctx{context} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows} "
+          f"block_n_out={shape.block_n_out} "
           f"attn_splits={shape.attn_splits}: {ms:.3f} ms/step, "
           f"floor {floor_ms:.3f} ms ({100 * floor_ms / ms:.0f}%)", flush=True)
     trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
@@ -166,9 +166,9 @@ def main() -> None:
     ap.add_argument("--configs", default='[{}, {"block_k": 128, "block_k_out": 256, "stages": 4}]',
                     help="JSON list of LaunchConfig fields, timed side by side (default: the shape's "
                          "defaults, and the defaults before the eighth session)")
-    ap.add_argument("--compare-qkv-rows", action="store_true",
-                    help="where QKV tasks are one-round (non power-of-two) tiles, also time the first config "
-                         "with block_n-row QKV tiles")
+    ap.add_argument("--shapes", default="[]",
+                    help='JSON list of DecodeShape fields over the default shape, each timed with the first '
+                         'config, in order (e.g. [{"block_n_qkv": 0}, {}]: block_n-row QKV tiles, then the default)')
     ap.add_argument("--attn-splits", type=int, nargs="*", default=[],
                     help="also time the first config with these context splits per (request, kv head)")
     args = ap.parse_args()
@@ -181,7 +181,7 @@ def main() -> None:
         weights = random_weights(**cfg, dtype=torch.bfloat16, device="cuda", max_positions=max(args.context) + 1)
         for b in args.batch_sizes:
             for context in args.context:
-                rows += bench_shape(name, cfg, weights, b, context, bw, configs, args.lm_head, args.compare_qkv_rows,
+                rows += bench_shape(name, cfg, weights, b, context, bw, configs, args.lm_head, json.loads(args.shapes),
                                     args.attn_splits)
         del weights
         torch.cuda.empty_cache()
