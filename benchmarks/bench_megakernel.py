@@ -76,7 +76,34 @@ def stage_profile(graph, trace: torch.Tensor) -> dict:
     total = (t[:, 2].max() - t[:, 0].min()).item()
     return {"total_us": total,
             "span_us": dict(spans),
-            "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases}
+            "mean_task_us": {k: sum(v) / len(v) for k, v in busy.items()}, "phases_us": phases,
+            "critical_us": critical_path(t, stages)}
+
+
+def critical_path(t: torch.Tensor, stages: dict) -> dict:
+    """Per task kind, summed over layers (µs), each stage measured from the moment the stage before it
+    finished (its last task's end of compute, T): ``done``, when this stage's last task finished (these
+    add up to the step); ``handoff``, the median end of wait of the tasks that were waiting at T (the
+    release, its propagation and the poll); and for the stamps a kind has, when its last task reached
+    them (GEMV: ``rms``, ``loop``; ATTN: ``qk``, ``attend``, ``arrive``)."""
+    stamps = {Task.QKV: {"rms": 6, "loop": 7}, Task.GU: {"rms": 6, "loop": 7}, Task.LM: {"rms": 6, "loop": 7},
+              Task.O: {"loop": 7}, Task.DOWN: {"loop": 7}, Task.ATTN: {"qk": 6, "attend": 7, "arrive": 5}}
+    out = defaultdict(lambda: defaultdict(float))
+    previous_end = t[:, 0].min()
+    for (layer, kind), ids in sorted(stages.items(), key=lambda kv: t[kv[1], 2].max().item()):
+        r = t[ids]
+        name = Task(kind).name
+        waiting = (r[:, 0] < previous_end) & (r[:, 1] > previous_end)
+        if waiting.any():
+            out[name]["handoff"] += (r[waiting, 1] - previous_end).median().item()
+        for stamp, col in stamps.get(Task(kind), {}).items():
+            hit = r[:, col] > 0
+            if hit.any():
+                out[name][stamp] += (r[hit, col].max() - previous_end).item()
+        end = r[:, 2].max()
+        out[name]["done"] += (end - previous_end).item()
+        previous_end = end
+    return {k: {s: round(v, 1) for s, v in d.items()} for k, d in out.items()}
 
 
 def setup_step(cfg: dict, weights, batch: int, context: int, lm_head: bool, kvb=None, **overrides):
@@ -141,6 +168,7 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
     print("   traced: total %.1f us; stage spans %s" % (
         profile["total_us"], {k: round(v, 1) for k, v in profile["span_us"].items()}), flush=True)
     print("   phases:", profile["phases_us"], flush=True)
+    print("   critical path:", profile["critical_us"], flush=True)
     return row
 
 

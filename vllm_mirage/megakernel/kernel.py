@@ -278,7 +278,10 @@ def _attention_tile(
         _wait(counters, wait_stage, wait_count, trace_row, TRACE)
         m_i, l_i, acc1, acc2 = _attend_slice(
             qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
-            eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, HQ, HKV, D, PAGE, BLOCK_S, UPCAST)
+            eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row, HQ, HKV, D, PAGE, BLOCK_S,
+            UPCAST, TRACE)
+        if TRACE:
+            tl.store(trace_row + 7, tl.extra.cuda.globaltimer() + tl.sum(l_i).to(tl.int64) * 0)
     elif TRACE:
         tl.store(trace_row + 1, tl.extra.cuda.globaltimer())
     if SPLITS == 1:
@@ -291,16 +294,19 @@ def _attention_tile(
         tl.store(part_ml + part * 2, m_i, mask=g < G)
         tl.store(part_ml + part * 2 + 1, l_i, mask=g < G)
         tl.debug_barrier()  # every thread's part is stored before the arrival publishes it
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLITS - 1:
+        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel")
+        if TRACE:
+            tl.store(trace_row + 5, tl.extra.cuda.globaltimer() + arrived.to(tl.int64) * 0)
+        if arrived == SPLITS - 1:
             _merge_parts(part_acc, part_ml, out_ptr, kvh, dtype, G, D, SPLITS)
 
 
 @triton.jit
 def _attend_slice(
     qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
-    eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2,
+    eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     """Online softmax of q heads ``heads`` (rows masked by ``g_mask``) of kv head ``kvh``, from the running
     max ``m_i``, sum ``l_i`` and unnormalised output halves ``acc1``/``acc2`` on, over cached tokens
@@ -323,6 +329,9 @@ def _attend_slice(
     sin = tl.load(cs_ptr + pos * D + HALF + d).to(tl.float32)[None, :]
     q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
     k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
+    if TRACE:
+        qk = tl.sum(q1.to(tl.float32)) + tl.sum(k1.to(tl.float32))
+        tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + qk.to(tl.int64) * 0)
 
     # The last split appends this step's key and value at vLLM's slot (negative: a padding row, nothing
     # to store). No chunk reads it: they stop before ``pos``.
@@ -584,8 +593,9 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`)
     and ``kvtab`` (:func:`kv_pointer_table`) may be built once and passed in: they change only when the
     weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per task in queue order,
-    globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; column 5 is
-    unused; GEMV tasks also record (6) the end of the RMS and (7) of the weight loop.
+    globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; GEMV tasks
+    also record (6) the end of the RMS and (7) of the weight loop; ATTN tasks that attend (6) the end of
+    the q/k norm and rotary, (7) of the attention, and with context splits (5) of the arrival.
     """
     s = graph.shape
     check_supported(graph, weights, batch, buffers)
