@@ -48,6 +48,15 @@ def early_weight_copies(ttgir: str) -> int:
     return count
 
 
+def function_ir(ttgir: str, name: str) -> str:
+    """The text of the (first) function whose symbol contains ``name``."""
+    start = next((m.start() for m in re.finditer(r"tt\.func ", ttgir) if name in ttgir[m.start():m.start() + 300]), -1)
+    if start < 0:
+        return ""
+    end = ttgir.find("tt.func ", start + 1)
+    return ttgir[start:end if end > 0 else len(ttgir)]
+
+
 def register_use(ptx: str) -> tuple[int, int]:
     """(registers per thread, bytes of spill stores) as ptxas reports them for sm_90a, without a GPU. The
     kernel sits at the 255-register cap; this is how attention's register use was found to be what it
@@ -107,6 +116,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
         "arrival_adds": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)),
         "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "early_weight_copies": early_weight_copies(compiled.asm["ttgir"]),
+        "gu_tiles_early_copies": early_weight_copies(function_ir(compiled.asm["ttgir"], "_gemv_tiles")),
         "vector_loads": sum(1 for ld in loads if ".v4" in ld or ".v2" in ld),
         "scalar_16bit_loads": sum(1 for ld in loads if ld.endswith(".b16")),
         "cubin_bytes": len(compiled.asm.get("cubin", b"")),

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,16 +41,17 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 
 
 @pytest.mark.parametrize(
-    "workers, lm_head, block_n_out, block_n_qkv, attn_splits",
-    [(1, True, 32, 0, 1), (2, True, 16, 0, 1), (5, False, 32, 48, 1), (64, True, 16, 0, 1),
-     (3, True, 32, 0, 4), (7, False, 16, 0, 2)],
+    "workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks",
+    [(1, True, 32, 0, 1, 0), (2, True, 16, 0, 1, 0), (5, False, 32, 48, 1, 0), (64, True, 16, 0, 1, 0),
+     (3, True, 32, 0, 4, 0), (7, False, 16, 0, 2, 0),
+     (3, True, 32, 0, 1, 3), (2, False, 16, 0, 2, 5)],  # 7 GU slices in 3 tasks of 3/2/2, or 5 of 2/2/1/1/1
 )
-def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits):
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
     shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
-                          attn_splits=attn_splits)
+                          attn_splits=attn_splits, gu_tasks=gu_tasks)
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
@@ -91,18 +94,27 @@ def test_a_missing_dependency_gives_wrong_logits():
 
 
 def test_narrow_tiles_only_where_a_stage_would_idle_half_the_sms():
-    shape = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
-                        num_layers=28, vocab=151936, batch=1).for_workers(132)
+    qwen3_06b = DecodeShape(hidden=1024, intermediate=3072, num_heads=16, num_kv_heads=8, head_dim=128,
+                            num_layers=28, vocab=151936, batch=1)
+    shape = qwen3_06b.for_workers(132)
     # 0.6B: 1024 hidden features are 32 tiles of 32, a quarter of the SMs; 64 tiles of 16 (tl.dot's minimum).
     assert shape.block_n_out == 16 and shape.out_tiles == 64
     assert shape.tasks_in_stage(Task.O) == shape.tasks_in_stage(Task.DOWN) == 64
     assert shape.block_n == 32  # 96 GU tiles: more than half the SMs busy
-    big = DecodeShape(hidden=4096, intermediate=12288, num_heads=32, num_kv_heads=8, head_dim=128,
-                      num_layers=36, vocab=151936, batch=1).for_workers(132)
+    qwen3_8b = DecodeShape(hidden=4096, intermediate=12288, num_heads=32, num_kv_heads=8, head_dim=128,
+                           num_layers=36, vocab=151936, batch=1)
+    big = qwen3_8b.for_workers(132)
     # 8B keeps 32-row tiles everywhere: 16-row QKV/GU tiles measured 8.4 ms per step against 6.4 (H100).
     assert (big.block_n, big.block_n_out, big.out_tiles) == (32, 32, 128)
     # ... except QKV: 6144 features in 32-row tiles take two rounds over 132 SMs, in 48-row tiles one.
     assert (big.qkv_rows, big.tasks_in_stage(Task.QKV)) == (48, 128)
+    # 384 GU slices, from batch 8 in one task per worker, each over every 132nd slice (three, or two
+    # for the last twelve); at batch 1 one task per slice.
+    assert big.tasks_in_stage(Task.GU) == 384 and big.gu_tiles(5) == range(5, 6)
+    big8 = replace(qwen3_8b, batch=8).for_workers(132)
+    assert big8.tasks_in_stage(Task.GU) == 132 and big8.gu_tiles(0) == range(0, 384, 132)
+    assert [len(big8.gu_tiles(i)) for i in (0, 119, 120, 131)] == [3, 3, 2, 2]
+    assert replace(qwen3_06b, batch=8).for_workers(132).gu_tasks == 0  # 0.6B: fewer slices than SMs
     assert shape.qkv_rows == 32 and shape.tasks_in_stage(Task.QKV) == 128  # 0.6B: one round already
     wide = DecodeShape(hidden=5120, intermediate=25600, num_heads=64, num_kv_heads=8, head_dim=128,
                        num_layers=64, vocab=151936, batch=1).for_workers(132)

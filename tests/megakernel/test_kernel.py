@@ -24,20 +24,23 @@ def _poison(buffers):
 @pytest.mark.parametrize("early_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits",
+    "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks",
     [
-        ([0], True, "flash", 32, 0, 1),
-        ([5, 37, 16], True, "fa_packed", 16, 0, 1),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
-        ([20], True, "flash", 32, 48, 1),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0, 1),  # 70 cached tokens: three 32-token chunks over 16-token pages
-        ([33, 2], True, "head_major", 32, 0, 1),
+        ([0], True, "flash", 32, 0, 1, 0),
+        ([5, 37, 16], True, "fa_packed", 16, 0, 1, 0),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
+        ([20], True, "flash", 32, 48, 1, 0),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
+        ([9, 70], False, "head_major", 16, 0, 1, 0),  # 70 cached tokens: three 32-token chunks over 16-token pages
+        ([33, 2], True, "head_major", 32, 0, 1, 0),
         # Context splits: 200 tokens in 4 slices of two 32-token chunks (the last: 8 and the new token);
         # 70 in 2 slices; 0 leaves every slice but the last empty, and 9 the second of 2 (the new token only).
-        ([200, 0], True, "fa_packed", 32, 0, 4),
-        ([70, 9], False, "flash", 16, 0, 2),
+        ([200, 0], True, "fa_packed", 32, 0, 4, 0),
+        ([70, 9], False, "flash", 16, 0, 2, 0),
+        # GU tasks of several slices (200 intermediate features: 7 slices of 32 in 3 tasks of 3/2/2),
+        # each one pipelined loop with an epilogue per slice.
+        ([12, 50], True, "fa_packed", 16, 0, 1, 3),
     ],
 )
-def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, dtype,
+def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks, dtype,
                                   early_weights):
     weights = random_weights(**TINY, dtype=dtype)
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
@@ -49,7 +52,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
     shape = weights.shape(batch=len(positions), lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
-                          attn_splits=attn_splits)
+                          attn_splits=attn_splits, gu_tasks=gu_tasks)
     graph = build_task_graph(shape, 1)
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)
@@ -172,3 +175,22 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv):
     assert info["early_weight_copies"] > 0, info
     # Batch 1 splits attention over the context; the merge must follow an acquire-release arrival.
     assert info["attn_splits"] > 1 and info["arrival_adds"] >= 1, info
+
+
+def test_multi_slice_gu_tasks_compile_pipelined_for_hopper():
+    """At batch 8 on 132 SMs a GU task covers several slices in one loop (kernel._gemv_tiles, with each
+    slice's epilogue inside it): that loop must still be software-pipelined with its first weight chunks
+    requested before the wait, or the reason for having it is gone."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import subprocess_env
+
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    proc = subprocess.run([sys.executable, str(script), "bf16", "32", "8", "8"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["gu_tiles_early_copies"] > 0 and info["shared_bytes"] <= 227 * 1024, info

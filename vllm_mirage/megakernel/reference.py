@@ -167,10 +167,11 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
         n = cols(shape.block_n_out, shape.hidden)
         _add_to_residual(buf, 2 * layer + 1, index, n, F.linear(buf.attn[layer], weights.o[layer][n]))
     elif task == Task.GU:
-        n = cols(shape.block_n, shape.intermediate)
         gate_up = weights.gate_up[layer]
-        w = torch.cat([gate_up[n], gate_up[shape.intermediate :][n]])
-        buf.act[layer][:, n] = ops.linear_silu_mul(_normed(buf, 2 * layer + 1, weights.post_norm[layer], eps), w)
+        x = _normed(buf, 2 * layer + 1, weights.post_norm[layer], eps)
+        for tile in shape.gu_tiles(index):
+            n = cols(shape.block_n, shape.intermediate, tile)
+            buf.act[layer][:, n] = ops.linear_silu_mul(x, torch.cat([gate_up[n], gate_up[shape.intermediate :][n]]))
     elif task == Task.DOWN:
         n = cols(shape.block_n_out, shape.hidden)
         _add_to_residual(buf, 2 * layer + 2, index, n, F.linear(buf.act[layer], weights.down[layer][n]))
