@@ -154,18 +154,7 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv):
     that the weight streams are what made the kernel fast on the H100: asynchronous copies (Triton's
     software pipelining) and 16-byte vector loads. The first version had neither (scalar 2-byte loads
     through an unaligned pointer table) and ran at 14% of the bandwidth floor."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import subprocess_env
-
-    script = Path(__file__).with_name("compile_for_hopper.py")
-    proc = subprocess.run([sys.executable, str(script), dtype, str(hq), str(hkv)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _compile_for_hopper(dtype, hq, hkv)
     assert info["acquire_loads"] >= 1 and info["release_adds"] >= 1, info
     assert info["shared_bytes"] <= 227 * 1024 and info["cubin_bytes"] > 0, info
     assert info["async_copies"] > 0 and info["vector_loads"] > 0, info
@@ -181,6 +170,13 @@ def test_multi_slice_gu_tasks_compile_pipelined_for_hopper():
     """At batch 8 on 132 SMs a GU task covers several slices in one loop (kernel._gemv_tiles, with each
     slice's epilogue inside it): that loop must still be software-pipelined with its first weight chunks
     requested before the wait, or the reason for having it is gone."""
+    info = _compile_for_hopper("bf16", 32, 8, 8)
+    assert info["gu_tiles_early_copies"] > 0 and info["shared_bytes"] <= 227 * 1024, info
+
+
+def _compile_for_hopper(*args) -> dict:
+    """What tests/megakernel/compile_for_hopper.py reports for ``args`` (DTYPE HQ HKV [BATCH ...]), run in
+    a process of its own: the jit decorator reads TRITON_INTERPRET, which the rest of the suite sets."""
     import json
     import subprocess
     import sys
@@ -189,8 +185,7 @@ def test_multi_slice_gu_tasks_compile_pipelined_for_hopper():
     from tests.conftest import subprocess_env
 
     script = Path(__file__).with_name("compile_for_hopper.py")
-    proc = subprocess.run([sys.executable, str(script), "bf16", "32", "8", "8"], env=subprocess_env(),
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["gu_tiles_early_copies"] > 0 and info["shared_bytes"] <= 227 * 1024, info
+    return json.loads(proc.stdout.strip().splitlines()[-1])

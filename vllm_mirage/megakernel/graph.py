@@ -89,12 +89,12 @@ class DecodeShape:
             return block
 
         block_n = fit(self.block_n, min(self.qkv_features, self.intermediate))
+        shape = replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
+                        block_n_qkv=self._one_round_qkv(block_n, workers), attn_splits=self._attn_splits(workers))
         # Several GU slices per task (gu_tiles) where slices outnumber workers, from batch 8: Qwen3-8B ran
         # 1.8% faster at b8 and 3.0% at b16, the same at b1, 0.8% / 1.3% slower at b2 / b4 (runs 44, 45).
-        many = -(-self.intermediate // block_n) > workers and self.batch >= 8
-        return replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
-                       block_n_qkv=self._one_round_qkv(block_n, workers), gu_tasks=workers if many else 0,
-                       attn_splits=self._attn_splits(workers))
+        many = shape.gu_slices > workers and self.batch >= 8
+        return replace(shape, gu_tasks=workers if many else 0)
 
     def _attn_splits(self, workers: int) -> int:
         """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage
