@@ -194,20 +194,17 @@ def _gemv_tile(
 def _gemv_tiles(
     x_ptr, w_ptr, B, K, N, n0, out_ptr,
     nw_ptr, sumsq_ptr, NT, eps,
-    res_ptr, sumsq_out_ptr,
     counters, wait_stage, wait_count, trace_row, tiles, tile_stride,
-    NORM_IN: tl.constexpr, SILU_MUL: tl.constexpr, ADD_RES: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
-    STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
+    UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
 ):
-    """What ``_gemv_tile`` computes, for the tile at row n0 and the ``tiles`` - 1 tiles after it at
-    n0 + tile_stride, n0 + 2 tile_stride, ...: one pipelined loop over all of their chunks, each tile's
-    epilogue at its last chunk, so the weight stream runs on from one tile into the next instead of
-    draining and refilling (GU tasks of several slices, DecodeShape.gu_tiles; arguments as for
-    _gemv_tile). Its own function because the epilogue inside the loop made every other task's loop
-    slower (run 43), and kept as it was measured: sharing helpers with _gemv_tile changed the H100
-    build enough to turn Qwen3-8B b8's −1.9% into +4.8% (run 46)."""
-    tl.static_assert(NORM_IN or not EARLY, "only tasks with a norm load their weights early")
+    """What ``_gemv_tile`` computes for a GU task (NORM_IN, SILU_MUL, BLOCK_N rows), for the tile at row
+    n0 and the ``tiles`` - 1 tiles after it at n0 + tile_stride, n0 + 2 tile_stride, ...: one pipelined
+    loop over all of their chunks, each tile's epilogue at its last chunk, so the weight stream runs on
+    from one tile into the next instead of draining and refilling (GU tasks of several slices,
+    DecodeShape.gu_tiles; arguments as for _gemv_tile). Its own function because the epilogue inside the
+    loop made every other task's loop slower (run 43), and its lines are _gemv_tile's, not shared with it
+    through helpers: that changed the H100 build enough to turn Qwen3-8B b8's −1.9% into +4.8% (run 46)."""
     dtype = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -222,81 +219,54 @@ def _gemv_tiles(
         x_rows = x_ptr + offs_t[:, None] * K
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        if NORM_IN:  # the by-hand double buffer's state (see below)
-            rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
-            x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
-            nw = tl.zeros([BLOCK_K], dtype=dtype)
-        # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
-        # an activation that feeds the dot directly (O and DOWN, which wait first). A normed one is
-        # double-buffered by hand, one chunk ahead (wrapping round to the next tile's first chunk):
-        # Triton does not pipeline a load whose value is carried to the next step.
+        rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)  # the by-hand double buffer's state (see below)
+        x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+        nw = tl.zeros([BLOCK_K], dtype=dtype)
+        # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead); the
+        # normed activation is double-buffered by hand, one chunk ahead (wrapping round to the next tile's
+        # first chunk): Triton does not pipeline a load whose value is carried to the next step.
         for step in tl.range(0, steps, num_stages=STAGES):
             tile = step // chunks
             k0 = (step - tile * chunks) * BLOCK_K
             k = k0 + offs_k
             k_mask = k < K
             n_tile = n0 + tile * tile_stride
-            n_mask = (rows < ROWS) & (n_tile + rows < N)
+            n_mask = n_tile + rows < N
             wm = n_mask[:, None] & k_mask[None, :]
             w_rows = w_ptr + (tile * tile_stride + rows[:, None]).to(tl.int64) * K
             w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
-            if SILU_MUL:
-                w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
-            if NORM_IN:
-                if step == 0:
-                    if EARLY:
-                        if t0 == 0:
-                            seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
-                    ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
-                    rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
-                    if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
-                        tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
-                    nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
-                    x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
-                                cache_modifier=".cg")
-                kn = tl.where(k0 + BLOCK_K < K, k + BLOCK_K, offs_k)
-                kn_mask = (kn < K) & (kn * 0 + step + 1 < steps)
-                ready = offs_t < tl.where(seen >= 0, B, 0)
-                x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & kn_mask[None, :], other=0.0,
-                                 cache_modifier=".cg")
-                nw_next = tl.load(nw_ptr + kn, mask=kn_mask, other=0.0)
-                a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
-                nw = nw_next
-                x = x_next
-            else:
-                a = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0,
+            w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
+            if step == 0:
+                if EARLY:
+                    if t0 == 0:
+                        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
+                ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
+                rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
+                if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
+                    tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
+                nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
+                x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
                             cache_modifier=".cg")
+            kn = tl.where(k0 + BLOCK_K < K, k + BLOCK_K, offs_k)
+            kn_mask = (kn < K) & (kn * 0 + step + 1 < steps)
+            ready = offs_t < tl.where(seen >= 0, B, 0)
+            x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & kn_mask[None, :], other=0.0,
+                             cache_modifier=".cg")
+            nw_next = tl.load(nw_ptr + kn, mask=kn_mask, other=0.0)
+            a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+            nw = nw_next
+            x = x_next
             acc += _dot(a, tl.trans(w), UPCAST)
-            if SILU_MUL:
-                acc_up += _dot(a, tl.trans(w_up), UPCAST)
-            if k0 + BLOCK_K >= K:  # the tile's last chunk
-                _gemv_epilogue(acc, acc_up, offs_t, t_mask, n_tile + rows, n_mask, N, out_ptr, res_ptr,
-                               sumsq_out_ptr, SILU_MUL, ADD_RES)
+            acc_up += _dot(a, tl.trans(w_up), UPCAST)
+            if k0 + BLOCK_K >= K:  # the tile's last chunk: its epilogue, as in _gemv_tile
+                y = _silu_mul(acc, acc_up, dtype).to(dtype)
+                out_m = t_mask[:, None] & n_mask[None, :]
+                out_at = offs_t[:, None] * N + (n_tile + rows)[None, :]
+                tl.store(out_ptr + out_at, y, mask=out_m)
                 acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
                 acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if TRACE:
             tl.store(trace_row + 7, tl.extra.cuda.globaltimer() + tl.sum(acc).to(tl.int64) * 0)
-
-
-@triton.jit
-def _gemv_epilogue(acc, acc_up, offs_t, t_mask, offs_n, n_mask, N, out_ptr, res_ptr, sumsq_out_ptr,
-                   SILU_MUL: tl.constexpr, ADD_RES: tl.constexpr):
-    """_gemv_tile's epilogue for one tile of _gemv_tiles: rows ``offs_t`` × columns ``offs_n``. The same
-    lines stay written out in _gemv_tile, whose build is the one measured (see _gemv_tiles)."""
-    dtype = out_ptr.dtype.element_ty
-    if SILU_MUL:
-        y = _silu_mul(acc, acc_up, dtype)
-    else:
-        y = acc
-    y = y.to(dtype)
-    out_m = t_mask[:, None] & n_mask[None, :]
-    out_at = offs_t[:, None] * N + offs_n[None, :]
-    if ADD_RES:
-        res = tl.load(res_ptr + out_at, mask=out_m, other=0.0, cache_modifier=".cg")
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
-        yf = tl.where(out_m, y.to(tl.float32), 0.0)
-        tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
-    tl.store(out_ptr + out_at, y, mask=out_m)
 
 
 @triton.jit
@@ -562,10 +532,9 @@ def _decode_step_kernel(
         elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up; DecodeShape.gu_tiles
             if GU_TASKS > 0:
                 _gemv_tiles(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
-                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
+                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps,
                             counters, wait_stage, wait_count, trace_row, tl.cdiv(GU_SLICES - index, GU_TASKS),
-                            GU_TASKS * BLOCK_N, True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2,
-                            STAGES, EARLY, TRACE)
+                            GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
             else:
                 _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
