@@ -29,9 +29,14 @@ from vllm_mirage.megakernel.kernel import LaunchConfig, _decode_step_kernel, lau
 def early_weight_copies(ttgir: str) -> int:
     """Asynchronous copies issued just before (in the same block as) an innermost loop that contains a
     spin-wait: the weight chunks a GEMV task requests before it waits for its producers."""
+    return sum(early_weight_loops(ttgir))
+
+
+def early_weight_loops(ttgir: str) -> list[int]:
+    """:func:`early_weight_copies`, loop by loop (one entry per loop with at least one)."""
     lines = ttgir.splitlines()
     indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
-    count = 0
+    loops = []
     for i, line in enumerate(lines):
         if "scf.for" not in line:
             continue
@@ -41,11 +46,13 @@ def early_weight_copies(ttgir: str) -> int:
         body = lines[i + 1:end]
         if any("scf.for" in b for b in body) or not any("atomic_rmw" in b and "acquire" in b for b in body):
             continue
-        k = i - 1
+        k, count = i - 1, 0
         while k >= 0 and indent(lines[k]) >= depth:
             count += indent(lines[k]) == depth and "async_copy_global_to_local" in lines[k]
             k -= 1
-    return count
+        if count:
+            loops.append(count)
+    return loops
 
 
 def function_ir(ttgir: str, name: str) -> str:
@@ -116,6 +123,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
         "arrival_adds": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)),
         "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "early_weight_copies": early_weight_copies(compiled.asm["ttgir"]),
+        "early_weight_loops": len(early_weight_loops(compiled.asm["ttgir"])),
         "gu_tiles_early_copies": early_weight_copies(function_ir(compiled.asm["ttgir"], "_gemv_tiles")),
         "vector_loads": sum(1 for ld in loads if ".v4" in ld or ".v2" in ld),
         "scalar_16bit_loads": sum(1 for ld in loads if ld.endswith(".b16")),

@@ -158,10 +158,10 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv):
     assert info["acquire_loads"] >= 1 and info["release_adds"] >= 1, info
     assert info["shared_bytes"] <= 227 * 1024 and info["cubin_bytes"] > 0, info
     assert info["async_copies"] > 0 and info["vector_loads"] > 0, info
-    # Each QKV / GU / LM task's first weight chunks are requested before its spin-wait (LaunchConfig.early_weights,
-    # the default). A barrier inside the weight loop, as the wait first had there, makes
-    # Triton drop the pipelining without a word; this count then falls to 0.
-    assert info["early_weight_copies"] > 0, info
+    # Each QKV / O / GU / LM task's first weight chunks are requested before its spin-wait
+    # (LaunchConfig.early_weights, the default): four loops. A barrier inside the weight loop, as the wait
+    # first had there, makes Triton drop the pipelining without a word; the count then falls.
+    assert info["early_weight_copies"] > 0 and info["early_weight_loops"] == 4, info
     # Batch 1 splits attention over the context; the merge must follow an acquire-release arrival.
     assert info["attn_splits"] > 1 and info["arrival_adds"] >= 1, info
 

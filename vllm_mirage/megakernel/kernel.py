@@ -4,8 +4,8 @@ Each program is a worker that runs its own queue of tasks (see :mod:`vllm_mirage
 encoded by the host with everything a task needs to start (its weight slice's address included), so
 a worker reads its next task while the current one runs and no task starts with a chain of dependent
 loads. For each task it spins on the counter of the stage it depends on (acquire), runs the tile and
-bumps its own stage's counter (release). A task with a norm (QKV, GU, LM) asks for its first weight
-chunks before it spins: weights never depend on other tasks, so they stream while the worker waits
+bumps its own stage's counter (release). QKV, O, GU and LM tasks ask for their first weight chunks
+before they spin: weights never depend on other tasks, so they stream while the worker waits
 (``_gemv_tile``, EARLY). The grid must not exceed what the GPU keeps resident at once (one program per
 SM), or a waiting worker could hold the SM its producer needs.
 
@@ -108,14 +108,15 @@ def _gemv_tile(
 
     NORM_IN: x is a residual slot and f its RMSNorm (weight ``nw``, RMS from ``sumsq_ptr``'s NT tiles).
     SILU_MUL: up rows follow the N gate rows; out = silu(gate) * up. ADD_RES: out = res + y, rounded,
-    and each row's sum of squares over these columns goes to ``sumsq_out_ptr[row]``.
+    and each row's sum of squares over these columns goes to ``sumsq_out_ptr[row]``; ``res`` is loaded
+    right after the wait, so it has arrived by the time the loop ends.
 
-    EARLY (with NORM_IN only): wait inside the first step of the weight loop. Triton's pipeliner issues
-    the first STAGES - 1 weight chunks before the loop, so they stream while the worker waits for its
-    producers (weights never depend on them). Every activation load is masked by the count the wait
-    returned: that data dependency keeps it, and the RMS, after the wait. Otherwise the wait comes first.
+    EARLY: wait inside the first step of the weight loop. Triton's pipeliner issues the first
+    STAGES - 1 weight chunks before the loop, so they stream while the worker waits for its producers
+    (weights never depend on them). Every activation load (and ``res``) is masked by the count the
+    wait returned: that data dependency keeps it, and the RMS, after the wait. Otherwise the wait
+    comes first.
     """
-    tl.static_assert(NORM_IN or not EARLY, "only tasks with a norm load their weights early")
     dtype = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_N)
     offs_n = n0 + rows
@@ -130,9 +131,15 @@ def _gemv_tile(
         t_mask = offs_t < B
         x_rows = x_ptr + offs_t[:, None] * K
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        if ADD_RES:
+            if EARLY:  # loaded after the wait, in the loop's first step
+                res = tl.zeros([BLOCK_T, BLOCK_N], dtype=dtype)
+            else:
+                res = tl.load(res_ptr + offs_t[:, None] * N + offs_n[None, :],
+                              mask=t_mask[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        if NORM_IN:  # the by-hand double buffer's state (see below)
+        if NORM_IN or EARLY:  # the by-hand double buffer's state (see below)
             rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
             x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
             nw = tl.zeros([BLOCK_K], dtype=dtype)
@@ -147,25 +154,32 @@ def _gemv_tile(
             w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
             if SILU_MUL:
                 w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
-            if NORM_IN:
+            if NORM_IN or EARLY:
                 if k0 == 0:
                     if EARLY:
                         if t0 == 0:
                             seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
                     ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
-                    rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
-                    if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
-                        tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
-                    nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
+                    if NORM_IN:
+                        rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
+                        if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
+                            tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + tl.sum(rstd).to(tl.int64) * 0)
+                        nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
                     x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
                                 cache_modifier=".cg")
+                    if ADD_RES:
+                        res = tl.load(res_ptr + offs_t[:, None] * N + offs_n[None, :],
+                                      mask=ready[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
                 kn = k + BLOCK_K
                 ready = offs_t < tl.where(seen >= 0, B, 0)
                 x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & (kn < K)[None, :], other=0.0,
                                  cache_modifier=".cg")
-                nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
-                a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
-                nw = nw_next
+                if NORM_IN:
+                    nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
+                    a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
+                    nw = nw_next
+                else:
+                    a = x
                 x = x_next
             else:
                 a = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0,
@@ -183,7 +197,6 @@ def _gemv_tile(
         out_m = t_mask[:, None] & n_mask[None, :]
         out_at = offs_t[:, None] * N + offs_n[None, :]
         if ADD_RES:
-            res = tl.load(res_ptr + out_at, mask=out_m, other=0.0, cache_modifier=".cg")
             y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
             yf = tl.where(out_m, y.to(tl.float32), 0.0)
             tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
@@ -284,7 +297,7 @@ def _norm_row(x_ptr, sumsq_ptr, w_ptr, out_ptr, b, B, K, NT, eps, BLOCK: tl.cons
 
 
 @triton.jit
-def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
+def _norm_rope_heads(x1, x2, w1, w2, cos, sin, eps, D: tl.constexpr):
     """Per-row RMSNorm over the two halves of a head, then neox rotary; rounded like qk_norm_rope."""
     dtype = x1.dtype
     HALF: tl.constexpr = D // 2
@@ -292,8 +305,8 @@ def _norm_rope_heads(x1, x2, w_ptr, cos, sin, eps, D: tl.constexpr):
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
     rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / D + eps)[:, None]
-    n1 = _rms_scale(x1f, rstd, tl.load(w_ptr + d).to(tl.float32)[None, :], dtype).to(tl.float32)
-    n2 = _rms_scale(x2f, rstd, tl.load(w_ptr + HALF + d).to(tl.float32)[None, :], dtype).to(tl.float32)
+    n1 = _rms_scale(x1f, rstd, w1.to(tl.float32)[None, :], dtype).to(tl.float32)
+    n2 = _rms_scale(x2f, rstd, w2.to(tl.float32)[None, :], dtype).to(tl.float32)
     return (n1 * cos - n2 * sin).to(dtype), (n2 * cos + n1 * sin).to(dtype)
 
 
@@ -325,8 +338,9 @@ def _attention_tile(
     slice's cached tokens; the last slice also stores k/v at ``slot`` and attends to the new token.
 
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
-    across pages, one chunk ahead of its use. The first chunk is requested before this step's q/k/v
-    are even read: it does not depend on them. Slices are whole chunks, so at short contexts the
+    across pages, one chunk ahead of its use. The first chunk, the rotary row and the q/k norm weights
+    are requested before the wait: no task of this step writes them, and so they leave before the O
+    weights that the worker's next task requests early (benchmarks/NOTES.md, run 49). Slices are whole chunks, so at short contexts the
     later slices hold no cached token. Such a slice (unless it is the last) needs nothing from this
     step: it leaves an empty part without waiting for the QKV stage (the task's wait is in here), so
     its worker goes straight on to its next task and that task's early weight loads.
@@ -354,9 +368,14 @@ def _attention_tile(
     acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     if (end > start) | last:
+        kv0 = _kv_chunk(k_cache, v_cache, bt_ptr, 0, start, end, kvh, stride_blk, stride_tok, stride_head, D, PAGE,
+                        BLOCK_S)
+        cos = tl.load(cs_ptr + pos * D + d).to(tl.float32)[None, :]
+        sin = tl.load(cs_ptr + pos * D + HALF + d).to(tl.float32)[None, :]
+        nws = (tl.load(qw_ptr + d), tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + d), tl.load(kw_ptr + HALF + d))
         _wait(counters, wait_stage, wait_count, trace_row, TRACE)
         m_i, l_i, acc1, acc2 = _attend_slice(
-            qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
+            qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, kvh, heads, g_mask, start, end, last,
             eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row, HQ, HKV, D, PAGE, BLOCK_S,
             UPCAST, TRACE)
         if TRACE:
@@ -382,17 +401,18 @@ def _attention_tile(
 
 @triton.jit
 def _attend_slice(
-    qkv_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, heads, g_mask, start, end, last,
+    qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, kvh, heads, g_mask, start, end, last,
     eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     """Online softmax of q heads ``heads`` (rows masked by ``g_mask``) of kv head ``kvh``, from the running
     max ``m_i``, sum ``l_i`` and unnormalised output halves ``acc1``/``acc2`` on, over cached tokens
-    [start, end) and over the new token if ``last`` (which also appends it to the cache); returns them."""
+    [start, end) and over the new token if ``last`` (which also appends it to the cache); returns them.
+    ``kv0`` is the first chunk (``_kv_chunk``), ``nws`` the two halves of the q and of the k norm weight,
+    already loaded (see _attention_tile)."""
     HALF: tl.constexpr = D // 2
-    kb1, kb2, vb1, vb2, tok_mask = _kv_chunk(k_cache, v_cache, bt_ptr, 0, start, end, kvh, stride_blk, stride_tok,
-                                             stride_head, D, PAGE, BLOCK_S)
+    kb1, kb2, vb1, vb2, tok_mask = kv0
     d = tl.arange(0, HALF)
     q_src = qkv_ptr + heads[:, None] * D + d[None, :]
     q1 = tl.load(q_src, mask=g_mask, other=0.0, cache_modifier=".cg")
@@ -404,10 +424,8 @@ def _attend_slice(
     k2 = tl.load(k_src + HALF, cache_modifier=".cg")
     v1 = tl.load(v_src, cache_modifier=".cg")
     v2 = tl.load(v_src + HALF, cache_modifier=".cg")
-    cos = tl.load(cs_ptr + pos * D + d).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * D + HALF + d).to(tl.float32)[None, :]
-    q1, q2 = _norm_rope_heads(q1, q2, qw_ptr, cos, sin, eps, D)
-    k1, k2 = _norm_rope_heads(k1, k2, kw_ptr, cos, sin, eps, D)
+    q1, q2 = _norm_rope_heads(q1, q2, nws[0], nws[1], cos, sin, eps, D)
+    k1, k2 = _norm_rope_heads(k1, k2, nws[2], nws[3], cos, sin, eps, D)
     if TRACE:
         qk = tl.sum(q1.to(tl.float32)) + tl.sum(k1.to(tl.float32))
         tl.store(trace_row + 6, tl.extra.cuda.globaltimer() + qk.to(tl.int64) * 0)
@@ -528,7 +546,7 @@ def _decode_step_kernel(
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
                        counters, wait_stage, wait_count, trace_row,
                        False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES,
-                       False, TRACE)
+                       EARLY, TRACE)
         elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up; DecodeShape.gu_tiles
             if GU_TASKS > 0:
                 _gemv_tiles(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
@@ -572,9 +590,9 @@ class LaunchConfig:
     block_k: int | None = None  # weight chunk of tasks over the hidden size (QKV, GU, LM)
     block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
-    # A QKV, GU or LM task's first weight chunks are requested before its wait. O and DOWN always wait
-    # first: with their weights early too, Qwen3-0.6B ran 1-5% slower at batches 1-8, 1.7B 1-2%, 8B at
-    # batch 1 0.2% faster (benchmarks/NOTES.md, ninth session, run 31).
+    # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
+    # attention asked for its own HBM inputs before its wait: 8B 0.9-3.1% faster at batches 1-16, 0.6B
+    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand 8B b8 lost (run 42).
     early_weights: bool = True
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
