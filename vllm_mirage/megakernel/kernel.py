@@ -137,6 +137,8 @@ def _gemv_tile(
             else:
                 res = tl.load(res_ptr + offs_t[:, None] * N + offs_n[None, :],
                               mask=t_mask[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+                # The epilogue's out_at / out_m, spelled out: computing them once up here changed the
+                # whole sm_90 build (register numbering, order), and the build timed is this one.
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if NORM_IN or EARLY:  # the by-hand double buffer's state (see below)
@@ -144,9 +146,9 @@ def _gemv_tile(
             x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
             nw = tl.zeros([BLOCK_K], dtype=dtype)
         # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
-        # an activation that feeds the dot directly (O and DOWN, which wait first). A normed one is
-        # double-buffered by hand, one chunk ahead: Triton does not pipeline a load whose value is
-        # carried to the next step.
+        # the activation of a task that waits first (DOWN). A normed one, or one that must not be asked
+        # for before an EARLY task's wait (O), is double-buffered by hand, one chunk ahead: Triton does
+        # not pipeline a load whose value is carried to the next step.
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + offs_k
             k_mask = k < K
@@ -592,7 +594,7 @@ class LaunchConfig:
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
     # attention asked for its own HBM inputs before its wait: 8B 0.9-3.1% faster at batches 1-16, 0.6B
-    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand 8B b8 lost (run 42).
+    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand 8B b8 lost 2-5% (runs 42, 52).
     early_weights: bool = True
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
