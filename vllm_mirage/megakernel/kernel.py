@@ -342,8 +342,8 @@ def _attention_tile(
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
     across pages, one chunk ahead of its use. The first chunk, the rotary row and the q/k norm weights
     are requested before the wait: no task of this step writes them, and so they leave before the O
-    weights that the worker's next task requests early (benchmarks/NOTES.md, run 49). Slices are whole chunks, so at short contexts the
-    later slices hold no cached token. Such a slice (unless it is the last) needs nothing from this
+    weights that the worker's next task requests early (benchmarks/NOTES.md, run 49). Slices are whole
+    chunks, so at short contexts the later slices hold no cached token. Such a slice (unless it is the last) needs nothing from this
     step: it leaves an empty part without waiting for the QKV stage (the task's wait is in here), so
     its worker goes straight on to its next task and that task's early weight loads.
 
@@ -594,7 +594,8 @@ class LaunchConfig:
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
     # attention asked for its own HBM inputs before its wait: 8B 0.9-3.1% faster at batches 1-16, 0.6B
-    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand 8B b8 lost 2-5% (runs 42, 52).
+    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand, 8B b8 lost 2-5%
+    # (runs 42, 52).
     early_weights: bool = True
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
