@@ -343,9 +343,10 @@ def _attention_tile(
     across pages, one chunk ahead of its use. The first chunk, the rotary row and the q/k norm weights
     are requested before the wait: no task of this step writes them, and so they leave before the O
     weights that the worker's next task requests early (benchmarks/NOTES.md, run 49). Slices are whole
-    chunks, so at short contexts the later slices hold no cached token. Such a slice (unless it is the last) needs nothing from this
-    step: it leaves an empty part without waiting for the QKV stage (the task's wait is in here), so
-    its worker goes straight on to its next task and that task's early weight loads.
+    chunks, so at short contexts the later slices hold no cached token. Such a slice (unless it is the
+    last) needs nothing from this step: it leaves an empty part without waiting for the QKV stage (the
+    task's wait is in here), so its worker goes straight on to its next task and that task's early
+    weight loads.
 
     With SPLITS > 1 the slice's unnormalised output, running max and sum go to ``part_acc`` /
     ``part_ml`` ([HQ, SPLITS, D] / [HQ, SPLITS, 2] float32 of this request and layer), then the task
