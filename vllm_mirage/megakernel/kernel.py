@@ -142,8 +142,9 @@ def _gemv_tile(
         if SILU_MUL:
             acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if NORM_IN or EARLY:  # the by-hand double buffer's state (see below)
-            rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
             x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
+        if NORM_IN:
+            rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)
             nw = tl.zeros([BLOCK_K], dtype=dtype)
         # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead). So is
         # the activation of a task that waits first (DOWN). A normed one, or one that must not be asked
