@@ -2,7 +2,7 @@
 what its memory accesses and spin-waits became. Run in a process without TRITON_INTERPRET (the jit
 decorator reads it).
 
-    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH [STAGES [EARLY]]]
+    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH [STAGES [EARLY [HIDDEN]]]]
 
 MEGAKERNEL_DUMP=PREFIX also writes PREFIX.ttgir and PREFIX.ptx.
 
@@ -44,7 +44,7 @@ def early_weight_loops(ttgir: str) -> list[int]:
         while end < len(lines) and not (indent(lines[end]) <= depth and lines[end].lstrip().startswith("}")):
             end += 1
         body = lines[i + 1:end]
-        if any("scf.for" in b for b in body) or not any("atomic_rmw" in b and "acquire" in b for b in body):
+        if any("scf.for" in b for b in body) or not any(_is_poll(b) for b in body):
             continue
         k, count = i - 1, 0
         while k >= 0 and indent(lines[k]) >= depth:
@@ -53,6 +53,11 @@ def early_weight_loops(ttgir: str) -> list[int]:
         if count:
             loops.append(count)
     return loops
+
+
+def _is_poll(line: str) -> bool:
+    """An acquire load of a stage counter: Triton's atomic, or every thread's own (LaunchConfig.thread_polls)."""
+    return ("atomic_rmw" in line and "acquire" in line) or "ld.global.acquire" in line
 
 
 def function_ir(ttgir: str, name: str) -> str:
@@ -80,7 +85,8 @@ def register_use(ptx: str) -> tuple[int, int]:
             int(re.search(r"(\d+) bytes spill stores", log).group(1)))
 
 
-def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = None, early: int | None = None) -> None:
+def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = None, early: int | None = None,
+         hidden: int = 4096) -> None:
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
@@ -91,7 +97,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
     sig.update(eps="fp32", scale="fp32")
     # QKV rows per task and attention splits as on a 132-SM H100 (48-row QKV tiles at Qwen3-8B's head
     # counts: a non-power-of-two tile).
-    shape = DecodeShape(hidden=4096, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
+    shape = DecodeShape(hidden=hidden, intermediate=1 << 16, num_heads=hq, num_kv_heads=hkv, head_dim=128,
                         num_layers=1, vocab=1, batch=batch).for_workers(132)
     config = LaunchConfig(**({} if stages is None else {"stages": stages}),
                           **({} if early is None else {"early_weights": bool(early)}))
@@ -117,7 +123,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = Non
         "registers": registers,
         "spill_store_bytes": spill_bytes,
         "shared_bytes": compiled.metadata.shared,
-        "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
+        "acquire_loads": len(re.findall(r"ld\.global\.(?:gpu\.acquire|acquire\.gpu)", ptx)),
         "release_adds": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),
         "attn_splits": shape.attn_splits,
         "arrival_adds": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)),

@@ -28,7 +28,8 @@ def _cuda():
         pytest.fail("GPU test selected on a machine without CUDA")
 
 
-CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(block_k=128, block_k_out=256, stages=9),
+CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(early_down=True, thread_polls=False),
+           LaunchConfig(block_k=128, block_k_out=256, stages=9),
            LaunchConfig(block_k=128, block_k_out=256, stages=4), LaunchConfig(num_warps=8)]
 
 

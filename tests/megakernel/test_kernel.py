@@ -146,15 +146,16 @@ def test_non_contiguous_weights_are_refused():
         kernel.encode_program(graph, weights)
 
 
-@pytest.mark.parametrize("dtype, hq, hkv", [("bf16", 16, 8), ("fp16", 32, 8), ("bf16", 40, 8)])
-def test_kernel_compiles_for_hopper(dtype, hq, hkv):
+@pytest.mark.parametrize("dtype, hq, hkv, hidden", [("bf16", 16, 8, 1024), ("fp16", 32, 8, 4096), ("bf16", 40, 8, 4096)])
+def test_kernel_compiles_for_hopper(dtype, hq, hkv, hidden):
     """The interpreter cannot show what a GPU build does: compile for sm_90 ahead of time (no GPU
     needed) at Qwen3-0.6B / 8B / 14B head counts, and check the spin-waits are real acquire loads and
     release adds (a plain load could be hoisted out of the loop, a relaxed add would publish early), and
     that the weight streams are what made the kernel fast on the H100: asynchronous copies (Triton's
     software pipelining) and 16-byte vector loads. The first version had neither (scalar 2-byte loads
-    through an unaligned pointer table) and ran at 14% of the bandwidth floor."""
-    info = _compile_for_hopper(dtype, hq, hkv)
+    through an unaligned pointer table) and ran at 14% of the bandwidth floor. At hidden size 1024 every
+    thread polls with its own acquire load (LaunchConfig.thread_polls); above 2048 one thread does."""
+    info = _compile_for_hopper(dtype, hq, hkv, 1, 3, 1, hidden)
     assert info["acquire_loads"] >= 1 and info["release_adds"] >= 1, info
     assert info["shared_bytes"] <= 227 * 1024 and info["cubin_bytes"] > 0, info
     assert info["async_copies"] > 0 and info["vector_loads"] > 0, info

@@ -57,20 +57,33 @@ def _read_task(program, qi, end):
 
 
 @triton.jit
-def _wait(counters, stage, count, trace_row, TRACE: tl.constexpr, BARRIER: tl.constexpr = True):
-    """Spin until ``stage`` has signalled ``count`` tasks (acquire); stage < 0: no wait. Returns the
-    count seen (≥ 0), which callers put in the masks of the loads that must not start before it. With
-    TRACE, the time the wait ended goes to ``trace_row[1]``.
+def _poll(counter, POLLS: tl.constexpr):
+    """The counter's value, loaded with acquire semantics. Triton's scalar atomic has one thread load it
+    and hand it to the others through shared memory, behind a CTA barrier, so every thread's later
+    loads are ordered after the acquire. POLLS: every thread loads it itself (inline PTX, so not in
+    Triton's interpreter), no hand-over."""
+    if POLLS:
+        seen = tl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [counter],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        seen = tl.atomic_add(counter, 0, sem="acquire")
+    return seen
 
-    One thread loads the counter and hands it to the others through shared memory, behind a CTA
-    barrier, so every thread's later loads are ordered after the acquire. BARRIER adds one more
-    barrier after the loop; inside a loop Triton is to pipeline, leave it out: any barrier in a loop
-    stops Triton's pipeliner (seen in the sm_90 compile)."""
+
+@triton.jit
+def _wait(counters, stage, count, trace_row, TRACE: tl.constexpr, BARRIER: tl.constexpr = True,
+          POLLS: tl.constexpr = False):
+    """Spin until ``stage`` has signalled ``count`` tasks (acquire, ``_poll``); stage < 0: no wait.
+    Returns the count seen (≥ 0), which callers put in the masks of the loads that must not start before
+    it. With TRACE, the time the wait ended goes to ``trace_row[1]``.
+
+    BARRIER adds a CTA barrier after the loop; inside a loop Triton is to pipeline, leave it out: any
+    barrier in a loop stops Triton's pipeliner (seen in the sm_90 compile)."""
     seen = tl.full([], 0, tl.int32)
     if stage >= 0:
-        seen = tl.atomic_add(counters + stage, 0, sem="acquire")
+        seen = _poll(counters + stage, POLLS)
         while seen < count:
-            seen = tl.atomic_add(counters + stage, 0, sem="acquire")
+            seen = _poll(counters + stage, POLLS)
     if BARRIER:
         tl.debug_barrier()
     if TRACE:
@@ -101,6 +114,7 @@ def _gemv_tile(
     NORM_IN: tl.constexpr, SILU_MUL: tl.constexpr, ADD_RES: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
     STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
+    POLLS: tl.constexpr = False,
 ):
     """out[:, n0:n0+ROWS] = f(x) @ W[n0:n0+ROWS].T for x [B, K], W [N (x2 with SILU_MUL), K];
     ``w_ptr`` points at row n0; ROWS ≤ BLOCK_N, the tile's power-of-two height. The task's wait
@@ -125,7 +139,7 @@ def _gemv_tile(
     w_rows = w_ptr + rows[:, None].to(tl.int64) * K
     seen = tl.full([], 0, tl.int32)
     if not EARLY:
-        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
     for t0 in range(0, B, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
@@ -161,7 +175,7 @@ def _gemv_tile(
                 if k0 == 0:
                     if EARLY:
                         if t0 == 0:
-                            seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
+                            seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False, POLLS)
                     ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
                     if NORM_IN:
                         rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
@@ -213,6 +227,7 @@ def _gemv_tiles(
     counters, wait_stage, wait_count, trace_row, tiles, tile_stride,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
+    POLLS: tl.constexpr = False,
 ):
     """What ``_gemv_tile`` computes for a GU task (NORM_IN, SILU_MUL, BLOCK_N rows), for the tile at row
     n0 and the ``tiles`` - 1 tiles after it at n0 + tile_stride, n0 + 2 tile_stride, ...: one pipelined
@@ -228,7 +243,7 @@ def _gemv_tiles(
     steps = tiles * chunks
     seen = tl.full([], 0, tl.int32)
     if not EARLY:
-        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
     for t0 in range(0, B, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
@@ -255,7 +270,7 @@ def _gemv_tiles(
             if step == 0:
                 if EARLY:
                     if t0 == 0:
-                        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False)
+                        seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False, POLLS)
                 ready = offs_t < tl.where(seen >= 0, B, 0)  # = t_mask, once the wait is over
                 rstd = _rstd(sumsq_ptr, NT, B, K, eps, offs_t, ready, NT_P2)[:, None]
                 if TRACE:  # "+ 0 * value": the stamp's store waits for the value it times
@@ -336,6 +351,7 @@ def _attention_tile(
     stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals, counters, wait_stage, wait_count, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
+    POLLS: tl.constexpr = False,
 ):
     """One request, one kv head, one of SPLITS slices of the context: q/k norm + rotary, attend over the
     slice's cached tokens; the last slice also stores k/v at ``slot`` and attends to the new token.
@@ -377,7 +393,7 @@ def _attention_tile(
         cos = tl.load(cs_ptr + pos * D + d).to(tl.float32)[None, :]
         sin = tl.load(cs_ptr + pos * D + HALF + d).to(tl.float32)[None, :]
         nws = (tl.load(qw_ptr + d), tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + d), tl.load(kw_ptr + HALF + d))
-        _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+        _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
         m_i, l_i, acc1, acc2 = _attend_slice(
             qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, kvh, heads, g_mask, start, end, last,
             eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row, HQ, HKV, D, PAGE, BLOCK_S,
@@ -506,7 +522,7 @@ def _decode_step_kernel(
     BLOCK_N_QKV: tl.constexpr, QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
-    GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr,
+    GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
@@ -526,14 +542,14 @@ def _decode_step_kernel(
         if TRACE:
             tl.store(trace_row, tl.extra.cuda.globaltimer())
         if kind == 6:  # NORM; the GEMV and attention tiles wait inside (see _gemv_tile, _attention_tile)
-            _wait(counters, wait_stage, wait_count, trace_row, TRACE)
+            _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
         wt = _address(weight, ptr)
         if kind == 0:  # QKV: input norm of residual slot 2 layer, q|k|v features
             _gemv_tile(res + 2 * layer * BH, wt, B, H, NQKV, index * QKV_ROWS, qkv_buf + layer * B * NQKV,
                        _address(aux, ptr), sumsq + 2 * layer * NTB, NT, eps, res, sumsq,
                        counters, wait_stage, wait_count, trace_row,
                        True, False, False, UPCAST, BLOCK_T, BLOCK_N_QKV, QKV_ROWS, BLOCK_K, NT_P2, STAGES, EARLY,
-                       TRACE)
+                       TRACE, POLLS)
         elif kind == 1:  # ATTN (request, kv head, split) = graph.DecodeShape.attn_task; aux: q and k norm weights
             head = index // ATTN_SPLITS
             b = head // HKV
@@ -544,35 +560,35 @@ def _decode_step_kernel(
                             cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale, stride_blk, stride_tok, stride_head,
                             attn_acc + row * HQ * ATTN_SPLITS * D, attn_ml + row * HQ * ATTN_SPLITS * 2,
                             arrivals + row * HKV + head % HKV, counters, wait_stage, wait_count, trace_row,
-                            HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST, TRACE)
+                            HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST, TRACE, POLLS)
         elif kind == 2:  # O: residual slot 2 layer + 1 = slot 2 layer + attn @ W_o.T, one column tile
             _gemv_tile(attn_buf + layer * B * NQ, wt, B, NQ, H, index * BLOCK_N_OUT, res + (2 * layer + 1) * BH,
                        wt, sumsq, NT, eps, res + 2 * layer * BH, sumsq + (2 * layer + 1) * NTB + index * B,
                        counters, wait_stage, wait_count, trace_row,
                        False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES,
-                       EARLY, TRACE)
+                       EARLY, TRACE, POLLS)
         elif kind == 3:  # GU: post-attention norm of slot 2 layer + 1, SiLU(gate) * up; DecodeShape.gu_tiles
             if GU_TASKS > 0:
                 _gemv_tiles(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                             _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps,
                             counters, wait_stage, wait_count, trace_row, tl.cdiv(GU_SLICES - index, GU_TASKS),
-                            GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
+                            GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
             else:
                 _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
                            counters, wait_stage, wait_count, trace_row,
-                           True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
+                           True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
         elif kind == 4:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + act @ W_down.T
             _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
                        wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
                        counters, wait_stage, wait_count, trace_row,
                        False, False, True, UPCAST, BLOCK_T, BLOCK_N_OUT, BLOCK_N_OUT, BLOCK_K_OUT, NT_P2, STAGES,
-                       False, TRACE)
+                       EARLY_DOWN, TRACE, POLLS)
         elif kind == 5:  # LM: final norm + lm_head slice into the logits; `layer` is the last layer
             _gemv_tile(res + (2 * layer + 2) * BH, wt, B, H, V, index * BLOCK_N_LM, final_out,
                        _address(aux, ptr), sumsq + (2 * layer + 2) * NTB, NT, eps, res, sumsq,
                        counters, wait_stage, wait_count, trace_row,
-                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES, EARLY, TRACE)
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
         else:  # NORM: final norm of request `index`, for vLLM's own lm_head
             _norm_row(res + (2 * layer + 2) * BH, sumsq + (2 * layer + 2) * NTB, _address(aux, ptr), final_out, index,
                       B, H, NT, eps, BLOCK_H, NT_P2)
@@ -596,9 +612,15 @@ class LaunchConfig:
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
     # attention asked for its own HBM inputs before its wait: 8B 0.9-3.1% faster at batches 1-16, 0.6B
-    # within +0.6% (runs 42, 49, 50). DOWN waits first: with its activation by hand, 8B b8 lost 2-5%
-    # (runs 42, 52).
+    # within +0.6% (runs 42, 49, 50).
     early_weights: bool = True
+    # DOWN's too (an experiment's switch). Alone, 8B b1 gains 0.6-0.8%, but inside vLLM the same build
+    # ran 1.2% slower (runs 52-54); 8B b8 loses 2-6% and 0.6B 1-2% (its activation by hand, runs 42, 52).
+    early_down: bool = False
+    # Every thread polls a stage counter with its own acquire load (_poll). None: on hidden sizes up to
+    # 2048: 2-6% faster there at batches 1-2 (0.6B b1 0.843 -> 0.794 ms inside vLLM), level at 8-16;
+    # 8B b8 lost 6.5% with it (runs 47-53). No trace shows a shorter handoff: measured, not understood.
+    thread_polls: bool | None = None
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
@@ -612,6 +634,7 @@ class LaunchConfig:
             self,
             block_k=self.block_k or (256 if wide else 128),
             block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),
+            thread_polls=shape.hidden <= 2048 if self.thread_polls is None else self.thread_polls,
         )
 
 
@@ -750,7 +773,8 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
         NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
-        GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices,
+        GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, EARLY_DOWN=config.early_down,
+        POLLS=config.thread_polls and not interpreted(),  # inline PTX
         UPCAST=upcast, TRACE=trace,
     )
     return consts, num_warps
