@@ -625,14 +625,15 @@ class LaunchConfig:
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
 
-        Chunks of 256 / 512 columns at batch 1 (Qwen3-8B 5.77 → 5.38 ms per step with stages 3, 0.6B
-        0.91 → 0.89 at stages 4) and at hidden sizes above 2048: on 8B at batches 2-16, early weights
-        lose with 128-column chunks (b8 6.32 vs 6.18 ms waiting first, run 35) and win with 256 (6.12,
-        and 0.7-4.4% at b2-b16; runs 37, 38). 128 / 256 at small hidden sizes above batch 1 (0.6B b8)."""
-        wide = shape.batch == 1 or shape.hidden > 2048
+        Weight chunks of 256 columns over the hidden size (QKV, GU, LM) at every shape: at batch 1
+        Qwen3-8B 5.77 → 5.38 ms per step; on 8B at batches 2-16 early weights lose with 128-column
+        chunks and win with 256 (runs 35, 37, 38); on small models above batch 1, once every thread
+        polls, 256 is 3-5% faster than 128 at 0.6B b2-b16 and 1-9% at 1.7B (run 56). O and DOWN
+        chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7% in run 35, 1.7B
+        b8 +7% with the 256-column chunks in run 56)."""
         return replace(
             self,
-            block_k=self.block_k or (256 if wide else 128),
+            block_k=self.block_k or 256,
             block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),
             thread_polls=shape.hidden <= 2048 if self.thread_polls is None else self.thread_polls,
         )
