@@ -146,7 +146,8 @@ def test_non_contiguous_weights_are_refused():
         kernel.encode_program(graph, weights)
 
 
-@pytest.mark.parametrize("dtype, hq, hkv, hidden", [("bf16", 16, 8, 1024), ("fp16", 32, 8, 4096), ("bf16", 40, 8, 4096)])
+@pytest.mark.parametrize("dtype, hq, hkv, hidden",
+                         [("bf16", 16, 8, 1024), ("fp16", 32, 8, 4096), ("bf16", 40, 8, 4096)])
 def test_kernel_compiles_for_hopper(dtype, hq, hkv, hidden):
     """The interpreter cannot show what a GPU build does: compile for sm_90 ahead of time (no GPU
     needed) at Qwen3-0.6B / 8B / 14B head counts, and check the spin-waits are real acquire loads and

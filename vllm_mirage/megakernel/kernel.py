@@ -577,7 +577,8 @@ def _decode_step_kernel(
                 _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
                            counters, wait_stage, wait_count, trace_row,
-                           True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
+                           True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE,
+                           POLLS)
         elif kind == 4:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + act @ W_down.T
             _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
                        wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
@@ -588,7 +589,8 @@ def _decode_step_kernel(
             _gemv_tile(res + (2 * layer + 2) * BH, wt, B, H, V, index * BLOCK_N_LM, final_out,
                        _address(aux, ptr), sumsq + (2 * layer + 2) * NTB, NT, eps, res, sumsq,
                        counters, wait_stage, wait_count, trace_row,
-                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
+                       True, False, False, UPCAST, BLOCK_T, BLOCK_N_LM, BLOCK_N_LM, BLOCK_K, NT_P2, STAGES, EARLY, TRACE,
+                       POLLS)
         else:  # NORM: final norm of request `index`, for vLLM's own lm_head
             _norm_row(res + (2 * layer + 2) * BH, sumsq + (2 * layer + 2) * NTB, _address(aux, ptr), final_out, index,
                       B, H, NT, eps, BLOCK_H, NT_P2)
@@ -607,7 +609,11 @@ class LaunchConfig:
     measured on the H100 (benchmarks/NOTES.md)."""
 
     num_warps: int = 4
-    block_k: int | None = None  # weight chunk of tasks over the hidden size (QKV, GU, LM)
+    # Weight chunk of tasks over the hidden size (QKV, GU, LM), at every shape: at batch 1 Qwen3-8B
+    # 5.77 → 5.38 ms per step against 128; on 8B at batches 2-16 early weights lose with 128 and win with
+    # 256 (runs 35, 37, 38); on small models above batch 1, once every thread polls, 256 is 3-5% faster
+    # at 0.6B b2-b16 and 1-9% at 1.7B (run 56).
+    block_k: int = 256
     block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
@@ -625,15 +631,10 @@ class LaunchConfig:
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
 
-        Weight chunks of 256 columns over the hidden size (QKV, GU, LM) at every shape: at batch 1
-        Qwen3-8B 5.77 → 5.38 ms per step; on 8B at batches 2-16 early weights lose with 128-column
-        chunks and win with 256 (runs 35, 37, 38); on small models above batch 1, once every thread
-        polls, 256 is 3-5% faster than 128 at 0.6B b2-b16 and 1-9% at 1.7B (run 56). O and DOWN
-        chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7% in run 35, 1.7B
-        b8 +7% with the 256-column chunks in run 56)."""
+        O and DOWN chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7% in run
+        35, 1.7B b8 +7% in run 56)."""
         return replace(
             self,
-            block_k=self.block_k or 256,
             block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),
             thread_polls=shape.hidden <= 2048 if self.thread_polls is None else self.thread_polls,
         )
