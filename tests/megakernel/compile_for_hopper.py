@@ -2,7 +2,7 @@
 what its memory accesses and spin-waits became. Run in a process without TRITON_INTERPRET (the jit
 decorator reads it).
 
-    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH [STAGES [EARLY [HIDDEN]]]]
+    python tests/megakernel/compile_for_hopper.py DTYPE HQ HKV [BATCH [HIDDEN [STAGES [EARLY]]]]
 
 MEGAKERNEL_DUMP=PREFIX also writes PREFIX.ttgir and PREFIX.ptx.
 
@@ -85,8 +85,8 @@ def register_use(ptx: str) -> tuple[int, int]:
             int(re.search(r"(\d+) bytes spill stores", log).group(1)))
 
 
-def main(dtype: str, hq: int, hkv: int, batch: int = 1, stages: int | None = None, early: int | None = None,
-         hidden: int = 4096) -> None:
+def main(dtype: str, hq: int, hkv: int, batch: int = 1, hidden: int = 4096, stages: int | None = None,
+         early: int | None = None) -> None:
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
