@@ -85,8 +85,9 @@ def critical_path(t: torch.Tensor, stages: dict) -> dict:
     finished (its last task's end of compute, T): ``done``, when this stage's last task finished (these
     add up to the step); ``handoff``, the median end of wait of the tasks that were waiting at T (the
     release, its propagation and the poll); and for the stamps a kind has, when its last task reached
-    them (GEMV: ``rms``, ``loop``; ATTN: ``qk``, ``attend``, ``arrive``)."""
-    stamps = {Task.QKV: {"rms": 6, "loop": 7}, Task.GU: {"rms": 6, "loop": 7}, Task.LM: {"rms": 6, "loop": 7},
+    them (GEMV: ``rms``, ``loop``, and GU in a ``fused_down`` graph ``down``; ATTN: ``qk``, ``attend``,
+    ``arrive``)."""
+    stamps = {Task.QKV: {"rms": 6, "loop": 7}, Task.GU: {"rms": 6, "loop": 7, "down": 5}, Task.LM: {"rms": 6, "loop": 7},
               Task.O: {"loop": 7}, Task.DOWN: {"loop": 7}, Task.ATTN: {"qk": 6, "attend": 7, "arrive": 5}}
     out = defaultdict(lambda: defaultdict(float))
     previous_end = t[:, 0].min()
@@ -142,8 +143,10 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
     config = config.for_shape(shape)  # record what ran, not the Nones
     program = kernel.encode_program(graph, weights)
     kvtab = kernel.kv_pointer_table(kvb)
+    down_ptrs = kernel.down_pointer_table(weights)
     floor_ms = step_bytes(cfg, batch, context, lm_head) / bandwidth * 1e3
-    run = lambda: kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config)  # noqa: E731
+    run = lambda: kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config,  # noqa: E731
+                                     down_ptrs=down_ptrs)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         run()
@@ -154,14 +157,14 @@ def time_config(name, cfg, weights, kvb, graph, buffers, config, bandwidth, lm_h
     ms = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
     row = {"model": name, "batch": batch, "context": context, "lm_head": lm_head, "config": config.__dict__,
            "workers": graph.num_workers, "block_n": shape.block_n, "qkv_rows": shape.qkv_rows,
-           "block_n_out": shape.block_n_out, "attn_splits": shape.attn_splits,
+           "block_n_out": shape.block_n_out, "attn_splits": shape.attn_splits, "fused_down": shape.fused_down,
            "step_ms": ms, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms}
     print(f"{name} b{batch} ctx{context} {'lm ' if lm_head else ''}{config} qkv_rows={shape.qkv_rows} "
           f"block_n_out={shape.block_n_out} "
-          f"attn_splits={shape.attn_splits}: {ms:.3f} ms/step, "
+          f"attn_splits={shape.attn_splits} fused_down={shape.fused_down}: {ms:.3f} ms/step, "
           f"floor {floor_ms:.3f} ms ({100 * floor_ms / ms:.0f}%)", flush=True)
     trace = torch.zeros(graph.tasks.shape[0], 8, dtype=torch.int64, device="cuda")
-    kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace)
+    kernel.decode_step(graph, weights, kvb, buffers, program, kvtab, config, trace=trace, down_ptrs=down_ptrs)
     torch.cuda.synchronize()
     profile = stage_profile(graph, trace)
     row["trace"] = profile

@@ -52,7 +52,16 @@ def test_context_splits_match_reference(positions, attn_splits):
     _check_all_sms(QWEN3_06B, positions, LaunchConfig(), attn_splits)
 
 
-def _check_all_sms(model, positions, config, attn_splits=None):
+@pytest.mark.parametrize("fused_down", [True, False])
+@pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(thread_polls=False)])
+@pytest.mark.parametrize("positions", [[0], [130], [3, 77]])
+def test_fused_down_either_way_matches_reference(positions, config, fused_down):
+    # DOWN's weights in the GU tasks, their integer atomics summed (bit-equal again below), or not:
+    # DecodeShape.for_workers picks one by batch size, and both must hold at any.
+    _check_all_sms(QWEN3_06B, positions, config, fused_down=fused_down)
+
+
+def _check_all_sms(model, positions, config, attn_splits=None, **shape_fields):
     dev, dtype = "cuda", torch.bfloat16
     weights = random_weights(**model, dtype=dtype, device=dev, max_positions=max(positions) + 1)
     batch = random_batch(positions, layers=model["layers"], hkv=model["hkv"], d=model["d"], dtype=dtype,
@@ -66,6 +75,7 @@ def _check_all_sms(model, positions, config, attn_splits=None):
     shape = weights.shape(batch=len(positions)).for_workers(workers)
     if attn_splits is not None:
         shape = replace(shape, attn_splits=attn_splits)
+    shape = replace(shape, **shape_fields)
     graph = build_task_graph(shape, workers).to(dev)
     buffers = DecodeBuffers(shape, dtype, dev)
     buffers.load_input(hidden)
@@ -74,17 +84,21 @@ def _check_all_sms(model, positions, config, attn_splits=None):
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
     assert (buffers.arrivals == (shape.attn_splits if shape.attn_splits > 1 else 0)).all()
 
-    # Same result again (each tile has one owner: no atomics in the math), and under a CUDA graph.
+    # Same result again (each tile has one owner; the only atomics in the math, fused_down's, add
+    # integers), and under a CUDA graph.
     assert torch.equal(kernel.decode_step(graph, weights, batch, buffers, config=config), first)
     program = kernel.encode_program(graph, weights)
     kvtab = kernel.kv_pointer_table(batch)
+    down_ptrs = kernel.down_pointer_table(weights)
+    step = lambda: kernel.decode_step(graph, weights, batch, buffers, program, kvtab, config,  # noqa: E731
+                                      down_ptrs=down_ptrs)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        kernel.decode_step(graph, weights, batch, buffers, program, kvtab, config)  # warm-up on the capture stream
+        step()  # warm-up on the capture stream
     torch.cuda.synchronize()
     cuda_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(cuda_graph, stream=stream):
-        kernel.decode_step(graph, weights, batch, buffers, program, kvtab, config)
+        step()
     buffers.logits.zero_()
     cuda_graph.replay()
     torch.cuda.synchronize()

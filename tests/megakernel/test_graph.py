@@ -41,17 +41,19 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
 
 
 @pytest.mark.parametrize(
-    "workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks",
-    [(1, True, 32, 0, 1, 0), (2, True, 16, 0, 1, 0), (5, False, 32, 48, 1, 0), (64, True, 16, 0, 1, 0),
-     (3, True, 32, 0, 4, 0), (7, False, 16, 0, 2, 0),
-     (3, True, 32, 0, 1, 3), (2, False, 16, 0, 2, 5)],  # 7 GU slices in 3 tasks of 3/2/2, or 5 of 2/2/1/1/1
+    "workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks, fused_down",
+    [(1, True, 32, 0, 1, 0, False), (2, True, 16, 0, 1, 0, False), (5, False, 32, 48, 1, 0, False),
+     (64, True, 16, 0, 1, 0, False), (3, True, 32, 0, 4, 0, False), (7, False, 16, 0, 2, 0, False),
+     (3, True, 32, 0, 1, 3, False), (2, False, 16, 0, 2, 5, False),  # 7 GU slices in 3 tasks of 3/2/2, or 5 of 2/2/1/1/1
+     (1, True, 16, 0, 1, 0, True), (5, False, 32, 0, 2, 0, True)],  # DOWN's weights in the GU tasks
 )
-def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks):
+def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks,
+                                              fused_down):
     weights, batch, hidden = _setup([0, 5, 37])
     expected_batch = clone_batch(batch)
     expected = reference.decode_step(weights, expected_batch, hidden, lm_head)
     shape = weights.shape(batch=3, lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
-                          attn_splits=attn_splits, gu_tasks=gu_tasks)
+                          attn_splits=attn_splits, gu_tasks=gu_tasks, fused_down=fused_down)
     graph = build_task_graph(shape, workers)
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)

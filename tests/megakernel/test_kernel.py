@@ -24,24 +24,28 @@ def _poison(buffers):
 @pytest.mark.parametrize("early_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks",
+    "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks, fused_down",
     [
-        ([0], True, "flash", 32, 0, 1, 0),
-        ([5, 37, 16], True, "fa_packed", 16, 0, 1, 0),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
-        ([20], True, "flash", 32, 48, 1, 0),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0, 1, 0),  # 70 cached tokens: three 32-token chunks over 16-token pages
-        ([33, 2], True, "head_major", 32, 0, 1, 0),
+        ([0], True, "flash", 32, 0, 1, 0, False),
+        ([5, 37, 16], True, "fa_packed", 16, 0, 1, 0, False),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
+        ([20], True, "flash", 32, 48, 1, 0, False),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
+        ([9, 70], False, "head_major", 16, 0, 1, 0, False),  # 70 cached tokens: three 32-token chunks over 16-token pages
+        ([33, 2], True, "head_major", 32, 0, 1, 0, False),
         # Context splits: 200 tokens in 4 slices of two 32-token chunks (the last: 8 and the new token);
         # 70 in 2 slices; 0 leaves every slice but the last empty, and 9 the second of 2 (the new token only).
-        ([200, 0], True, "fa_packed", 32, 0, 4, 0),
-        ([70, 9], False, "flash", 16, 0, 2, 0),
+        ([200, 0], True, "fa_packed", 32, 0, 4, 0, False),
+        ([70, 9], False, "flash", 16, 0, 2, 0, False),
         # GU tasks of several slices (200 intermediate features: 7 slices of 32 in 3 tasks of 3/2/2),
         # each one pipelined loop with an epilogue per slice.
-        ([12, 50], True, "fa_packed", 16, 0, 1, 3),
+        ([12, 50], True, "fa_packed", 16, 0, 1, 3, False),
+        # DOWN's weights in the GU tasks (200 intermediate features: the last slice of 32 is 8 wide),
+        # DOWN tasks adding their fixed-point sums; two layers, so the sums are zeroed between them.
+        ([7], True, "flash", 16, 0, 1, 0, True),
+        ([40, 3], False, "fa_packed", 32, 0, 2, 0, True),
     ],
 )
-def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks, dtype,
-                                  early_weights):
+def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks,
+                                  fused_down, dtype, early_weights):
     weights = random_weights(**TINY, dtype=dtype)
     batch = random_batch(positions, layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=dtype, layout=layout)
     hidden = torch.randn(len(positions), TINY["hidden"]).to(dtype)
@@ -52,7 +56,7 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
     want = reference.decode_step(weights32, want_batch, hidden.float(), lm_head)
 
     shape = weights.shape(batch=len(positions), lm_head=lm_head, block_n_out=block_n_out, block_n_qkv=block_n_qkv,
-                          attn_splits=attn_splits, gu_tasks=gu_tasks)
+                          attn_splits=attn_splits, gu_tasks=gu_tasks, fused_down=fused_down)
     graph = build_task_graph(shape, 1)
     buffers = DecodeBuffers(shape, dtype, "cpu")
     _poison(buffers)
@@ -63,6 +67,8 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
     assert rel_err(out, want) <= TOLERANCE[dtype], rel_err(out, want)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()  # every task signalled once
     assert (buffers.arrivals == (attn_splits if attn_splits > 1 else 0)).all()  # every split arrived once
+    if fused_down:
+        assert not buffers.down_acc.any()  # the last layer's DOWN tasks left the sum zeroed
     for got, ref, old in zip(batch.k_caches + batch.v_caches, want_batch.k_caches + want_batch.v_caches,
                              before.k_caches + before.v_caches):
         for b, pos in enumerate(positions):

@@ -72,6 +72,7 @@ class MegakernelDecoder:
         # them is a host-to-device copy that must not happen inside a CUDA-graph capture.
         self._graphs: dict[int, tuple] = {}
         self._kvtab: torch.Tensor | None = None
+        self._down_ptrs: torch.Tensor | None = None  # only fused_down graphs read it
         self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
         # Steps run through the graph, counted on the device so that CUDA-graph replays count too.
@@ -166,7 +167,9 @@ class MegakernelDecoder:
         if positions.is_cuda:
             if self._kvtab is None:
                 self._kvtab = kernel.kv_pointer_table(batch)
-            out = kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab)
+                self._down_ptrs = kernel.down_pointer_table(self.weights)
+            out = kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab,
+                                     down_ptrs=self._down_ptrs)
         else:
             # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
             # vLLM's own attention layer (cache append included) in the ATTN stage; everything else

@@ -9,7 +9,9 @@ A decode step for ``B`` requests (one new token each) is lowered, layer by layer
     O      residual += attn @ W_o.T, one ``block_n_out`` slice of the hidden features
     GU     SiLU(norm(residual) @ W_gate.T) * (norm(residual) @ W_up.T), one ``block_n`` slice, or with
            ``gu_tasks`` set, the slices i, i + gu_tasks, i + 2 gu_tasks, ... (see gu_tiles)
-    DOWN   residual += act @ W_down.T, one ``block_n_out`` slice of the hidden features
+    DOWN   residual += act @ W_down.T, one ``block_n_out`` slice of the hidden features; with
+           ``fused_down``, GU tasks multiply their own act slice by W_down's matching columns and add
+           the products into a fixed-point accumulator, and DOWN only adds that sum to the residual
     LM     final norm(residual) @ W_lm_head.T, one ``block_n_lm`` slice of the vocabulary
     NORM   (instead of LM, when vLLM's own lm_head/logits processor should run) final norm, one request
 
@@ -77,12 +79,14 @@ class DecodeShape:
     attn_splits: int = 1  # ATTN tasks per (request, kv head), each over a slice of the context; a power of 2
     gu_tasks: int = 0  # GU tasks, each over every gu_tasks-th block_n slice; 0: one task per slice
     lm_head: bool = True  # end with logits (LM tasks) or with the final-normed hidden states (NORM tasks)
+    fused_down: bool = False  # GU tasks also run DOWN's weights (split over the intermediate size), see above
 
     def for_workers(self, workers: int) -> "DecodeShape":
         """Halve the GEMV tiles (down to 16, ``tl.dot``'s minimum) while a stage would leave over half of
         the workers without a task (Qwen3-0.6B: 1024 hidden features = 32 tiles of 32). Only then: a
         16-row tile streams half the bytes per chunk, and on Qwen3-8B (QKV and GU at 16 rows to even out
-        the rounds) it measured 8.4 ms per step instead of 6.4 (benchmarks/NOTES.md)."""
+        the rounds) it measured 8.4 ms per step instead of 6.4 (benchmarks/NOTES.md). The other per-worker
+        choices are made here too: context splits, one-round QKV tiles, multi-slice GU tasks, ``fused_down``."""
         def fit(block: int, features: int) -> int:
             while block > 16 and -(-features // block) * 2 <= workers:
                 block //= 2
@@ -93,8 +97,12 @@ class DecodeShape:
                         block_n_qkv=self._one_round_qkv(block_n, workers), attn_splits=self._attn_splits(workers))
         # Several GU slices per task (gu_tiles) where slices outnumber workers, from batch 8: Qwen3-8B ran
         # 1.8% faster at b8 and 3.0% at b16, the same at b1, 0.8% / 1.3% slower at b2 / b4 (runs 44, 45).
-        many = shape.gu_slices > workers and self.batch >= 8
-        return replace(shape, gu_tasks=workers if many else 0)
+        # DOWN's weights in the GU tasks where those fit one round, at batch 1-2. Qwen3-0.6B's 96 GU tasks
+        # on 132 SMs ran 3.6% / 4.7% faster alone (1.2% inside vLLM at b1), level at b4; Qwen3-1.7B's 192
+        # take two rounds and ran 7% / 5% slower (runs 57-59).
+        fused = self.fused_down or (shape.gu_slices <= workers and self.batch <= 2)
+        many = shape.gu_slices > workers and self.batch >= 8 and not fused
+        return replace(shape, gu_tasks=workers if many else 0, fused_down=fused)
 
     def _attn_splits(self, workers: int) -> int:
         """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from vllm_mirage.megakernel.graph import INDEX, LAYER, TYPE, DecodeShape, Task, TaskGraph
-from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+from vllm_mirage.megakernel.state import DOWN_FRACTION_BITS, DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
 
@@ -36,6 +36,9 @@ from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
 # thread in a kernel already at the 255 cap, and 16 context splits ran 5% slower than 4 at 128 cached
 # tokens on Qwen3-0.6B (benchmarks/NOTES.md, run 23). At 32 they cost the same.
 ATTN_CHUNK = 32
+
+_DOWN_SCALE = tl.constexpr(2.0**DOWN_FRACTION_BITS)  # see DecodeBuffers.down_acc
+MAX_FUSED_DOWN_BATCH = 4  # _down_part unrolls its requests
 
 
 @triton.jit
@@ -218,6 +221,62 @@ def _gemv_tile(
             yf = tl.where(out_m, y.to(tl.float32), 0.0)
             tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
         tl.store(out_ptr + out_at, y, mask=out_m)
+
+
+@triton.jit(noinline=True)
+def _down_part(act_ptr, w_ptr, acc_ptr, I, H, cols_left, trace_row,
+               B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
+               TRACE: tl.constexpr = False):
+    """acc += act[:, :c] @ W_down[:, :c].T for the c = min(BLOCK_N, cols_left) intermediate features a
+    GU task has just written (``act_ptr``, ``w_ptr``: their first column), in fixed point
+    (``DecodeBuffers.down_acc``). W_down's rows stream BLOCK_H at a time; each request's products
+    leave as relaxed atomic adds, one per row (the task's release orders them before its stage counter
+    moves). On CUDA cores, request by request, unrolled (B is a constexpr: an inner loop would stop
+    Triton pipelining the weight loop): fused_down is for a batch of a few, where a 16-row tl.dot
+    would leave most of its rows, and their atomics, masked off. The act slice is read back
+    (the caller's barrier makes every thread's stores visible): its load leaves with the first weight
+    chunks."""
+    cols = tl.arange(0, BLOCK_N)
+    c_mask = cols < cols_left
+    offs_h = tl.arange(0, BLOCK_H)
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=STAGES):
+        h = h0 + offs_h
+        h_mask = h < H
+        w = tl.load(w_ptr + h[:, None].to(tl.int64) * I + cols[None, :], mask=h_mask[:, None] & c_mask[None, :],
+                    other=0.0).to(tl.float32)
+        for t in tl.static_range(B):
+            a = tl.load(act_ptr + t * I + cols, mask=c_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            part = tl.sum(w * a[None, :], axis=1)
+            tl.atomic_add(acc_ptr + t * H + h, (part * _DOWN_SCALE).to(tl.int64), mask=h_mask, sem="relaxed")
+    if TRACE:
+        tl.store(trace_row + 5, tl.extra.cuda.globaltimer())
+
+
+@triton.jit(noinline=True)
+def _down_sum_tile(acc_ptr, res_ptr, out_ptr, sumsq_out_ptr, B, N, n0, counters, wait_stage, wait_count, trace_row,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, TRACE: tl.constexpr = False,
+                   POLLS: tl.constexpr = False):
+    """A DOWN task of a ``fused_down`` graph: out[:, n0:n0+BLOCK_N] = res + the GU tasks' fixed-point
+    sum, rounded as a linear layer's output is, then as the residual add; each row's sum of squares
+    over these columns, as _gemv_tile's ADD_RES epilogue. It zeroes the sum's columns for the next
+    layer's GU tasks: they run after the next QKV stage, which waits for every DOWN task."""
+    dtype = out_ptr.dtype.element_ty
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
+    for t0 in range(0, B, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < B
+        m = t_mask[:, None] & n_mask[None, :]
+        at = offs_t[:, None] * N + offs_n[None, :]
+        total = tl.load(acc_ptr + at, mask=m, other=0, cache_modifier=".cg")
+        res = tl.load(res_ptr + at, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(acc_ptr + at, tl.zeros_like(total), mask=m)
+        y = (total.to(tl.float32) * (1.0 / _DOWN_SCALE)).to(dtype)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        yf = tl.where(m, y.to(tl.float32), 0.0)
+        tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
+        tl.store(out_ptr + at, y, mask=m)
 
 
 @triton.jit(noinline=True)
@@ -515,7 +574,7 @@ def _merge_parts(part_acc, part_ml, out_ptr, kvh, dtype, G: tl.constexpr, D: tl.
 def _decode_step_kernel(
     program, queue_offsets, counters, trace,
     kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt,
-    res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals,
+    res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals, down_ptrs, down_acc,
     B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr, ATTN_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -523,6 +582,7 @@ def _decode_step_kernel(
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
     GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
+    FUSED_DOWN: tl.constexpr, DOWN_ROWS: tl.constexpr, BLOCK_H_DOWN: tl.constexpr, DOWN_STAGES: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
@@ -574,11 +634,21 @@ def _decode_step_kernel(
                             counters, wait_stage, wait_count, trace_row, tl.cdiv(GU_SLICES - index, GU_TASKS),
                             GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
             else:
+                if FUSED_DOWN:  # asked for now, so the address is there when the act slice is
+                    w_down = _address(tl.load(down_ptrs + layer), ptr) + index * BLOCK_N
                 _gemv_tile(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                            _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps, res, sumsq,
                            counters, wait_stage, wait_count, trace_row,
                            True, True, False, UPCAST, BLOCK_T, BLOCK_N, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE,
                            POLLS)
+                if FUSED_DOWN:
+                    tl.debug_barrier()
+                    _down_part(act_buf + layer * B * I + index * BLOCK_N, w_down, down_acc, I, H,
+                               I - index * BLOCK_N, trace_row, DOWN_ROWS, BLOCK_N, BLOCK_H_DOWN, DOWN_STAGES, TRACE)
+        elif kind == 4 and FUSED_DOWN:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + the GU tasks' sum
+            _down_sum_tile(down_acc, res + (2 * layer + 1) * BH, res + (2 * layer + 2) * BH,
+                           sumsq + (2 * layer + 2) * NTB + index * B, B, H, index * BLOCK_N_OUT,
+                           counters, wait_stage, wait_count, trace_row, BLOCK_T, BLOCK_N_OUT, TRACE, POLLS)
         elif kind == 4:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + act @ W_down.T
             _gemv_tile(act_buf + layer * B * I, wt, B, I, H, index * BLOCK_N_OUT, res + (2 * layer + 2) * BH,
                        wt, sumsq, NT, eps, res + (2 * layer + 1) * BH, sumsq + (2 * layer + 2) * NTB + index * B,
@@ -691,6 +761,9 @@ def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch
     bs = batch.block_size
     if bs & (bs - 1) or bs < 16:
         raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
+    if s.fused_down and (s.gu_tasks or s.batch > MAX_FUSED_DOWN_BATCH):
+        raise ValueError(f"megakernel: fused_down needs one GU slice per task (gu_tasks = 0) and a batch of at "
+                         f"most {MAX_FUSED_DOWN_BATCH}")
     if s.attn_splits & (s.attn_splits - 1) or s.attn_splits < 1:
         raise ValueError(f"megakernel: attn_splits {s.attn_splits} must be a power of two")
     if s.num_heads % s.num_kv_heads:
@@ -718,18 +791,26 @@ def kv_pointer_table(batch: DecodeBatch) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=batch.k_caches[0].device)
 
 
+def down_pointer_table(weights: DecodeWeights) -> torch.Tensor:
+    """int64 [L]: each layer's W_down base pointer, for GU tasks of a ``fused_down`` graph."""
+    return torch.tensor([t.data_ptr() for t in weights.down], dtype=torch.int64, device=weights.down[0].device)
+
+
 def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
                 program: torch.Tensor | None = None, kvtab: torch.Tensor | None = None,
-                config: LaunchConfig | None = None, trace: torch.Tensor | None = None) -> torch.Tensor:
+                config: LaunchConfig | None = None, trace: torch.Tensor | None = None,
+                down_ptrs: torch.Tensor | None = None) -> torch.Tensor:
     """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
     (or ``buffers.hidden_out`` for a graph built without the lm_head).
 
     ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`)
-    and ``kvtab`` (:func:`kv_pointer_table`) may be built once and passed in: they change only when the
-    weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per task in queue order,
+    ``kvtab`` (:func:`kv_pointer_table`) and, for a ``fused_down`` graph, ``down_ptrs``
+    (:func:`down_pointer_table`) may be built once and passed in (a CUDA graph capture must): they
+    change only when the weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per task in queue order,
     globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; GEMV tasks
     also record (6) the end of the RMS and (7) of the weight loop; ATTN tasks that attend (6) the end of
-    the q/k norm and rotary, (7) of the attention, and with context splits (5) of the arrival.
+    the q/k norm and rotary, (7) of the attention, and with context splits (5) of the arrival; GU tasks
+    of a ``fused_down`` graph (5) the end of their W_down loop.
     """
     s = graph.shape
     check_supported(graph, weights, batch, buffers)
@@ -737,6 +818,8 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         program = encode_program(graph, weights)
     if kvtab is None:
         kvtab = kv_pointer_table(batch)
+    if down_ptrs is None and s.fused_down:
+        down_ptrs = down_pointer_table(weights)
     cache = batch.k_caches[0]
     out = buffers.logits if s.lm_head else buffers.hidden_out
     consts, num_warps = launch_constants(s, config or LaunchConfig(), batch.block_size,
@@ -749,6 +832,7 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         batch.block_tables.stride(0),
         buffers.res, buffers.sumsq, buffers.qkv, buffers.attn, buffers.act, out,
         buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
+        *((down_ptrs, buffers.down_acc) if s.fused_down else (kvtab, kvtab)),  # unread without fused_down
         s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
         **consts, num_warps=num_warps,
@@ -777,6 +861,8 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
         GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, EARLY_DOWN=config.early_down,
         POLLS=config.thread_polls and not interpreted(),  # inline PTX
+        FUSED_DOWN=s.fused_down, DOWN_ROWS=s.batch if s.fused_down else 0,
+        BLOCK_H_DOWN=min(triton.next_power_of_2(s.hidden), 8192 // s.block_n), DOWN_STAGES=config.stages,
         UPCAST=upcast, TRACE=trace,
     )
     return consts, num_warps

@@ -24,7 +24,7 @@ from vllm_mirage.megakernel.graph import (
     Task,
     TaskGraph,
 )
-from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+from vllm_mirage.megakernel.state import DOWN_FRACTION_BITS, DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.ops import reference as ops
 
 
@@ -172,6 +172,14 @@ def run_task(row, graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, 
         for tile in shape.gu_tiles(index):
             n = cols(shape.block_n, shape.intermediate, tile)
             buf.act[layer][:, n] = ops.linear_silu_mul(x, torch.cat([gate_up[n], gate_up[shape.intermediate :][n]]))
+            if shape.fused_down:
+                part = F.linear(buf.act[layer][:, n].float(), weights.down[layer][:, n].float())
+                buf.down_acc += (part * 2.0**DOWN_FRACTION_BITS).to(torch.int64)  # truncated, as in the kernel
+    elif task == Task.DOWN and shape.fused_down:
+        n = cols(shape.block_n_out, shape.hidden)
+        y = (buf.down_acc[:, n].to(torch.float32) * 2.0**-DOWN_FRACTION_BITS).to(buf.res.dtype)
+        buf.down_acc[:, n] = 0
+        _add_to_residual(buf, 2 * layer + 2, index, n, y)
     elif task == Task.DOWN:
         n = cols(shape.block_n_out, shape.hidden)
         _add_to_residual(buf, 2 * layer + 2, index, n, F.linear(buf.act[layer], weights.down[layer][n]))

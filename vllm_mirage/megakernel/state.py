@@ -14,6 +14,12 @@ import torch
 
 from vllm_mirage.megakernel.graph import DecodeShape
 
+# Fixed point of ``DecodeBuffers.down_acc``: integer sums are exact, so the total does not depend on the
+# order in which the GU tasks' atomics land (a float32 one would, and the step would not repeat bit for
+# bit). 2^-32 resolution leaves ±2^31 of range, and each part keeps float32's 24 significant bits
+# down to magnitudes of 2^-8.
+DOWN_FRACTION_BITS = 32
+
 
 @dataclass
 class DecodeWeights:
@@ -86,8 +92,12 @@ class DecodeBuffers:
 
     With ``attn_splits`` > 1 each ATTN task leaves its part of a head's attention unnormalised in
     float32 (``attn_acc``; ``attn_ml`` holds its running max and sum) and bumps the head's ``arrivals``
-    counter; the task that arrives last merges the parts into ``attn``. ``sync`` holds the stage
-    counters and the arrivals, zeroed together before each step.
+    counter; the task that arrives last merges the parts into ``attn``.
+
+    With ``fused_down`` the GU tasks add their parts of W_down's product into ``down_acc`` (int64
+    [B, H], fixed point with ``DOWN_FRACTION_BITS`` fractional bits); each DOWN task takes its columns'
+    sum and zeroes them for the next layer. ``sync`` holds the stage counters, the arrivals and
+    ``down_acc``, zeroed together before each step.
     """
 
     def __init__(self, shape: DecodeShape, dtype: torch.dtype, device):
@@ -101,9 +111,12 @@ class DecodeBuffers:
         self.logits = new(B, shape.vocab) if shape.lm_head else None
         self.hidden_out = None if shape.lm_head else new(B, H)  # final norm output (NORM tasks)
         heads, splits = B * shape.num_kv_heads, shape.attn_splits
-        self.sync = torch.zeros(shape.num_stages + L * heads, dtype=torch.int32, device=device)
+        counts = shape.num_stages + L * heads
+        counts += counts % 2  # down_acc's int64s start 8-byte aligned
+        self.sync = torch.zeros(counts + (2 * B * H if shape.fused_down else 0), dtype=torch.int32, device=device)
         self.counters = self.sync[: shape.num_stages]
-        self.arrivals = self.sync[shape.num_stages :].view(L, B, shape.num_kv_heads)
+        self.arrivals = self.sync[shape.num_stages : shape.num_stages + L * heads].view(L, B, shape.num_kv_heads)
+        self.down_acc = self.sync[counts:].view(torch.int64).view(B, H) if shape.fused_down else None
         parts = (L, B, shape.num_heads, splits) if splits > 1 else (1, 1, 1, 1)  # unread at one split
         self.attn_acc = torch.empty(*parts, shape.head_dim, dtype=torch.float32, device=device)
         self.attn_ml = torch.empty(*parts, 2, dtype=torch.float32, device=device)
