@@ -21,8 +21,10 @@ when done. Every stage reads all of the previous stage's output (a norm needs th
 needs all of q, k and v), so a per-stage counter loses nothing at these dependencies; finer-grained
 edges (e.g. O tiles per attention head group) are the next refinement.
 
-O and DOWN tiles finish their features completely (no split-K): they add the residual, store the new
-residual stream and the sum of squares of their columns, one float32 per (column tile, request). The
+O and DOWN tiles finish their features completely (no split-K; with ``fused_down`` the GU tasks split
+DOWN's product over the intermediate size, in integers, and a DOWN tile finishes from their sum): they
+add the residual, store the new residual stream and the sum of squares of their columns, one float32
+per (column tile, request). The
 next norm's consumers (QKV, GU, LM or NORM tasks) add those few partial sums in a fixed order to get
 the row's RMS, so no task re-reads a whole row before its weight stream starts and no extra stage is
 needed for the norm. O and DOWN use narrower tiles (``block_n_out``) where the hidden size would

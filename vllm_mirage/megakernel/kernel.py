@@ -582,7 +582,7 @@ def _decode_step_kernel(
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
     GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
-    FUSED_DOWN: tl.constexpr, DOWN_ROWS: tl.constexpr, BLOCK_H_DOWN: tl.constexpr, DOWN_STAGES: tl.constexpr,
+    FUSED_DOWN: tl.constexpr, DOWN_ROWS: tl.constexpr, BLOCK_H_DOWN: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
@@ -644,7 +644,7 @@ def _decode_step_kernel(
                 if FUSED_DOWN:
                     tl.debug_barrier()
                     _down_part(act_buf + layer * B * I + index * BLOCK_N, w_down, down_acc, I, H,
-                               I - index * BLOCK_N, trace_row, DOWN_ROWS, BLOCK_N, BLOCK_H_DOWN, DOWN_STAGES, TRACE)
+                               I - index * BLOCK_N, trace_row, DOWN_ROWS, BLOCK_N, BLOCK_H_DOWN, STAGES, TRACE)
         elif kind == 4 and FUSED_DOWN:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + the GU tasks' sum
             _down_sum_tile(down_acc, res + (2 * layer + 1) * BH, res + (2 * layer + 2) * BH,
                            sumsq + (2 * layer + 2) * NTB + index * B, B, H, index * BLOCK_N_OUT,
@@ -803,11 +803,11 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
     (or ``buffers.hidden_out`` for a graph built without the lm_head).
 
-    ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`)
+    ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`),
     ``kvtab`` (:func:`kv_pointer_table`) and, for a ``fused_down`` graph, ``down_ptrs``
-    (:func:`down_pointer_table`) may be built once and passed in (a CUDA graph capture must): they
-    change only when the weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per task in queue order,
-    globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; GEMV tasks
+    (:func:`down_pointer_table`) may be built once and passed in (a CUDA-graph capture must): they
+    change only when the weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per
+    task in queue order, globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; GEMV tasks
     also record (6) the end of the RMS and (7) of the weight loop; ATTN tasks that attend (6) the end of
     the q/k norm and rotary, (7) of the attention, and with context splits (5) of the arrival; GU tasks
     of a ``fused_down`` graph (5) the end of their W_down loop.
@@ -861,8 +861,10 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
         GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, EARLY_DOWN=config.early_down,
         POLLS=config.thread_polls and not interpreted(),  # inline PTX
+        # W_down chunks of 16 KB (256 rows of 32 columns); 512 rows, all of a 0.6B task's in flight at once,
+        # ran the same (run 58).
         FUSED_DOWN=s.fused_down, DOWN_ROWS=s.batch if s.fused_down else 0,
-        BLOCK_H_DOWN=min(triton.next_power_of_2(s.hidden), 8192 // s.block_n), DOWN_STAGES=config.stages,
+        BLOCK_H_DOWN=min(triton.next_power_of_2(s.hidden), 8192 // s.block_n),
         UPCAST=upcast, TRACE=trace,
     )
     return consts, num_warps
