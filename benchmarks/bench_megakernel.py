@@ -87,8 +87,9 @@ def critical_path(t: torch.Tensor, stages: dict) -> dict:
     release, its propagation and the poll); and for the stamps a kind has, when its last task reached
     them (GEMV: ``rms``, ``loop``, and GU in a ``fused_down`` graph ``down``; ATTN: ``qk``, ``attend``,
     ``arrive``)."""
-    stamps = {Task.QKV: {"rms": 6, "loop": 7}, Task.GU: {"rms": 6, "loop": 7, "down": 5}, Task.LM: {"rms": 6, "loop": 7},
-              Task.O: {"loop": 7}, Task.DOWN: {"loop": 7}, Task.ATTN: {"qk": 6, "attend": 7, "arrive": 5}}
+    stamps = {Task.QKV: {"rms": 6, "loop": 7}, Task.GU: {"rms": 6, "loop": 7, "down": 5},
+              Task.LM: {"rms": 6, "loop": 7}, Task.O: {"loop": 7}, Task.DOWN: {"loop": 7},
+              Task.ATTN: {"qk": 6, "attend": 7, "arrive": 5}}
     out = defaultdict(lambda: defaultdict(float))
     previous_end = t[:, 0].min()
     for (layer, kind), ids in sorted(stages.items(), key=lambda kv: t[kv[1], 2].max().item()):

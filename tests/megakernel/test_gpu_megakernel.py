@@ -49,7 +49,7 @@ def test_all_sms_match_reference_8b_widths(positions):
 def test_context_splits_match_reference(positions, attn_splits):
     # Long contexts, where each split walks several chunks, and a short one where most slices are empty
     # (their tasks skip the wait and finish while QKV still runs).
-    _check_all_sms(QWEN3_06B, positions, LaunchConfig(), attn_splits)
+    _check_all_sms(QWEN3_06B, positions, LaunchConfig(), attn_splits=attn_splits)
 
 
 @pytest.mark.parametrize("fused_down", [True, False])
@@ -61,7 +61,8 @@ def test_fused_down_either_way_matches_reference(positions, config, fused_down):
     _check_all_sms(QWEN3_06B, positions, config, fused_down=fused_down)
 
 
-def _check_all_sms(model, positions, config, attn_splits=None, **shape_fields):
+def _check_all_sms(model, positions, config, **shape_fields):
+    """The step on every SM against the reference; ``shape_fields`` override the default shape's."""
     dev, dtype = "cuda", torch.bfloat16
     weights = random_weights(**model, dtype=dtype, device=dev, max_positions=max(positions) + 1)
     batch = random_batch(positions, layers=model["layers"], hkv=model["hkv"], d=model["d"], dtype=dtype,
@@ -73,8 +74,6 @@ def _check_all_sms(model, positions, config, attn_splits=None, **shape_fields):
 
     workers = torch.cuda.get_device_properties(0).multi_processor_count
     shape = weights.shape(batch=len(positions)).for_workers(workers)
-    if attn_splits is not None:
-        shape = replace(shape, attn_splits=attn_splits)
     shape = replace(shape, **shape_fields)
     graph = build_task_graph(shape, workers).to(dev)
     buffers = DecodeBuffers(shape, dtype, dev)

@@ -44,7 +44,8 @@ def test_graph_covers_each_task_once_in_stage_order(workers):
     "workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks, fused_down",
     [(1, True, 32, 0, 1, 0, False), (2, True, 16, 0, 1, 0, False), (5, False, 32, 48, 1, 0, False),
      (64, True, 16, 0, 1, 0, False), (3, True, 32, 0, 4, 0, False), (7, False, 16, 0, 2, 0, False),
-     (3, True, 32, 0, 1, 3, False), (2, False, 16, 0, 2, 5, False),  # 7 GU slices in 3 tasks of 3/2/2, or 5 of 2/2/1/1/1
+     # 7 GU slices in 3 tasks of 3/2/2, or 5 of 2/2/1/1/1
+     (3, True, 32, 0, 1, 3, False), (2, False, 16, 0, 2, 5, False),
      (1, True, 16, 0, 1, 0, True), (5, False, 32, 0, 2, 0, True)],  # DOWN's weights in the GU tasks
 )
 def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, block_n_qkv, attn_splits, gu_tasks,

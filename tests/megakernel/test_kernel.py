@@ -27,9 +27,12 @@ def _poison(buffers):
     "positions, lm_head, layout, block_n_out, block_n_qkv, attn_splits, gu_tasks, fused_down",
     [
         ([0], True, "flash", 32, 0, 1, 0, False),
-        ([5, 37, 16], True, "fa_packed", 16, 0, 1, 0, False),  # 128 hidden features: 8 output tiles, 8 sums of squares per row
-        ([20], True, "flash", 32, 48, 1, 0, False),  # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
-        ([9, 70], False, "head_major", 16, 0, 1, 0, False),  # 70 cached tokens: three 32-token chunks over 16-token pages
+        # 128 hidden features: 8 output tiles, 8 sums of squares per row
+        ([5, 37, 16], True, "fa_packed", 16, 0, 1, 0, False),
+        # 256 q|k|v features: five 48-row QKV tiles in 64-row blocks, and 16 rows
+        ([20], True, "flash", 32, 48, 1, 0, False),
+        # 70 cached tokens: three 32-token chunks over 16-token pages
+        ([9, 70], False, "head_major", 16, 0, 1, 0, False),
         ([33, 2], True, "head_major", 32, 0, 1, 0, False),
         # Context splits: 200 tokens in 4 slices of two 32-token chunks (the last: 8 and the new token);
         # 70 in 2 slices; 0 leaves every slice but the last empty, and 9 the second of 2 (the new token only).

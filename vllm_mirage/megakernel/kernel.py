@@ -103,6 +103,17 @@ def _rstd(sumsq_ptr, NT, B, K, eps, offs_t, t_mask, NT_P2: tl.constexpr):
     return tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
 
 
+@triton.jit
+def _add_residual(y, res, mask, sumsq_ptr, offs_t, t_mask, dtype: tl.constexpr):
+    """res + y with the residual add's rounding (both already rounded to ``dtype``), and each row's sum
+    of squares of it over the columns in ``mask``, stored at ``sumsq_ptr[row]``: the epilogue of a task
+    that finishes hidden features (O, DOWN)."""
+    y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    tl.store(sumsq_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
+    return y
+
+
 # The tiles are device functions, not inlined into the kernel: ptxas then allocates each one's registers
 # on its own (under the kernel's 255) instead of all task kinds' together. Inlined, the batch-1 kernel
 # spilled 600 bytes and a change to one tile moved spills into another's weight loop; as functions, the
@@ -217,9 +228,7 @@ def _gemv_tile(
         out_m = t_mask[:, None] & n_mask[None, :]
         out_at = offs_t[:, None] * N + offs_n[None, :]
         if ADD_RES:
-            y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
-            yf = tl.where(out_m, y.to(tl.float32), 0.0)
-            tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
+            y = _add_residual(y, res, out_m, sumsq_out_ptr, offs_t, t_mask, dtype)
         tl.store(out_ptr + out_at, y, mask=out_m)
 
 
@@ -258,7 +267,7 @@ def _down_sum_tile(acc_ptr, res_ptr, out_ptr, sumsq_out_ptr, B, N, n0, counters,
                    POLLS: tl.constexpr = False):
     """A DOWN task of a ``fused_down`` graph: out[:, n0:n0+BLOCK_N] = res + the GU tasks' fixed-point
     sum, rounded as a linear layer's output is, then as the residual add; each row's sum of squares
-    over these columns, as _gemv_tile's ADD_RES epilogue. It zeroes the sum's columns for the next
+    over these columns (``_add_residual``, as O's and DOWN's GEMV epilogue). It zeroes the sum's columns for the next
     layer's GU tasks: they run after the next QKV stage, which waits for every DOWN task."""
     dtype = out_ptr.dtype.element_ty
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -272,10 +281,8 @@ def _down_sum_tile(acc_ptr, res_ptr, out_ptr, sumsq_out_ptr, B, N, n0, counters,
         total = tl.load(acc_ptr + at, mask=m, other=0, cache_modifier=".cg")
         res = tl.load(res_ptr + at, mask=m, other=0.0, cache_modifier=".cg")
         tl.store(acc_ptr + at, tl.zeros_like(total), mask=m)
-        y = (total.to(tl.float32) * (1.0 / _DOWN_SCALE)).to(dtype)
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
-        yf = tl.where(m, y.to(tl.float32), 0.0)
-        tl.store(sumsq_out_ptr + offs_t, tl.sum(yf * yf, axis=1), mask=t_mask)
+        y = _add_residual((total.to(tl.float32) * (1.0 / _DOWN_SCALE)).to(dtype), res, m, sumsq_out_ptr, offs_t,
+                          t_mask, dtype)
         tl.store(out_ptr + at, y, mask=m)
 
 
@@ -807,10 +814,10 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     ``kvtab`` (:func:`kv_pointer_table`) and, for a ``fused_down`` graph, ``down_ptrs``
     (:func:`down_pointer_table`) may be built once and passed in (a CUDA-graph capture must): they
     change only when the weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per
-    task in queue order, globaltimer ns at: start, end of wait, end of compute, after its release; then its SM; GEMV tasks
-    also record (6) the end of the RMS and (7) of the weight loop; ATTN tasks that attend (6) the end of
-    the q/k norm and rotary, (7) of the attention, and with context splits (5) of the arrival; GU tasks
-    of a ``fused_down`` graph (5) the end of their W_down loop.
+    task in queue order, globaltimer ns at: start, end of wait, end of compute, after its release; then
+    its SM; GEMV tasks also record (6) the end of the RMS and (7) of the weight loop; ATTN tasks that
+    attend (6) the end of the q/k norm and rotary, (7) of the attention, and with context splits (5) of
+    the arrival; GU tasks of a ``fused_down`` graph (5) the end of their W_down loop.
     """
     s = graph.shape
     check_supported(graph, weights, batch, buffers)
