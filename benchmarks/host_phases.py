@@ -1,0 +1,202 @@
+"""Where vLLM's decode loop spends its wall time, without a profiler: host phases and the GPU's span.
+
+    python3 benchmarks/host_phases.py --model qwen3-0.6b --mirage megakernel --batch-sizes 1 2 --out X.json
+    (add --multiprocessing for vLLM's default layout: the engine core in its own process)
+
+Run it once per side (``--mirage off`` is stock vLLM with this package installed but switched off). The
+torch profiler slows each CPU op and each CUDA-graph node (stock vLLM's graph launch takes ~0.85 ms
+under it, the megakernel's one-kernel graph ~0.05 ms: ``host_timeline.py``), so profiled traces cannot
+compare the two sides' host loops. Here the engine core's methods are wrapped, at class level before the
+engine starts (a forked engine-core process inherits them), with ``time.perf_counter`` stamps and CUDA
+events on the compute stream: about 10 µs per step in all.
+
+Per decode step (the period from one ``execute_model`` to the next) it reports the host time in the
+engine core's phases: ``schedule``; ``execute_model`` (input preparation and the graph launch);
+``sample_tokens`` (the sampler's launches); the rest of ``step_fn``, mostly the wait for the previous
+step's output; ``update_from_output``; and the time outside ``step_fn`` (the busy loop's queues with
+multiprocessing, the front end's output handling without). The CUDA events give the GPU's span from
+``execute_model`` to the end of ``sample_tokens``' work and its gap before the next step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+PHASES_FILE = "HOST_PHASES_FILE"  # where the engine core appends one JSON line per finished run
+_LOG: list = []  # (name, t0, t1, scheduled tokens), in the engine core's process
+_EVENTS: list = []  # [start, end] CUDA events per execute_model call
+
+
+def _timed(inner, name: str):
+    def timed(self, *args, **kwargs):
+        import torch
+
+        if name == "execute_model":
+            _EVENTS.append([torch.cuda.Event(enable_timing=True), None])
+            _EVENTS[-1][0].record()
+        t0 = time.perf_counter()
+        out = inner(self, *args, **kwargs)
+        t1 = time.perf_counter()
+        if name == "sample_tokens" and _EVENTS:
+            _EVENTS[-1][1] = torch.cuda.Event(enable_timing=True)
+            _EVENTS[-1][1].record()
+        tokens = getattr(args[0], "total_num_scheduled_tokens", None) if args else None
+        _LOG.append((name, t0, t1, tokens))
+        if name == "step_fn" and not self.scheduler.has_requests():
+            _flush()
+        return out
+
+    return timed
+
+
+def install_probes() -> None:
+    """Wrap the engine core's phases in this process's classes (before the engine is built)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    for cls, name in ((Scheduler, "schedule"), (Scheduler, "update_from_output"),
+                      (UniProcExecutor, "execute_model"), (UniProcExecutor, "sample_tokens")):
+        setattr(cls, name, _timed(getattr(cls, name), name))
+    # step_fn is bound at start-up to one of these two; both log as "step_fn".
+    for name in ("step", "step_with_batch_queue"):
+        setattr(EngineCore, name, _timed(getattr(EngineCore, name), "step_fn"))
+
+
+def _flush() -> None:
+    import torch
+
+    if not _LOG or not os.environ.get(PHASES_FILE):
+        return
+    torch.cuda.synchronize()
+    per = phases(_LOG, _EVENTS)
+    with open(os.environ[PHASES_FILE], "a") as f:
+        f.write(json.dumps(per) + "\n")
+    _LOG.clear()
+    _EVENTS.clear()
+
+
+def phases(log: list, events: list) -> dict[str, list[float]]:
+    """Per-period figures (µs) of one run: lists, so that runs can be pooled before the medians."""
+    execs = [e for e in log if e[0] == "execute_model"]
+    counts = [e[3] for e in execs if e[3]]
+    batch = min(counts, key=lambda n: (-counts.count(n), n)) if counts else None  # decode: the commonest
+    decode = [i for i, e in enumerate(execs) if e[3] == batch]
+    steps = [(t0, t1) for n, t0, t1, _ in log if n == "step_fn"]
+    remainders = [(t0, (t1 - t0) - sum(b - a for n, a, b, _ in log if n != "step_fn" and t0 <= a < t1))
+                  for t0, t1 in steps]
+    per = defaultdict(list)
+    for a, b in zip(decode, decode[1:]):
+        if b != a + 1 or events[a][1] is None:
+            continue
+        lo, hi = execs[a][1], execs[b][1]
+        per["period_us"].append((hi - lo) * 1e6)
+        window = defaultdict(float)  # several calls of one kind within a period add up
+        for name, t0, t1, _ in log:
+            if lo <= t0 < hi and name != "step_fn":
+                window[name] += t1 - t0
+        for name, t in window.items():
+            per[f"{name}_us"].append(t * 1e6)
+        per["rest_of_step_fn_us"].append(sum(r for t0, r in remainders if lo <= t0 < hi) * 1e6)
+        covered = sum(max(0.0, min(t1, hi) - max(t0, lo)) for t0, t1 in steps)
+        per["outside_step_fn_us"].append(((hi - lo) - covered) * 1e6)
+        (s0, e0), (s1, _) = events[a], events[b]
+        per["gpu_span_us"].append(s0.elapsed_time(e0) * 1e3)
+        per["gpu_gap_us"].append(e0.elapsed_time(s1) * 1e3)
+    for i, e in enumerate(execs):  # prefill steps: the TTFT's host and GPU time
+        if e[3] and e[3] != batch and events[i][1] is not None:
+            per["prefill_execute_model_us"].append((e[2] - e[1]) * 1e6)
+            per["prefill_gpu_span_us"].append(events[i][0].elapsed_time(events[i][1]) * 1e3)
+    return dict(per)
+
+
+def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
+    """The bench's method, (t(N tokens) - t(1 token)) / (N - 1), and the probes' phases of the N runs."""
+    from vllm import SamplingParams
+
+    one, full = (SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (1, max_tokens))
+    out_file = Path(os.environ[PHASES_FILE])
+    in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    steps = []
+    pooled = defaultdict(list)
+    for i in range(iterations + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        llm.generate(prompts, one, use_tqdm=False)
+        t1 = time.perf_counter()
+        out_file.write_text("")
+        if in_process:  # the probes are this process's: start the run's log here, end it below
+            _LOG.clear()
+            _EVENTS.clear()
+        llm.generate(prompts, full, use_tqdm=False)
+        t2 = time.perf_counter()
+        if in_process:
+            _flush()
+        if not i:
+            continue
+        steps.append(((t2 - t1) - (t1 - t0)) / (max_tokens - 1) * 1e6)
+        time.sleep(0.2)  # an engine-core process writes its line at its last step; let it land
+        for line in out_file.read_text().splitlines():
+            for k, v in json.loads(line).items():
+                pooled[k].extend(v)
+    figures = {"wall_step_us": [round(x, 1) for x in steps], "median_wall_step_us": round(statistics.median(steps), 1)}
+    # The wall sees the mean: a few long periods move it where the median does not.
+    figures.update({k: _spread(v) for k, v in pooled.items() if v})
+    figures["periods"] = len(pooled["period_us"])
+    return figures
+
+
+def _spread(values: list[float]) -> dict:
+    xs = sorted(values)
+    pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)  # noqa: E731
+    return {"mean": round(statistics.fmean(xs), 1), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--mirage", default="off", help="VLLM_USE_MIRAGE for this process: off, 1, megakernel")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--engine-args", default='{"async_scheduling": true, "max_num_seqs": 16, '
+                   '"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16]}}')
+    p.add_argument("--multiprocessing", action="store_true",
+                   help="the engine core in its own (forked) process, as vLLM runs by default")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocessing else "0"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"  # the probes live in this process's classes
+    os.environ[PHASES_FILE] = str(args.out.with_suffix(".lines"))
+    if args.mirage != "off":
+        os.environ["VLLM_USE_MIRAGE"] = args.mirage
+    from vllm import LLM
+
+    from vllm_mirage.cli.models import resolve_model
+    from vllm_mirage.cli.prompts import fallback_token_ids
+
+    install_probes()
+    model = resolve_model(args.model)
+    llm = LLM(model=model.model, load_format=model.load_format, skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=2048, enable_prefix_caching=False, gpu_memory_utilization=0.85, seed=0,
+              **json.loads(args.engine_args))
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    result = {"model": args.model, "mirage": args.mirage, "multiprocessing": args.multiprocessing,
+              "engine_args": json.loads(args.engine_args), "batches": {}}
+    for bs in args.batch_sizes:
+        prompts = [{"prompt_token_ids": fallback_token_ids(text + str(i), 151936)} for i in range(bs)]
+        result["batches"][bs] = fig = wall_steps(llm, prompts, args.max_tokens, args.iterations)
+        print(f"{args.model} mirage={args.mirage} mp={int(args.multiprocessing)} b{bs}: "
+              + ", ".join(f"{k} {v['mean'] if isinstance(v, dict) else v}" for k, v in fig.items()
+                          if k != "wall_step_us") + " (phases: means)")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
