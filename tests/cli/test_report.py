@@ -37,6 +37,22 @@ def test_percentile_and_batch_figures():
     assert stats.batch_figures({"first_token_s": [0.1], "total_s": [0.1], "output_tokens": [1]}, 1)["decode_step_s"] is None
 
 
+def test_decode_step_is_the_median_over_iterations():
+    # One iteration on a busy host (0.3 s per step) moves the mean but not the reported step.
+    fig = stats.batch_figures({"first_token_s": [0.1, 0.1, 0.1], "total_s": [0.5, 0.5, 1.3],
+                               "output_tokens": [5, 5, 5]}, max_tokens=5)
+    assert fig["decode_step_s"] == pytest.approx(0.1)
+    assert fig["decode_step_mean_s"] == pytest.approx(0.5 / 3)
+    assert fig["output_tokens_per_s"] == pytest.approx(10.0)
+
+
+def test_host_bound_needs_both_times_and_a_wide_gap():
+    assert stats.host_bound({"decode_step_s": 2.4e-3, "gpu_step_s": 1.0e-3})
+    assert not stats.host_bound({"decode_step_s": 5.9e-3, "gpu_step_s": 5.85e-3})
+    assert not stats.host_bound({"decode_step_s": 2.4e-3, "gpu_step_s": None})  # not profiled
+    assert not stats.host_bound({"decode_step_s": None, "gpu_step_s": 1.0e-3})
+
+
 def test_stronger_baseline_is_reported_as_stock():
     slow, fast = runner_result("stock[0]", 0.004), runner_result("stock[1]", 0.002)
     mirage = runner_result("mirage", 0.001)

@@ -88,6 +88,13 @@ def run_bench(args) -> int:
         ctx.note(f"negative decode step ({', '.join(sorted(set(noisy)))}): the max_tokens=1 call took longer "
                  "than the max_tokens=N call; timing noise exceeds the decode time, so raise --max-tokens, "
                  "--num-warmup or --num-iterations")
+    for m in sides:
+        paced = [r for r in m.rows if stats.host_bound(r["mirage"])]
+        if paced:
+            steps = ", ".join(f"batch {r['batch_size']}: {1e3 * r['mirage']['decode_step_s']:.2f} ms for "
+                              f"{1e3 * r['mirage']['gpu_step_s']:.2f} ms of GPU" for r in paced)
+            ctx.note(f"{m.label} is host-bound ({steps} per decode step): vLLM's host loop sets its wall "
+                     "time, so its speed-up there says little about the kernels; compare GPU time/step")
     report = build_results(ctx, args, stock_results, baselines, sides, common)
     paths = write_reports(report, out_dir)
     for m in sides:
