@@ -28,6 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from vllm_mirage.cli.stats import percentile
+
 PHASES_FILE = "HOST_PHASES_FILE"  # where the engine core appends one JSON line per finished run
 _LOG: list = []  # (name, t0, t1, scheduled tokens), in the engine core's process
 _EVENTS: list = []  # [start, end] CUDA events per execute_model call
@@ -153,12 +155,8 @@ def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
 
 
 def _spread(values: list[float]) -> dict:
-    xs = sorted(values)
-
-    def pick(q: float) -> float:
-        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
-
-    return {"mean": round(statistics.fmean(xs), 1), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9)}
+    return {"mean": round(statistics.fmean(values), 1),
+            **{f"p{q}": round(percentile(values, q), 1) for q in (10, 50, 90)}}
 
 
 def main(argv=None) -> int:

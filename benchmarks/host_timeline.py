@@ -42,10 +42,6 @@ def load_events(path: Path) -> list[dict]:
         return [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X"]
 
 
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def _overlap(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
     """Length of the union of sorted, merged ``intervals`` inside [lo, hi)."""
     i = bisect.bisect_left(intervals, (lo, lo)) - 1
@@ -123,7 +119,7 @@ def analyse(events: list[dict], top: int = 15) -> dict:
     return {
         "decode_steps": counted,
         "batch_sizes": sorted({int(DECODE_RANGE.fullmatch(r["name"]).group(1)) for r, _ in steps}),
-        **{f"median_{k}": round(_median(v), 1) for k, v in per.items()},
+        **{f"median_{k}": round(statistics.median(v), 1) for k, v in per.items()},
         "top_ops_us_per_step": [[n, round(t, 1)] for n, t in ops],
     }
 

@@ -90,4 +90,3 @@ HOST_BOUND_RATIO = 1.3
 def host_bound(figures: dict) -> bool:
     step, gpu = figures.get("decode_step_s"), figures.get("gpu_step_s")
     return bool(step and gpu and step > HOST_BOUND_RATIO * gpu)
-
