@@ -15,12 +15,19 @@ engine core's phases: ``schedule``; ``execute_model`` (input preparation and the
 ``sample_tokens`` (the sampler's launches); the rest of ``step_fn``, mostly the wait for the previous
 step's output; ``update_from_output``; and the time outside ``step_fn`` (the busy loop's queues with
 multiprocessing, the front end's output handling without). The CUDA events give the GPU's span from
-``execute_model`` to the end of ``sample_tokens``' work and its gap before the next step.
+``execute_model`` to the end of ``sample_tokens``' work and its gap before the next step. ``gc_us`` is the
+engine core's garbage-collector pauses, which overlap the other phases.
+
+It also splits the bench's time to first token (the ``max_tokens=1`` call) along one clock: from
+``generate()`` to the engine core's first stamp (``arrival``), the engine core's own span (``engine``, with
+its phases' totals), and from its last stamp back to ``generate()``'s return (``return``).
+``time.perf_counter`` is the system's monotonic clock on Linux, so a forked engine core's stamps compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -33,6 +40,7 @@ from vllm_mirage.cli.stats import percentile
 PHASES_FILE = "HOST_PHASES_FILE"  # where the engine core appends one JSON line per finished run
 _LOG: list = []  # (name, t0, t1, scheduled tokens), in the engine core's process
 _EVENTS: list = []  # [start, end] CUDA events per execute_model call
+OVERLAYS = ("step_fn", "gc")  # log entries that overlap the phases rather than sit beside them
 
 
 def _timed(inner, name: str):
@@ -57,8 +65,16 @@ def _timed(inner, name: str):
     return timed
 
 
+def _gc_probe(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_probe.t0 = time.perf_counter()
+    elif hasattr(_gc_probe, "t0"):
+        _LOG.append(("gc", _gc_probe.t0, time.perf_counter(), None))
+
+
 def install_probes() -> None:
     """Wrap the engine core's phases in this process's classes (before the engine is built)."""
+    gc.callbacks.append(_gc_probe)
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
@@ -74,12 +90,13 @@ def install_probes() -> None:
 def _flush() -> None:
     import torch
 
-    if not _LOG or not os.environ.get(PHASES_FILE):
+    if not any(e[0] == "execute_model" for e in _LOG) or not os.environ.get(PHASES_FILE):
+        _LOG.clear()  # a collection between runs, say: nothing of the engine's to write
         return
     torch.cuda.synchronize()
-    per = phases(_LOG, _EVENTS)
+    line = {"phases": phases(_LOG, _EVENTS), "call": call_totals(_LOG, _EVENTS)}
     with open(os.environ[PHASES_FILE], "a") as f:
-        f.write(json.dumps(per) + "\n")
+        f.write(json.dumps(line) + "\n")
     _LOG.clear()
     _EVENTS.clear()
 
@@ -91,7 +108,7 @@ def phases(log: list, events: list) -> dict[str, list[float]]:
     batch = min(counts, key=lambda n: (-counts.count(n), n)) if counts else None  # decode: the commonest
     decode = [i for i, e in enumerate(execs) if e[3] == batch]
     steps = [(t0, t1) for n, t0, t1, _ in log if n == "step_fn"]
-    remainders = [(t0, (t1 - t0) - sum(b - a for n, a, b, _ in log if n != "step_fn" and t0 <= a < t1))
+    remainders = [(t0, (t1 - t0) - sum(b - a for n, a, b, _ in log if n not in OVERLAYS and t0 <= a < t1))
                   for t0, t1 in steps]
     per = defaultdict(list)
     for a, b in zip(decode, decode[1:]):
@@ -101,7 +118,7 @@ def phases(log: list, events: list) -> dict[str, list[float]]:
         per["period_us"].append((hi - lo) * 1e6)
         window = defaultdict(float)  # several calls of one kind within a period add up
         for name, t0, t1, _ in log:
-            if lo <= t0 < hi and name != "step_fn":
+            if lo <= t0 < hi and name != "step_fn":  # gc_us overlaps the others
                 window[name] += t1 - t0
         for name, t in window.items():
             per[f"{name}_us"].append(t * 1e6)
@@ -118,6 +135,32 @@ def phases(log: list, events: list) -> dict[str, list[float]]:
     return dict(per)
 
 
+def call_totals(log: list, events: list) -> dict:
+    """One engine-core run in total: its first and last stamps (perf_counter seconds), the µs spent in
+    each phase, and the GPU's span from the first ``execute_model`` to the last ``sample_tokens``."""
+    totals = defaultdict(float)
+    for name, t0, t1, _ in log:
+        totals[f"{name}_us"] += (t1 - t0) * 1e6
+    spans = [e for e in events if e[1] is not None]
+    return {"first": min(e[1] for e in log), "last": max(e[2] for e in log),
+            "steps": sum(e[0] == "step_fn" for e in log),
+            "gpu_span_us": spans[0][0].elapsed_time(spans[-1][1]) * 1e3 if spans else 0.0, **totals}
+
+
+def ttft_split(t0: float, t1: float, calls: list[dict]) -> dict[str, float]:
+    """The max_tokens=1 call from ``generate()`` at ``t0`` to its return at ``t1``, µs, along the engine
+    core's runs (``call_totals``) that lie inside it."""
+    first, last = min(c["first"] for c in calls), max(c["last"] for c in calls)
+    split = {"ttft_us": (t1 - t0) * 1e6, "arrival_us": (first - t0) * 1e6, "engine_us": (last - first) * 1e6,
+             "return_us": (t1 - last) * 1e6}
+    for c in calls:
+        for k, v in c.items():
+            if k.endswith("_us"):
+                split[f"engine_{k}"] = split.get(f"engine_{k}", 0.0) + v
+    split["engine_steps"] = sum(c["steps"] for c in calls)
+    return split
+
+
 def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
     """The bench's method, (t(N tokens) - t(1 token)) / (N - 1), and the probes' phases of the N runs."""
     from vllm import SamplingParams
@@ -126,15 +169,17 @@ def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
     out_file = Path(os.environ[PHASES_FILE])
     in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     steps = []
-    pooled = defaultdict(list)
+    pooled, ttft = defaultdict(list), defaultdict(list)
     for i in range(iterations + 1):  # the first is a warm-up
+        out_file.write_text("")
+        if in_process:  # the probes are this process's: each call's log starts here
+            _LOG.clear()
+            _EVENTS.clear()
         t0 = time.perf_counter()
         llm.generate(prompts, one, use_tqdm=False)
         t1 = time.perf_counter()
-        out_file.write_text("")
-        if in_process:  # the probes are this process's: start the run's log here, end it below
-            _LOG.clear()
-            _EVENTS.clear()
+        if in_process:
+            _flush()
         llm.generate(prompts, full, use_tqdm=False)
         t2 = time.perf_counter()
         if in_process:
@@ -143,20 +188,26 @@ def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
             continue
         steps.append(((t2 - t1) - (t1 - t0)) / (max_tokens - 1) * 1e6)
         time.sleep(0.2)  # an engine-core process writes its line at its last step; let it land
-        for line in out_file.read_text().splitlines():
-            for k, v in json.loads(line).items():
-                pooled[k].extend(v)
+        lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+        for line in lines:
+            if line["call"]["first"] > t1:  # the max_tokens=N call's
+                for k, v in line["phases"].items():
+                    pooled[k].extend(v)
+        first_calls = [line["call"] for line in lines if line["call"]["last"] <= t1]
+        for k, v in (ttft_split(t0, t1, first_calls) if first_calls else {}).items():
+            ttft[k].append(v)
     figures = {"wall_step_us": [round(x, 1) for x in steps],
                "median_wall_step_us": round(statistics.median(steps), 1)}
     # Mean and spread, not only the median: the wall sees the mean, and a few long periods move it.
     figures.update({k: _spread(v) for k, v in pooled.items() if v})
     figures["periods"] = len(pooled["period_us"])
+    figures["ttft"] = {k: _spread(v) for k, v in ttft.items()}
     return figures
 
 
 def _spread(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 1),
-            **{f"p{q}": round(percentile(values, q), 1) for q in (10, 50, 90)}}
+            **{f"p{q}": round(percentile(values, q), 1) for q in (10, 50, 90)}, "max": round(max(values), 1)}
 
 
 def main(argv=None) -> int:
@@ -195,7 +246,8 @@ def main(argv=None) -> int:
         result["batches"][bs] = fig = wall_steps(llm, prompts, args.max_tokens, args.iterations)
         print(f"{args.model} mirage={args.mirage} mp={int(args.multiprocessing)} b{bs}: "
               + ", ".join(f"{k} {v['mean'] if isinstance(v, dict) else v}" for k, v in fig.items()
-                          if k != "wall_step_us") + " (phases: means)")
+                          if k not in ("wall_step_us", "ttft")) + " (phases: means)")
+        print("  first token: " + ", ".join(f"{k} {v['p50']}" for k, v in fig["ttft"].items()) + " (medians)")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
