@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._dispatch import record, register_op, use_triton
 
 
 @triton.jit
@@ -65,7 +65,11 @@ def rms_norm_triton(
     return out, new_residual
 
 
-@torch.library.custom_op("vllm_mirage::add_rms_norm", mutates_args=())
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@register_op("add_rms_norm", _add_rms_norm_fake)
 def _add_rms_norm_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +78,6 @@ def _add_rms_norm_op(
     if not triton_ok:
         return reference.add_rms_norm(x, residual, weight, eps)
     return rms_norm_triton(x, weight, eps, residual=residual)
-
-
-@_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x)
 
 
 def add_rms_norm(

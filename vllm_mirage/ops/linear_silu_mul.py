@@ -7,22 +7,21 @@ The same kernel as the norm variant, with the prologue switched off.
 import torch
 
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._dispatch import record, register_op, use_triton
 from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 
-@torch.library.custom_op("vllm_mirage::linear_silu_mul", mutates_args=())
+def _fake(x, weight):
+    return x.new_empty((x.shape[0], weight.shape[0] // 2))
+
+
+@register_op("linear_silu_mul", _fake)
 def _op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     triton_ok = use_triton(x)
     record("linear_silu_mul", triton_ok)
     if not triton_ok:
         return reference.linear_silu_mul(x, weight)
     return fused_or_unfused(x, weight, silu_mul=True)[0]
-
-
-@_op.register_fake
-def _(x, weight):
-    return x.new_empty((x.shape[0], weight.shape[0] // 2))
 
 
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._dispatch import record, register_op, use_triton
 
 
 @triton.jit
@@ -68,7 +68,11 @@ def qk_norm_rope_triton(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_c
     return q_out, k_out
 
 
-@torch.library.custom_op("vllm_mirage::qk_norm_rope", mutates_args=())
+def _fake(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_cache, eps):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@register_op("qk_norm_rope", _fake)
 def _op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,11 +87,6 @@ def _op(
     if not triton_ok:
         return reference.qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_cache, eps)
     return qk_norm_rope_triton(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_cache, eps)
-
-
-@_op.register_fake
-def _(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_cache, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, cos_sin_cache, eps):

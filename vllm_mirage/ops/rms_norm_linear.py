@@ -10,13 +10,17 @@ unfused pair, which beat both fused kernels there. See benchmarks/NOTES.md.
 import torch
 
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._dispatch import record, register_op, use_triton
 from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 _NAME = "rms_norm_linear"
 
 
-@torch.library.custom_op("vllm_mirage::rms_norm_linear", mutates_args=())
+def _fake(x, norm_weight, weight, eps):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@register_op("rms_norm_linear", _fake)
 def _rms_norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     triton_ok = use_triton(x)
     record(_NAME, triton_ok)
@@ -25,12 +29,11 @@ def _rms_norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torc
     return fused_or_unfused(x, weight, norm_weight, eps)[0]
 
 
-@_rms_norm_linear_op.register_fake
-def _(x, norm_weight, weight, eps):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _add_fake(x, residual, norm_weight, weight, eps):
+    return _fake(x, norm_weight, weight, eps), torch.empty_like(x)
 
 
-@torch.library.custom_op("vllm_mirage::add_rms_norm_linear", mutates_args=())
+@register_op("add_rms_norm_linear", _add_fake)
 def _add_rms_norm_linear_op(
     x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +42,6 @@ def _add_rms_norm_linear_op(
     if not triton_ok:
         return reference.rms_norm_linear(x, norm_weight, weight, eps, residual=residual)
     return fused_or_unfused(x, weight, norm_weight, eps, residual=residual)
-
-
-@_add_rms_norm_linear_op.register_fake
-def _(x, residual, norm_weight, weight, eps):
-    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
 
 
 def rms_norm_linear(

@@ -11,7 +11,7 @@ one-pass SiLU-mul kernel.
 import torch
 
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._dispatch import record, use_triton
+from vllm_mirage.ops._dispatch import record, register_op, use_triton
 from vllm_mirage.ops._linear_paths import fused_or_unfused
 
 _NAME = "rms_norm_linear_silu_mul"
@@ -21,7 +21,11 @@ def _out_fake(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0] // 2))
 
 
-@torch.library.custom_op("vllm_mirage::rms_norm_linear_silu_mul", mutates_args=())
+def _fake(x, norm_weight, weight, eps):
+    return _out_fake(x, weight)
+
+
+@register_op("rms_norm_linear_silu_mul", _fake)
 def _op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     triton_ok = use_triton(x)
     record(_NAME, triton_ok)
@@ -30,12 +34,11 @@ def _op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: f
     return fused_or_unfused(x, weight, norm_weight, eps, silu_mul=True)[0]
 
 
-@_op.register_fake
-def _(x, norm_weight, weight, eps):
-    return _out_fake(x, weight)
+def _add_fake(x, residual, norm_weight, weight, eps):
+    return _out_fake(x, weight), torch.empty_like(x)
 
 
-@torch.library.custom_op("vllm_mirage::add_rms_norm_linear_silu_mul", mutates_args=())
+@register_op("add_rms_norm_linear_silu_mul", _add_fake)
 def _add_op(
     x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +47,6 @@ def _add_op(
     if not triton_ok:
         return reference.rms_norm_linear_silu_mul(x, norm_weight, weight, eps, residual=residual)
     return fused_or_unfused(x, weight, norm_weight, eps, residual=residual, silu_mul=True)
-
-
-@_add_op.register_fake
-def _(x, residual, norm_weight, weight, eps):
-    return _out_fake(x, weight), torch.empty_like(x)
 
 
 def rms_norm_linear_silu_mul(
