@@ -149,8 +149,9 @@ def call_totals(log: list, events: list) -> dict:
 
 def ttft_split(t0: float, t1: float, calls: list[dict]) -> dict[str, float]:
     """The max_tokens=1 call from ``generate()`` at ``t0`` to its return at ``t1``, µs, along the engine
-    core's runs (``call_totals``) that lie inside it."""
-    first, last = min(c["first"] for c in calls), max(c["last"] for c in calls)
+    core's runs (``call_totals``) that began inside it. ``engine`` ends at the engine core's last stamp
+    or at the return, whichever is first; the phase totals count whole runs."""
+    first, last = min(c["first"] for c in calls), min(t1, max(c["last"] for c in calls))
     split = {"ttft_us": (t1 - t0) * 1e6, "arrival_us": (first - t0) * 1e6, "engine_us": (last - first) * 1e6,
              "return_us": (t1 - last) * 1e6}
     for c in calls:
@@ -193,7 +194,8 @@ def wall_steps(llm, prompts, max_tokens: int, iterations: int) -> dict:
             if line["call"]["first"] > t1:  # the max_tokens=N call's
                 for k, v in line["phases"].items():
                     pooled[k].extend(v)
-        first_calls = [line["call"] for line in lines if line["call"]["last"] <= t1]
+        # The engine core ends its last step after it has sent the token, maybe after generate() returned.
+        first_calls = [line["call"] for line in lines if line["call"]["first"] < t1]
         for k, v in (ttft_split(t0, t1, first_calls) if first_calls else {}).items():
             ttft[k].append(v)
     figures = {"wall_step_us": [round(x, 1) for x in steps],

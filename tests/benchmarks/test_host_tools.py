@@ -72,6 +72,9 @@ def test_host_phases_splits_the_first_token_call_along_one_clock():
     assert split["arrival_us"] == pytest.approx(4000) and split["return_us"] == pytest.approx(3000)
     assert split["engine_us"] == pytest.approx(5000) and split["engine_execute_model_us"] == pytest.approx(3000)
     assert split["engine_steps"] == 1
+    # The engine core's last step may end after generate() returned: the engine span stops at the return.
+    late = hp.ttft_split(10.0, 10.008, [call])
+    assert late["engine_us"] == pytest.approx(4000) and late["return_us"] == 0
 
 
 def test_host_timeline_reads_a_host_bound_trace(tmp_path):
