@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from vllm_mirage.megakernel import kernel, reference
+from vllm_mirage.megakernel import kernel, prologue, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 
@@ -163,17 +163,18 @@ class MegakernelDecoder:
             program = kernel.encode_program(graph, self.weights) if positions.is_cuda else None
             self._graphs[n] = (graph, DecodeBuffers(shape, dtype, positions.device), program)
         graph, buffers, program = self._graphs[n]
-        buffers.load_input(self.model.model.embed_tokens(input_ids))
+        embedding = self.model.model.embed_tokens.weight  # tensor-parallel size 1 (support.py): all rows
         if positions.is_cuda:
             if self._kvtab is None:
                 self._kvtab = kernel.kv_pointer_table(batch)
                 self._down_ptrs = kernel.down_pointer_table(self.weights)
+            prologue.load_step_input(buffers, input_ids, embedding, self._steps)
             out = kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab,
-                                     down_ptrs=self._down_ptrs)
+                                     down_ptrs=self._down_ptrs, zero_sync=False)
         else:
             # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
             # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
             # (norms, GEMV tiles, counters, final norm) is the graph's.
+            prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
             out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
-        self._steps.add_(1)
         return out.clone()  # the buffers are reused by the next step

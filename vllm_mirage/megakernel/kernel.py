@@ -806,11 +806,13 @@ def down_pointer_table(weights: DecodeWeights) -> torch.Tensor:
 def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers,
                 program: torch.Tensor | None = None, kvtab: torch.Tensor | None = None,
                 config: LaunchConfig | None = None, trace: torch.Tensor | None = None,
-                down_ptrs: torch.Tensor | None = None) -> torch.Tensor:
+                down_ptrs: torch.Tensor | None = None, zero_sync: bool = True) -> torch.Tensor:
     """Run one decode step with ``graph.num_workers`` persistent programs; returns ``buffers.logits``
     (or ``buffers.hidden_out`` for a graph built without the lm_head).
 
-    ``buffers.load_input`` must have received the embedded tokens. ``program`` (:func:`encode_program`),
+    ``buffers.load_input`` must have received the embedded tokens; or ``prologue.load_step_input``, which
+    also zeroes the counters (``buffers.sync``), so that this need not (``zero_sync=False``).
+    ``program`` (:func:`encode_program`),
     ``kvtab`` (:func:`kv_pointer_table`) and, for a ``fused_down`` graph, ``down_ptrs``
     (:func:`down_pointer_table`) may be built once and passed in (a CUDA-graph capture must): they
     change only when the weights or caches move. ``trace`` (int64 [tasks, 8], GPU only) receives, per
@@ -832,7 +834,8 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     consts, num_warps = launch_constants(s, config or LaunchConfig(), batch.block_size,
                                          upcast=interpreted() or buffers.qkv.dtype == torch.float32,
                                          trace=trace is not None)
-    buffers.sync.zero_()
+    if zero_sync:
+        buffers.sync.zero_()
     _decode_step_kernel[(graph.num_workers,)](
         program, graph.queue_offsets, buffers.counters, buffers.counters if trace is None else trace,
         kvtab, weights.cos_sin_cache, batch.positions, batch.slot_mapping, batch.block_tables,
