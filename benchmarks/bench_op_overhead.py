@@ -77,7 +77,7 @@ def _args(name: str, T: int, device, dtype) -> tuple:
 
 
 def _registered(name: str):
-    op = getattr(torch.ops.vllm_mirage, name)
+    op = getattr(torch.ops.vllm_mirage, name).default  # what the package's wrappers call
     if name == "qk_norm_rope":
         return lambda *a: op(*a, EPS)
     return lambda x, r, nw, w: op(x, r, nw, w, EPS)

@@ -39,10 +39,10 @@ def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator: ``fn`` (type-annotated, mutating nothing) becomes ``torch.ops.vllm_mirage.<name>``, with
     ``fake`` giving its output shapes to torch.compile; returns the op.
 
-    Not ``torch.library.custom_op``: its Python-side dispatch costs ~27 µs a call more than a kernel
-    registered for the backends directly (a no-op: 37 against 10 µs on the development CPU), which is
-    how vLLM registers its own ops. Outside CUDA graphs (prefill above the captured sizes) a Qwen3
-    layer calls three of these, so that was ~2.3 ms of host time per 0.6B prefill step."""
+    Not ``torch.library.custom_op``: its Python-side dispatch costs 26–36 µs a call more than a kernel
+    registered for the backends directly, as vLLM registers its own ops (H100 machine's host,
+    ``benchmarks/bench_op_overhead.py``, NOTES run 68). Outside CUDA graphs (prefill above the captured
+    sizes) a Qwen3 layer calls three of these: ~2.5 ms of host time per 0.6B prefill step."""
 
     def register(fn: Callable) -> Callable:
         _LIBRARY.define(name + infer_schema(fn, mutates_args=()))
