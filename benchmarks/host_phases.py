@@ -228,6 +228,10 @@ def main(argv=None) -> int:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocessing else "0"
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"  # the probes live in this process's classes
     os.environ[PHASES_FILE] = str(args.out.with_suffix(".lines"))
+    # A compile cache per side, as `vllm-mirage bench` keeps: before models/qwen3.py keyed its mode into
+    # vLLM's cache key, the second side of a call ran the first side's compiled graph (NOTES, run 75).
+    root = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm"))
+    os.environ["VLLM_CACHE_ROOT"] = str(root / f"host-phases-{args.mirage}")
     if args.mirage != "off":
         os.environ["VLLM_USE_MIRAGE"] = args.mirage
     from vllm import LLM

@@ -84,6 +84,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                        megakernel_reason)
         fused = self._fuse_layers(keep_all_weights=mode == "megakernel")
         self.mirage_status.update(mode=mode, fused_layers=fused)
+        _key_compile_cache(vllm_config, mode)
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
@@ -132,6 +133,21 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                     linear._cpu_skip_gemm_dispatch = True
             self.model.layers[i] = MirageQwen3DecoderLayer(layer)
         return len(stock)
+
+
+def _key_compile_cache(vllm_config: VllmConfig, mode: str) -> None:
+    """Put the mode into the config's hash, which keys vLLM's torch.compile cache (read at the first
+    forward, after this). vLLM's key holds the config and the model's forward, not the layers inside,
+    so without this a Mirage run and a stock run of one model share compiled graphs: on vLLM 0.26 a
+    stock engine after a Mirage one loaded the fused graph and failed (KeyError 'norm_qkv'), and a Mirage
+    engine after a stock one ran stock's graph (benchmarks/NOTES.md, run 75). ``additional_config`` is
+    hashed as JSON when it is a dict (vLLM's default); a platform's own config object is left alone."""
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra["vllm_mirage"] = mode
+    else:
+        _log_rank0(logging.WARNING, "vllm-mirage: additional_config is a %s, not a dict: the compile cache is "
+                   "keyed as stock vLLM's; use a VLLM_CACHE_ROOT of its own for Mirage", type(extra).__name__)
 
 
 def _log_rank0(level: int, msg: str, *args) -> None:
