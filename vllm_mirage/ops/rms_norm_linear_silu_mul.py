@@ -17,12 +17,8 @@ from vllm_mirage.ops._linear_paths import fused_or_unfused
 _NAME = "rms_norm_linear_silu_mul"
 
 
-def _out_fake(x, weight):
-    return x.new_empty((x.shape[0], weight.shape[0] // 2))
-
-
 def _fake(x, norm_weight, weight, eps):
-    return _out_fake(x, weight)
+    return x.new_empty((x.shape[0], weight.shape[0] // 2))
 
 
 @register_op("rms_norm_linear_silu_mul", _fake)
@@ -35,7 +31,7 @@ def _op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: f
 
 
 def _add_fake(x, residual, norm_weight, weight, eps):
-    return _out_fake(x, weight), torch.empty_like(x)
+    return _fake(x, norm_weight, weight, eps), torch.empty_like(x)
 
 
 @register_op("add_rms_norm_linear_silu_mul", _add_fake)
