@@ -22,10 +22,13 @@ def mirage_status(model: nn.Module) -> dict | None:
 def describe_model(model: nn.Module) -> dict:
     from vllm_mirage import ops
 
+    fused = getattr(model, "_fused", None)
     return {
         "class": type(model).__name__,
         "mirage_status": mirage_status(model),
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
+        # The fused decoder holds references beside the model, outside its module tree.
+        "fused_module_types": sorted({type(m).__name__ for m in fused.modules()}) if fused is not None else [],
         "params": [[name, list(p.shape)] for name, p in model.named_parameters()],
         "state_dict_keys": sorted(model.state_dict().keys()),
         # Calls of each fused op in this process, by backend ("triton" or "reference").

@@ -1,15 +1,19 @@
 """Qwen3 for vLLM with Mirage fused modules.
 
-``MirageQwen3ForCausalLM`` is vLLM's own ``Qwen3ForCausalLM``; when ``VLLM_USE_MIRAGE=1`` it swaps each
-decoder layer for a ``MirageQwen3DecoderLayer`` that adopts the stock layer's children under the same
-names (so parameters, weight loading and TP sharding are untouched) and runs
+``MirageQwen3ForCausalLM`` is vLLM's own ``Qwen3ForCausalLM``: the stock ``Qwen3Model`` keeps its layers,
+parameters and torch.compile'd forward. When ``VLLM_USE_MIRAGE=1`` a ``FusedQwen3Decoder`` beside it holds
+one ``MirageQwen3DecoderLayer`` per stock layer, which adopts that layer's children (references, no copies)
+and runs
 
     fused norm+QKV -> fused q/k-norm+rope -> vLLM attention -> o_proj
     -> fused add+norm+gate_up+SiLU -> down_proj
 
-With ``VLLM_USE_MIRAGE=megakernel`` it also runs pure-decode steps through the megakernel's task graph
-(``vllm_mirage.megakernel.bridge``). Anything the kernels do not support leaves the stock layers (or the
-fused layers) in place, with the reason logged and kept in ``model.mirage_status``.
+for the decode steps where that is faster on this GPU; the other steps run the stock model. With
+``VLLM_USE_MIRAGE=megakernel`` small pure-decode steps run the megakernel's task graph
+(``vllm_mirage.megakernel.bridge``) instead. Anything the kernels do not support leaves the stock path (or
+the fused layers) in place, with the reason logged and kept in ``model.mirage_status``.
+
+Because the compiled module is stock's in every mode, stock and Mirage engines share vLLM's compile cache.
 """
 
 import logging
@@ -19,14 +23,20 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
+from vllm_mirage import ops
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
+from vllm_mirage.models.step import full_graph_tokens, is_pure_decode
 from vllm_mirage.models.support import (
     layer_unsupported_reason,
     megakernel_unsupported_reason,
     model_unsupported_reason,
     platform_name,
 )
+from vllm_mirage.ops._dispatch import interpreted
+from vllm_mirage.ops._linear_paths import register_plan
 from vllm_mirage.switch import mirage_mode
+from vllm_mirage.tuning import DecodePlan, ModelShape, decode_plan, reference_plan
+from vllm_mirage.tuning.plan import UNBOUNDED
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +72,33 @@ class MirageQwen3DecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+class FusedQwen3Decoder(nn.Module):
+    """``Qwen3Model.forward`` for the steps that take the fused layers: embedding, the fused decoder layers
+    (which adopt the stock layers' children), the final add + norm. It holds references only; the stock
+    ``Qwen3Model`` keeps owning (and naming) every parameter and stays vLLM's compiled module for the rest."""
+
+    def __init__(self, model: nn.Module, layers: list[Qwen3DecoderLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(MirageQwen3DecoderLayer(layer) for layer in layers)
+        object.__setattr__(self, "embed_tokens", model.embed_tokens)
+        object.__setattr__(self, "norm", model.norm)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return ops.add_rms_norm(hidden_states, residual, self.norm.weight, self.norm.variance_epsilon)[0]
+
+
 class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
-    """vLLM's Qwen3ForCausalLM, with fused decoder layers when Mirage is on and the model allows it."""
+    """vLLM's Qwen3ForCausalLM, with fused decoder layers when Mirage is on and the model allows it.
+
+    Each step takes one of three paths, chosen where it is cheapest on this GPU (``DecodePlan``):
+    pure-decode batches of up to ``megakernel_max_batch`` requests run the megakernel (mode
+    ``megakernel``); pure-decode batches of up to ``fused_max_tokens`` that vLLM replays as full CUDA graphs
+    run the fused layers; everything else (prefill, mixed batches, larger decode batches) runs stock vLLM's
+    compiled layers, at stock's cost.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -77,28 +112,44 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             _log_rank0(logging.WARNING, "vllm-mirage: using the stock Qwen3 path because %s", reason)
             return
         megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
+        plan = self._decode_plan(vllm_config)
+        if mode == "megakernel" and megakernel_reason is None and plan.megakernel_max_batch == 0:
+            megakernel_reason = f"it was not faster than the fused layers at any batch size ({plan.source})"
         if megakernel_reason is not None:
             mode = "fused"
             self.mirage_status["megakernel_reason"] = megakernel_reason
             _log_rank0(logging.WARNING, "vllm-mirage: megakernel decode off (fused layers only) because %s",
                        megakernel_reason)
-        fused = self._fuse_layers(keep_all_weights=mode == "megakernel")
-        self.mirage_status.update(mode=mode, fused_layers=fused)
-        _key_compile_cache(vllm_config, mode)
+        stock = self._stock_layers()
+        _keep_cpu_weights(stock, keep_all=mode == "megakernel")
+        object.__setattr__(self, "_fused", FusedQwen3Decoder(self.model, [layer for _, layer in stock]))
+        self._vllm_config = vllm_config
+        self._attn_name = stock[0][1].self_attn.attn.layer_name
+        self._plan = plan
+        self.mirage_status.update(
+            mode=mode, fused_layers=len(stock), plan=plan.source, fused_max_tokens=plan.fused_max_tokens,
+            megakernel_max_batch=plan.megakernel_max_batch if mode == "megakernel" else 0,
+        )
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
         _log_rank0(
             logging.INFO,
-            "vllm-mirage: fused %d Qwen3 decoder layers on %s "
-            "(input_layernorm+qkv_proj, q/k norm+rope, post_attention_layernorm+gate_up_proj+SiLU)%s",
-            fused,
+            "vllm-mirage: fused %d Qwen3 decoder layers on %s (input_layernorm+qkv_proj, q/k norm+rope, "
+            "post_attention_layernorm+gate_up_proj+SiLU) for pure-decode batches of up to %s tokens%s; "
+            "other steps run stock vLLM's layers (%s)",
+            len(stock),
             platform_name(),
-            "; pure-decode steps as one megakernel task graph" if mode == "megakernel" else "",
+            plan.fused_max_tokens if plan.fused_max_tokens < UNBOUNDED else "any number of",
+            f", the megakernel for up to {plan.megakernel_max_batch}" if mode == "megakernel" else "",
+            plan.source,
         )
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if self.mirage_status["mode"] == "megakernel" and intermediate_tensors is None and inputs_embeds is None:
+        path = "stock"
+        if self.mirage_status["fused_layers"] and intermediate_tensors is None and inputs_embeds is None:
+            path = self._step_path(positions.shape[0])
+        if path == "megakernel":
             if self._megakernel is None:
                 from vllm_mirage.megakernel.bridge import MegakernelDecoder
 
@@ -106,7 +157,37 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden
+            path = self._step_path(positions.shape[0], megakernel=False)
+        if path == "fused":
+            return self._fused(input_ids, positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def _step_path(self, tokens: int, megakernel: bool = True) -> str:
+        if not is_pure_decode(self._attn_name):
+            return "stock"
+        if megakernel and self.mirage_status["mode"] == "megakernel" and tokens <= self._plan.megakernel_max_batch:
+            return "megakernel"
+        # On a GPU the fused layers' host code is paid back only inside a replayed CUDA graph; on CPU
+        # (correctness, no graphs) they run at every decode step.
+        graph_limit = full_graph_tokens(self._vllm_config) if platform_name() == "cuda" else UNBOUNDED
+        return "fused" if tokens <= min(self._plan.fused_max_tokens, graph_limit) else "stock"
+
+    def _decode_plan(self, vllm_config: VllmConfig) -> DecodePlan:
+        from vllm_mirage.megakernel.bridge import MAX_BATCH
+
+        if platform_name() != "cuda" or interpreted():
+            return reference_plan(megakernel_max_batch=MAX_BATCH)
+        attn = self._stock_layers()[0][1].self_attn
+        shape = ModelShape(
+            hidden=vllm_config.model_config.hf_config.hidden_size,
+            intermediate=self._stock_layers()[0][1].mlp.gate_up_proj.weight.shape[0] // 2,
+            q_heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+            tp=vllm_config.parallel_config.tensor_parallel_size,
+            dtype=str(vllm_config.model_config.dtype).removeprefix("torch."),
+        )
+        plan = decode_plan(shape, vllm_config.model_config.dtype, megakernel_limit=MAX_BATCH)
+        register_plan(shape.hidden, plan)
+        return plan
 
     def _stock_layers(self) -> list[tuple[int, Qwen3DecoderLayer]]:
         # Pipeline parallelism leaves PPMissingLayer placeholders for other ranks' layers.
@@ -119,35 +200,18 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                 return f"layer {i}: {reason}"
         return None
 
-    def _fuse_layers(self, keep_all_weights: bool = False) -> int:
-        on_cpu = platform_name() == "cpu"
-        stock = self._stock_layers()
-        for i, layer in stock:
-            if on_cpu:
-                # vLLM's CPU linear repacks the weight for oneDNN after loading and frees the
-                # original; the fused ops (and the megakernel, all four) read it directly: keep it.
-                linears = [layer.self_attn.qkv_proj, layer.mlp.gate_up_proj]
-                if keep_all_weights:
-                    linears += [layer.self_attn.o_proj, layer.mlp.down_proj]
-                for linear in linears:
-                    linear._cpu_skip_gemm_dispatch = True
-            self.model.layers[i] = MirageQwen3DecoderLayer(layer)
-        return len(stock)
 
-
-def _key_compile_cache(vllm_config: VllmConfig, mode: str) -> None:
-    """Put the mode into the config's hash, which keys vLLM's torch.compile cache (read at the first
-    forward, after this). vLLM's key holds the config and the model's forward, not the layers inside,
-    so without this a Mirage run and a stock run of one model share compiled graphs: on vLLM 0.26 a
-    stock engine after a Mirage one loaded the fused graph and failed (KeyError 'norm_qkv'), and a Mirage
-    engine after a stock one ran stock's graph (benchmarks/NOTES.md, run 75). ``additional_config`` is
-    hashed as JSON when it is a dict (vLLM's default); a platform's own config object is left alone."""
-    extra = vllm_config.additional_config
-    if isinstance(extra, dict):
-        extra["vllm_mirage"] = mode
-    else:
-        _log_rank0(logging.WARNING, "vllm-mirage: additional_config is a %s, not a dict: the compile cache is "
-                   "keyed as stock vLLM's; use a VLLM_CACHE_ROOT of its own for Mirage", type(extra).__name__)
+def _keep_cpu_weights(layers: list[tuple[int, Qwen3DecoderLayer]], keep_all: bool) -> None:
+    """vLLM's CPU linear repacks the weight for oneDNN after loading and frees the original; the fused ops
+    (and the megakernel, all four linears) read it directly: keep it."""
+    if platform_name() != "cpu":
+        return
+    for _, layer in layers:
+        linears = [layer.self_attn.qkv_proj, layer.mlp.gate_up_proj]
+        if keep_all:
+            linears += [layer.self_attn.o_proj, layer.mlp.down_proj]
+        for linear in linears:
+            linear._cpu_skip_gemm_dispatch = True
 
 
 def _log_rank0(level: int, msg: str, *args) -> None:

@@ -1,11 +1,15 @@
 """The shape rule: which kernel a (norm +) linear (+ SiLU·mul) op runs for a given number of tokens.
 
-Three paths, each measured against the others on an H100 (``benchmarks/bench_ops.py``, read in
-benchmarks/NOTES.md); the rule is fixed, not autotuned, so it is safe inside a CUDA-graph capture:
+Three paths:
 
 - ``ROW``: the whole-row GEMV (``_row_gemv.py``), norm computed once per program.
 - ``CHUNKED``: the chunked tensor-core GEMV (``_norm_gemv.py``), RMS pre-pass per 32-row tile.
 - ``UNFUSED``: our (add +) RMSNorm kernel, then cuBLAS, then (MLP) our SiLU·mul kernel.
+
+Which one wins depends on the GPU: the model registers the ``DecodePlan`` measured for its GPU and shape
+(``vllm_mirage.tuning``) before its first step, keyed by hidden size. The choice is a table lookup, never a
+measurement, so it is safe inside a CUDA-graph capture. Without a registered plan (kernel tests, benchmarks)
+the H100-measured rule of ``tuning.plan.default_linear_path`` applies.
 """
 
 import torch
@@ -14,31 +18,28 @@ import torch.nn.functional as F
 from vllm_mirage.ops._norm_gemv import norm_gemv, silu_mul_triton
 from vllm_mirage.ops._row_gemv import fits, row_gemv
 from vllm_mirage.ops.add_rms_norm import rms_norm_triton
+from vllm_mirage.tuning.plan import CHUNKED, ROW, UNFUSED, DecodePlan, default_linear_path
 
-ROW, CHUNKED, UNFUSED = "row GEMV", "chunked GEMV", "norm kernel + cuBLAS"
+_PLANS: dict[int, DecodePlan] = {}
 
-# Up to this many tokens the whole-row GEMV runs the norm ops: at T = 4 its CUDA-core dot products and
-# per-slab reductions cost more than the saved norm (0.90-1.04x of norm + cuBLAS).
-ROW_MAX_TOKENS = 2
-# Up to this many tokens the chunked GEMV may run; the forced GEMV lost to norm + cuBLAS at T = 16 on 5
-# of 6 Qwen3 shapes.
-GEMV_MAX_TOKENS = 8
+
+def register_plan(hidden: int, plan: DecodePlan) -> None:
+    """Use ``plan`` for every op whose activations have ``hidden`` columns, in this process."""
+    _PLANS[hidden] = plan
+
+
+def op_kind(has_norm: bool, silu_mul: bool) -> str:
+    return ("norm_silu" if silu_mul else "norm") if has_norm else "silu"
 
 
 def linear_path(T: int, H: int, has_norm: bool, silu_mul: bool) -> str:
-    """- norm + linear, norm + gate_up + SiLU at T <= 2: ``ROW`` (1.08-1.31x of norm + cuBLAS on Qwen3
-      0.6B/1.7B/8B, where the chunked kernel was 0.81-1.17x).
-    - gate_up + SiLU without a norm at T <= 8: ``CHUNKED`` (1.03-1.23x; the row GEMV is within 3% of it
-      at 1.7B/8B and 6% slower at 0.6B).
-    - norm + gate_up + SiLU at 2 < T <= 8: ``CHUNKED`` only at H <= 1024 (1.16x on 0.6B; 0.90-0.97x
-      at H = 2048 and 4096).
-    - everything else, and every T > 8: ``UNFUSED``.
-    """
-    if has_norm and T <= ROW_MAX_TOKENS and fits(T, H):
-        return ROW
-    if T > GEMV_MAX_TOKENS or (has_norm and not silu_mul):
-        return UNFUSED
-    return CHUNKED if not has_norm or H <= 1024 else UNFUSED
+    kind = op_kind(has_norm, silu_mul)
+    plan = _PLANS.get(H)
+    if plan is None:
+        return default_linear_path(kind, T, H, row_fits=fits(T, H))
+    path = plan.linear_path(kind, T)
+    # A plan picks ROW only where it measured it, i.e. where it fits; anything else is stock's work.
+    return UNFUSED if path == ROW and not fits(T, H) else path
 
 
 def norm_then_linear(
@@ -62,6 +63,18 @@ def norm_then_linear(
 _KERNELS = {ROW: row_gemv, CHUNKED: norm_gemv, UNFUSED: norm_then_linear}
 
 
+def run_path(
+    path: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    silu_mul: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _KERNELS[path](x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)
+
+
 def fused_or_unfused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -72,4 +85,4 @@ def fused_or_unfused(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the op on the path ``linear_path`` picks. Returns ``(out, new_residual or None)``."""
     path = linear_path(x.shape[0], x.shape[1], norm_weight is not None, silu_mul)
-    return _KERNELS[path](x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)
+    return run_path(path, x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)
