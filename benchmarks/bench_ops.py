@@ -27,10 +27,11 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_mirage import ops  # noqa: E402
 from vllm_mirage.ops import reference  # noqa: E402
-from vllm_mirage.ops._linear_paths import GEMV_MAX_TOKENS, ROW_MAX_TOKENS, linear_path  # noqa: E402
+from vllm_mirage.ops._linear_paths import linear_path  # noqa: E402
 from vllm_mirage.ops._norm_gemv import default_config, norm_gemv  # noqa: E402
 from vllm_mirage.ops._row_gemv import fits, row_gemv  # noqa: E402
 from vllm_mirage.ops.add_rms_norm import rms_norm_triton  # noqa: E402
+from vllm_mirage.tuning.timing import copies_for, copy_bandwidth, graph_time_us  # noqa: E402
 
 MODELS = {  # H, q heads, kv heads, head_dim, I
     "qwen3-0.6b": (1024, 16, 8, 128, 3072),
@@ -40,36 +41,7 @@ MODELS = {  # H, q heads, kv heads, head_dim, I
 }
 DEFAULT_MODELS = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
 EPS = 1e-6
-L2_BYTES = 50 * 2**20
 DT = torch.bfloat16
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.randn(256 * 2**20, device="cuda", dtype=DT)  # 512 MB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def graph_time_us(fn, n_calls: int) -> float:
-    """Median time of one call: ``fn(i)`` for i in range(n_calls) captured in a graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(n_calls):  # warm-up: compile kernels, settle allocator
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_calls):
-            fn(i)
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    return ms * 1e3 / n_calls
-
-
-def copies_for(nbytes: int) -> int:
-    return max(2, -(-4 * L2_BYTES // nbytes))
 
 
 def rel_err(out, ref):
@@ -336,7 +308,7 @@ def main():
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "dtype": "bfloat16",
-        "copy_bandwidth_GBps": bw / 1e9, "gemv_max_tokens": GEMV_MAX_TOKENS, "row_max_tokens": ROW_MAX_TOKENS,
+        "copy_bandwidth_GBps": bw / 1e9,
         "command": " ".join(sys.argv),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ import torch
 from tests.ops.conftest import assert_close, poisoned, randn
 from vllm_mirage import ops
 from vllm_mirage.ops import reference
-from vllm_mirage.ops._linear_paths import GEMV_MAX_TOKENS
 from vllm_mirage.ops._norm_gemv import norm_gemv
 
 # (H, N): odd sizes, and Qwen3-like shapes scaled down (the interpreter is slow): a QKV output and
@@ -43,7 +42,7 @@ def test_matches_reference(T, H, N, dtype, triton_calls):
         assert_close(new_res, ref_res, dtype)
 
 
-@pytest.mark.parametrize("T", [1, 5, GEMV_MAX_TOKENS, 40])  # the fused kernel handles any T
+@pytest.mark.parametrize("T", [1, 5, 8, 40])  # the fused kernel handles any T
 def test_fused_kernel_writes_every_element(T):
     H, N, dtype = 200, 136, torch.float32
     x, residual, nw, w = _inputs(T, H, N, dtype)

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vllm-mirage", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,bench,tune}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help=_MODEL_HELP)
@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile-gpu", action="store_true",
                        help="also measure GPU kernel time per decode step (torch profiler; CUDA only)")
     bench.set_defaults(func="bench")
+
+    tune = sub.add_parser("tune", help="measure which kernel path wins per op and batch on this GPU",
+                          description="Time the fused kernels against norm kernel + cuBLAS on Qwen3 shapes on "
+                                      "this GPU, as an engine does at its first start on a GPU without a "
+                                      "shipped table; cache the result, or write a table with --output.")
+    tune.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"],
+                      choices=[p for p in PRESETS if p != "tiny"], metavar="PRESET")
+    tune.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N")
+    tune.add_argument("--output", metavar="FILE", help="write (merge into) a per-GPU table instead of the cache")
+    tune.set_defaults(func="tune")
     return parser
 
 
@@ -101,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             from vllm_mirage.cli.check import run_check
 
             return run_check(args)
+        if args.func == "tune":
+            from vllm_mirage.cli.tune import run_tune
+
+            return run_tune(args)
         from vllm_mirage.cli.bench import run_bench
 
         return run_bench(args)

@@ -35,7 +35,7 @@ from vllm_mirage.models.support import (
 from vllm_mirage.ops._dispatch import interpreted
 from vllm_mirage.ops._linear_paths import register_plan
 from vllm_mirage.switch import mirage_mode
-from vllm_mirage.tuning import DecodePlan, ModelShape, decode_plan, reference_plan
+from vllm_mirage.tuning import DecodePlan, ModelShape, decode_plan, plan_override, reference_plan
 from vllm_mirage.tuning.plan import UNBOUNDED
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,9 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         from vllm_mirage.megakernel.bridge import MAX_BATCH
 
         if platform_name() != "cuda" or interpreted():
-            return reference_plan(megakernel_max_batch=MAX_BATCH)
+            plan = plan_override() or reference_plan(megakernel_max_batch=MAX_BATCH)
+            plan.megakernel_max_batch = min(plan.megakernel_max_batch, MAX_BATCH)
+            return plan
         attn = self._stock_layers()[0][1].self_attn
         shape = ModelShape(
             hidden=vllm_config.model_config.hf_config.hidden_size,

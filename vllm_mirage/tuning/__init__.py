@@ -7,6 +7,7 @@ measured, else the first-use measurement cached on this machine, else a new meas
 from __future__ import annotations
 
 import logging
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 from vllm_mirage.tuning import store
@@ -14,7 +15,13 @@ from vllm_mirage.tuning.plan import DecodePlan, ModelShape, reference_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodePlan", "ModelShape", "decode_plan", "reference_plan"]
+__all__ = ["DecodePlan", "ModelShape", "decode_plan", "plan_override", "reference_plan"]
+
+
+def plan_override() -> DecodePlan | None:
+    """The plan of ``VLLM_MIRAGE_PLAN``, on any platform, or None."""
+    path = os.environ.get(store.PLAN_ENV)
+    return store.load_plan_file(path) if path else None
 
 
 def decode_plan(shape: ModelShape, dtype, megakernel_limit: int) -> DecodePlan:
@@ -22,9 +29,9 @@ def decode_plan(shape: ModelShape, dtype, megakernel_limit: int) -> DecodePlan:
     import torch
 
     gpu = torch.cuda.get_device_name()
-    plan = store.shipped_plan(gpu, shape)
+    plan = plan_override() or store.shipped_plan(gpu, shape)
     if plan is None:
-        key = store.cache_key(gpu, driver_version(), _versions(), shape)
+        key = store.cache_key(gpu, driver_version(), versions(), shape)
         plan = store.load_cached(key)
         if plan is None:
             from vllm_mirage.tuning.measure import measure_plan
@@ -45,7 +52,7 @@ def driver_version() -> str:
         return "unknown"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {}
     for dist in ("vllm", "torch", "triton", "vllm-mirage"):
         try:

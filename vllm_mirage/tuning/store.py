@@ -17,11 +17,13 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from vllm_mirage.paths import cache_root
 from vllm_mirage.tuning.plan import DecodePlan, ModelShape
+
+PLAN_ENV = "VLLM_MIRAGE_PLAN"
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "VLLM_MIRAGE_CACHE_DIR"
 
 
 def gpu_slug(gpu_name: str) -> str:
@@ -41,10 +43,16 @@ def shipped_plan(gpu_name: str, shape: ModelShape) -> DecodePlan | None:
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vllm_mirage" / "tuning"
+    return cache_root() / "tuning"
+
+
+def load_plan_file(path: str) -> DecodePlan:
+    """A plan given by ``VLLM_MIRAGE_PLAN`` (one plan object, the schema of a table's entries): it replaces
+    every table, for measuring one path against another. Malformed: a clear error, not a silent default."""
+    try:
+        return DecodePlan.from_dict(json.loads(Path(path).read_text()), source=f"{PLAN_ENV}={path}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{PLAN_ENV}={path}: {e}") from None
 
 
 def cache_key(gpu_name: str, driver: str, versions: dict[str, str], shape: ModelShape) -> dict:
