@@ -41,7 +41,7 @@ def _probe_limits(llm, params, max_model_len: int) -> dict:
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     records = _Records()
-    logging.getLogger("vllm_mirage").addHandler(records)
+    logging.getLogger("vllm.vllm_mirage").addHandler(records)
 
     if spec.get("set_use_mirage") is not None:
         # The Python switch, set in this (parent) process, must reach the engine-core child.

@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
@@ -28,7 +29,7 @@ from vllm_mirage.models.support import (
 )
 from vllm_mirage.switch import mirage_mode
 
-logger = logging.getLogger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: see plugin.py
 
 
 class MirageQwen3DecoderLayer(nn.Module):
