@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
     ap.add_argument("--configs", default='[{}, {"block_k": 128, "block_k_out": 256, "stages": 4}]',
                     help="JSON list of LaunchConfig fields, timed side by side (default: the shape's "
-                         "defaults, and the defaults before the eighth session)")
+                         "defaults, and the 128/256-column chunks with 4 stages that they replaced)")
     ap.add_argument("--shapes", default="[]",
                     help='JSON list of DecodeShape fields over the default shape, each timed with the first '
                          'config, in order (e.g. [{"block_n_qkv": 0}, {}]: block_n-row QKV tiles, then the default)')

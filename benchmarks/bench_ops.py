@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ops.py --output benchmarks/results/ops_h100.json
 
-Method (/work/.library/device/METHOD.md): every variant is checked against the PyTorch reference
+Method: every variant is checked against the PyTorch reference
 first; then R calls, each on its own copy of the weights (R copies exceed the 50 MB L2, so we measure
 HBM, not cache), are captured in one CUDA graph, and the graph replay is timed with
 ``triton.testing.do_bench`` (median) and divided by R. Graphs remove Python and launch overhead,

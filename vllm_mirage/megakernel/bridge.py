@@ -25,7 +25,7 @@ from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeigh
 logger = logging.getLogger(f"vllm.{__name__}")
 
 # Larger decode batches take the fused layers: past one 16-token block the kernel's tiles run slower
-# than stock vLLM (H100, benchmarks/NOTES.md), and its buffers (kept per batch size) grow with the batch.
+# than stock vLLM (H100, docs/design.md), and its buffers (kept per batch size) grow with the batch.
 MAX_BATCH = 16
 
 

@@ -141,7 +141,7 @@ def _key_compile_cache(vllm_config: VllmConfig, mode: str) -> None:
     forward, after this). vLLM's key holds the config and the model's forward, not the layers inside,
     so without this a Mirage run and a stock run of one model share compiled graphs: on vLLM 0.26 a
     stock engine after a Mirage one loaded the fused graph and failed (KeyError 'norm_qkv'), and a Mirage
-    engine after a stock one ran stock's graph (benchmarks/NOTES.md, run 75). ``additional_config`` is
+    engine after a stock one ran stock's graph (docs/design.md). ``additional_config`` is
     hashed as JSON when it is a dict (vLLM's default); a platform's own config object is left alone."""
     extra = vllm_config.additional_config
     if isinstance(extra, dict):

@@ -1,7 +1,7 @@
 """The shape rule: which kernel a (norm +) linear (+ SiLU·mul) op runs for a given number of tokens.
 
 Three paths, each measured against the others on an H100 (``benchmarks/bench_ops.py``, read in
-benchmarks/NOTES.md); the rule is fixed, not autotuned, so it is safe inside a CUDA-graph capture:
+docs/design.md); the rule is fixed, not autotuned, so it is safe inside a CUDA-graph capture:
 
 - ``ROW``: the whole-row GEMV (``_row_gemv.py``), norm computed once per program.
 - ``CHUNKED``: the chunked tensor-core GEMV (``_norm_gemv.py``), RMS pre-pass per 32-row tile.
