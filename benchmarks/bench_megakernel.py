@@ -1,6 +1,7 @@
 """Time the megakernel decode step on a GPU against the bandwidth floor measured in the same run.
 
-    python benchmarks/bench_megakernel.py --out benchmarks/results/megakernel_h100.json
+    python benchmarks/bench_megakernel.py --out megakernel.json
+    python benchmarks/bench_megakernel.py --models qwen3-8b --batch-sizes 1 8 --configs '[{}, {"stages": 4}]' --out OUT.json
 
 Qwen3-0.6B and Qwen3-8B shapes with random bf16 weights, batch 1/8/64, context 128 per request (or
 ``--context``). The step runs under a CUDA graph (as vLLM would run it); the floor is the bytes the step

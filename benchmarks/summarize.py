@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from vllm_mirage.cli import stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+_OUTPUT_ARG = re.compile(r"(--out|--output)[ =](\S+)")
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 
@@ -63,7 +65,9 @@ class Result:
             # One line in the page: shell line continuations and indentation fold away.
             return " ".join(given.read_text().replace("\\\n", " ").split())
         meta = self.data.get("meta", self.data)
-        return meta.get("command", "")
+        # Where the run wrote its files says nothing about the result; OUT is what a reader would pass.
+        return _OUTPUT_ARG.sub(lambda m: f"{m[1]} OUT{'.json' if m[2].endswith('.json') else ''}",
+                               meta.get("command", ""))
 
 
 def _rel(path: Path) -> str:
