@@ -93,7 +93,7 @@ def fits(T: int, H: int) -> bool:
 def default_config(T: int, H: int, N: int, silu_mul: bool = False) -> dict:
     """Launch shape by problem shape (no run-time autotuning: vLLM captures CUDA graphs).
     See docs/design.md for the sweep behind these numbers."""
-    # Sweep (benchmarks/results/ops_row_sweep_h100/): at H = 1024 narrow slabs and one per program were
+    # Sweep (benchmarks/results/h100/2026-11-23-ops-row-sweep/): at H = 1024 narrow slabs and one per program were
     # best; from H = 2048 two programs an SM looping over 2-row slabs; 8 warps only helped at H = 4096.
     small = H <= 1024
     return {"BLOCK_N": 4 if small else 2, "PROGRAMS": (8 if small else 2) * _sm_count(), "STAGES": 3,
