@@ -35,7 +35,8 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
     for side in data["sides"].values():
         side["timings"]["1"]["total_s"] = [t + 0.127 for t in side["timings"]["1"]["first_token_s"]]
     (new / "results.json").write_text(json.dumps(data))
-    (new / "command.txt").write_text("MODE=megakernel BATCHES=1 \\\n  bash benchmarks/e2e_device.sh bench qwen3-8b OUT\n")
+    command = "MODE=megakernel BATCHES=1 \\\n  bash benchmarks/e2e_device.sh bench qwen3-8b OUT\n"
+    (new / "command.txt").write_text(command)
     shutil.copytree(old.parent, results / "h100" / old.parent.name)
     monkeypatch.setattr(s, "ROOT", tmp_path)
     monkeypatch.setattr(s, "RESULTS", results)
@@ -45,7 +46,9 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
     # Every side decodes 127 steps in 0.127 s: 1 ms a step on both, so 1.00x.
     assert f"| 2026-12-02 | {link} | megakernel | qwen3-8b | 1 | 1.00 / 1.00 | 1.00× |" in text
     assert f"- {link} (2026-12-02), [plot]" not in text  # no plot.png in the new folder
-    assert f"- {link} (2026-12-02): `MODE=megakernel BATCHES=1 bash benchmarks/e2e_device.sh bench qwen3-8b OUT`" in text
-    h100, h200 = text.index("### NVIDIA H100 80GB HBM3, vLLM 0.26.0 (`h100/`)"), text.index("### NVIDIA H200, vLLM 0.26.0 (`h200/`)")
+    folded = "MODE=megakernel BATCHES=1 bash benchmarks/e2e_device.sh bench qwen3-8b OUT"  # one line
+    assert f"- {link} (2026-12-02): `{folded}`" in text
+    h100 = text.index("### NVIDIA H100 80GB HBM3, vLLM 0.26.0 (`h100/`)")
+    h200 = text.index("### NVIDIA H200, vLLM 0.26.0 (`h200/`)")
     assert h100 < h200 < text.index("## Same tokens?")
     assert s.render() == text  # deterministic
