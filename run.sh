@@ -14,7 +14,7 @@ PY="$VENV/bin/python"
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 quiet_pip() {
-    # This machine's pip config lists local wheel folders that do not all exist; drop those warnings.
+    # A pip config may list local wheel folders that do not exist; pip warns once per call. Drop those lines.
     "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 

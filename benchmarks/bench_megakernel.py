@@ -1,6 +1,7 @@
 """Time the megakernel decode step on a GPU against the bandwidth floor measured in the same run.
 
-    python benchmarks/bench_megakernel.py --out benchmarks/results/megakernel_h100.json
+    python benchmarks/bench_megakernel.py --out megakernel.json
+    python benchmarks/bench_megakernel.py --models qwen3-8b --batch-sizes 1 8 --configs '[{}, {"stages": 4}]' --out OUT.json
 
 Qwen3-0.6B and Qwen3-8B shapes with random bf16 weights, batch 1/8/64, context 128 per request (or
 ``--context``). The step runs under a CUDA graph (as vLLM would run it); the floor is the bytes the step
@@ -197,7 +198,7 @@ def main() -> None:
     ap.add_argument("--lm-head", action="store_true", help="end with the lm_head (else the final norm, as in vLLM)")
     ap.add_argument("--configs", default='[{}, {"block_k": 128, "block_k_out": 256, "stages": 4}]',
                     help="JSON list of LaunchConfig fields, timed side by side (default: the shape's "
-                         "defaults, and the defaults before the eighth session)")
+                         "defaults, and the 128/256-column chunks with 4 stages that they replaced)")
     ap.add_argument("--shapes", default="[]",
                     help='JSON list of DecodeShape fields over the default shape, each timed with the first '
                          'config, in order (e.g. [{"block_n_qkv": 0}, {}]: block_n-row QKV tiles, then the default)')

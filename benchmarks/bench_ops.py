@@ -1,8 +1,9 @@
 """Time each fused op against the unfused kernels it replaces, on Qwen3 shapes (CUDA only).
 
-    python benchmarks/bench_ops.py --output benchmarks/results/ops_h100.json
+    python benchmarks/bench_ops.py --tokens 1 2 4 8 64 512 --output ops.json
+    python benchmarks/bench_ops.py --models qwen3-8b --row-sweep 1 2 4 8 --output row_sweep_qwen3-8b.json
 
-Method (/work/.library/device/METHOD.md): every variant is checked against the PyTorch reference
+Method: every variant is checked against the PyTorch reference
 first; then R calls, each on its own copy of the weights (R copies exceed the 50 MB L2, so we measure
 HBM, not cache), are captured in one CUDA graph, and the graph replay is timed with
 ``triton.testing.do_bench`` (median) and divided by R. Graphs remove Python and launch overhead,
@@ -264,7 +265,7 @@ def main():
                    help="only sweep the whole-row GEMV's launch shapes at these T (default 1 2 4 8)")
     p.add_argument("--crossover", nargs="*", type=int, default=[], metavar="T",
                    help="also time the forced GEMV kernel against norm+cuBLAS at these T")
-    p.add_argument("--output", default="benchmarks/results/ops_h100.json")
+    p.add_argument("--output", default="ops.json")
     args = p.parse_args()
 
     torch.manual_seed(0)

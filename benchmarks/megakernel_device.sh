@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The megakernel's first GPU run: needs torch + Triton only (no vLLM staging), about 3 minutes.
+# The megakernel's GPU tests, then its benchmark: needs torch + Triton only (no vLLM), about 3 minutes.
 #   bash benchmarks/megakernel_device.sh OUTDIR
 # 1. correctness with one worker per SM, CUDA-graph capture/replay; 2. step time against the floor.
 set -uo pipefail

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Tensor parallelism on a 2-GPU machine (device kind nvidia-h200-x2) where vLLM and this package are installed.
+# Tensor parallelism on a machine with 2 GPUs where vLLM and this package are installed.
 #   bash benchmarks/tp_device.sh check OUTDIR   # Mirage at TP=2 against stock at TP=1: same tokens?
 #   bash benchmarks/tp_device.sh bench OUTDIR   # stock vs Mirage, both at TP=2, Qwen3-8B shapes
-#   (BATCHES="1 8" ITERS=3 shorten the bench to fit one 10-minute device call)
+#   (BATCHES="1 8" ITERS=3 shorten the bench)
 # The token check needs real weights: vLLM's dummy loader fills every rank's shard from the same seed,
 # so a dummy model at TP=2 is a different model from the dummy at TP=1. It writes a random checkpoint
 # of Qwen3-0.6B's shapes instead: layer std scaled to the width so continuations vary, and embeddings
@@ -10,7 +10,7 @@
 set -uo pipefail
 what=$1 out=$2
 ckpt=/tmp/qwen3-0.6b-random-peaked
-# NVLink multicast is off on the lent machines (device docs). vLLM 0.26 then still fuses all-reduce+RMSNorm
+# On GPUs without NVLink multicast, vLLM 0.26 still fuses all-reduce+RMSNorm
 # through FlashInfer's "mnnvl" backend, which needs multicast: the first forward dies with an illegal
 # memory access, stock vLLM alike. So both sides run without that fusion and without symmetric memory.
 capture='"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64], "pass_config": {"fuse_allreduce_rms": false}}'

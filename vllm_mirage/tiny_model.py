@@ -76,8 +76,7 @@ def make_tiny_qwen3(
 def randomize_weights_(model, *, seed: int = 0, std: float = 0.15, embed_std: float | None = None) -> None:
     """Fill a Qwen3ForCausalLM's parameters in place, in ``named_parameters`` order from one seeded
     generator: norm weights 1 + 0.3 randn, embeddings and lm_head ``embed_std`` randn (default
-    ``std``), every other weight ``std`` randn. :func:`make_tiny_qwen3` writes the result;
-    benchmarks/checkpoint_stability.py builds the same model in memory."""
+    ``std``), every other weight ``std`` randn. :func:`make_tiny_qwen3` writes the result."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)

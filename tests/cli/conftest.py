@@ -9,15 +9,15 @@ from tests.conftest import subprocess_env
 from vllm_mirage.cli.models import resolve_model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cli_cache(tmp_path_factory) -> Path:
-    """A --cache-dir with the tiny preset already built (once per session, ~7 s)."""
+    """A --cache-dir with the tiny preset already built (built once for all CLI tests, ~7 s)."""
     cache = tmp_path_factory.mktemp("cli-cache")
     resolve_model("tiny", cache)
     return cache
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def run_cli():
     """Run the installed ``vllm-mirage`` console script; return the CompletedProcess."""
     script = Path(sys.executable).with_name("vllm-mirage")

@@ -27,6 +27,12 @@ def test_file_format(tmp_path):
     assert load_prompts(f) == ["first", "line one\nline two", "  # indented is a prompt", "regex \\d+ and \\n"]
 
 
+def test_escapes_keep_non_ascii_text(tmp_path):
+    f = tmp_path / "zh.txt"
+    f.write_text("你好\\n世界：\\\\n 不是换行\n", encoding="utf-8")
+    assert load_prompts(f) == ["你好\n世界：\\n 不是换行"]
+
+
 def test_missing_empty_and_binary_files(tmp_path):
     with pytest.raises(CliError, match="prompts file not found"):
         load_prompts(tmp_path / "nope.txt")

@@ -72,7 +72,7 @@ def function_ir(ttgir: str, name: str) -> str:
 def register_use(ptx: str) -> tuple[int, int]:
     """(registers per thread, bytes of spill stores) as ptxas reports them for sm_90a, without a GPU. The
     kernel sits at the 255-register cap; this is how attention's register use was found to be what it
-    runs out on (benchmarks/NOTES.md, eighth session). Spill bytes alone do not predict step time."""
+    runs out on (docs/design.md). Spill bytes alone do not predict step time."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:

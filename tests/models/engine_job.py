@@ -40,8 +40,6 @@ def _probe_limits(llm, params, max_model_len: int) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
-    records = _Records()
-    logging.getLogger("vllm_mirage").addHandler(records)
 
     if spec.get("set_use_mirage") is not None:
         # The Python switch, set in this (parent) process, must reach the engine-core child.
@@ -49,6 +47,10 @@ def main(spec_path: str, out_path: str) -> None:
 
         set_use_mirage(spec["set_use_mirage"])
     from vllm import LLM, SamplingParams
+
+    # After vLLM's import: configuring its logger tree clears the handlers of the loggers under it.
+    records = _Records()
+    logging.getLogger("vllm.vllm_mirage").addHandler(records)
 
     from vllm_mirage.introspect import describe_model
 

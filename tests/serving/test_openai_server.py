@@ -43,7 +43,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, process_group=0,
         )
         self.model = str(model)
 

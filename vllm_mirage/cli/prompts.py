@@ -7,6 +7,7 @@ paragraphs; ``\\\\`` is a literal backslash.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from itertools import cycle, islice
 from pathlib import Path
@@ -34,22 +35,13 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
     return prompts
 
 
+# Only \n and \\ are escapes: prompts hold code, where "\t" or a regex's "\d" must stay as typed, and
+# Chinese text, which the "unicode_escape" codec would mangle (it decodes bytes as Latin-1).
+_ESCAPE = re.compile(r"\\([n\\])")
+
+
 def _unescape(line: str) -> str:
-    # Only \n and \\ are escapes: prompts hold code, and "\t" or "\d" in a regex must stay as typed.
-    out, chars = [], iter(line.rstrip("\r"))
-    for c in chars:
-        if c == "\\":
-            nxt = next(chars, "")
-            if nxt == "n":
-                out.append("\n")
-                continue
-            if nxt == "\\":
-                out.append("\\")
-                continue
-            out.append(c + nxt)
-        else:
-            out.append(c)
-    return "".join(out)
+    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else "\\", line.rstrip("\r"))
 
 
 def take_batch(prompts: list, batch_size: int) -> list:

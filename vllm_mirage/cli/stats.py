@@ -11,21 +11,13 @@ does not move them); the mean decode step is kept beside them. vLLM's per-reques
 
 from __future__ import annotations
 
-import math
+from statistics import fmean, median, quantiles
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100), defined for a single value too."""
-    xs = sorted(values)
-    if not xs:
-        return math.nan
-    k = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def p90(values: list[float]) -> float:
+    """The 90th percentile, interpolated between the closest ranks (numpy's default)."""
+    # quantiles() wants two points; a single timed iteration is its own percentile.
+    return quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
 
 
 def batch_figures(timing: dict, max_tokens: int) -> dict:
@@ -33,13 +25,13 @@ def batch_figures(timing: dict, max_tokens: int) -> dict:
     steps = max_tokens - 1
     decode = [(tn - t1) / steps for t1, tn in zip(first, total)] if steps else []
     fig = {
-        "latency_mean_s": mean(total),
-        "latency_p50_s": percentile(total, 50),
-        "latency_p90_s": percentile(total, 90),
-        "ttft_s": percentile(first, 50),
-        "decode_step_s": percentile(decode, 50) if steps else None,
-        "decode_step_mean_s": mean(decode) if steps else None,
-        "output_tokens_per_s": percentile([n / tn for n, tn in zip(tokens, total)], 50),
+        "latency_mean_s": fmean(total),
+        "latency_p50_s": median(total),
+        "latency_p90_s": p90(total),
+        "ttft_s": median(first),
+        "decode_step_s": median(decode) if steps else None,
+        "decode_step_mean_s": fmean(decode) if steps else None,
+        "output_tokens_per_s": median([n / tn for n, tn in zip(tokens, total)]),
         "gpu_step_s": None,
     }
     gpu = timing.get("gpu_kernel_s")
@@ -82,8 +74,8 @@ def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[
 
 # A side whose wall time per decode step exceeds its GPU time by this factor is paced by vLLM's host
 # loop (scheduling, input preparation, sampling): a faster kernel cannot shorten its wall step. On
-# Qwen3-0.6B the H100 machine's host step is 1.5-2.3 ms against 1.0-1.4 ms of GPU (benchmarks/NOTES.md,
-# fourteenth session), and its speed varies by a quarter between runs.
+# Qwen3-0.6B an H100 host's step is 1.5-2.3 ms against 1.0-1.4 ms of GPU, and its speed varies by a
+# quarter between runs (docs/design.md, "Where a small model's step goes").
 HOST_BOUND_RATIO = 1.3
 
 

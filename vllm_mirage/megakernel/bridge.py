@@ -21,10 +21,11 @@ from vllm_mirage.megakernel import kernel, prologue, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger tree (see plugin.py), without importing vLLM: the GPU kernel tests import this module.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # Larger decode batches take the fused layers: past one 16-token block the kernel's tiles run slower
-# than stock vLLM (H100, benchmarks/NOTES.md), and its buffers (kept per batch size) grow with the batch.
+# than stock vLLM (H100, docs/design.md), and its buffers (kept per batch size) grow with the batch.
 MAX_BATCH = 16
 
 

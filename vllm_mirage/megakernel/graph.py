@@ -87,7 +87,7 @@ class DecodeShape:
         """Halve the GEMV tiles (down to 16, ``tl.dot``'s minimum) while a stage would leave over half of
         the workers without a task (Qwen3-0.6B: 1024 hidden features = 32 tiles of 32). Only then: a
         16-row tile streams half the bytes per chunk, and on Qwen3-8B (QKV and GU at 16 rows to even out
-        the rounds) it measured 8.4 ms per step instead of 6.4 (benchmarks/NOTES.md). The other per-worker
+        the rounds) it measured 8.4 ms per step instead of 6.4 (docs/design.md). The other per-worker
         choices are made here too: context splits, one-round QKV tiles, multi-slice GU tasks, ``fused_down``."""
         def fit(block: int, features: int) -> int:
             while block > 16 and -(-features // block) * 2 <= workers:
@@ -98,10 +98,10 @@ class DecodeShape:
         shape = replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
                         block_n_qkv=self._one_round_qkv(block_n, workers), attn_splits=self._attn_splits(workers))
         # Several GU slices per task (gu_tiles) where slices outnumber workers, from batch 8: Qwen3-8B ran
-        # 1.8% faster at b8 and 3.0% at b16, the same at b1, 0.8% / 1.3% slower at b2 / b4 (runs 44, 45).
+        # 1.8% faster at b8 and 3.0% at b16, the same at b1, 0.8% / 1.3% slower at b2 / b4.
         # DOWN's weights in the GU tasks where those fit one round, at batch 1-2. Qwen3-0.6B's 96 GU tasks
         # on 132 SMs ran 3.6% / 4.7% faster alone (1.2% inside vLLM at b1), level at b4; Qwen3-1.7B's 192
-        # take two rounds and ran 7% / 5% slower (runs 57-59).
+        # take two rounds and ran 7% / 5% slower.
         fused = self.fused_down or (shape.gu_slices <= workers and self.batch <= 2)
         many = shape.gu_slices > workers and self.batch >= 8 and not fused
         return replace(shape, gu_tasks=workers if many else 0, fused_down=fused)
@@ -109,10 +109,10 @@ class DecodeShape:
     def _attn_splits(self, workers: int) -> int:
         """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage
         still fits in one round. At batch 1 one task per kv head is 8 tasks for 132 SMs, each walking the
-        whole context alone (8.2 µs per layer at 128 tokens, benchmarks/NOTES.md). vLLM replays one CUDA
+        whole context alone (8.2 µs per layer at 128 tokens, docs/design.md). vLLM replays one CUDA
         graph per batch size whatever the context, so the count cannot follow the context. With
-        32-token chunks (kernel.ATTN_CHUNK) 16 splits cost what 4 do at 128 tokens and run 1.8× faster
-        at 4096 (0.6B, run 23)."""
+        32-token chunks (kernel.ATTN_CHUNK) 16 splits cost what 4 do at 128 tokens and are 1.8× faster
+        at 4096 (0.6B)."""
         splits = self.attn_splits
         while splits * 2 <= MAX_ATTN_SPLITS and self.batch * self.num_kv_heads * splits * 2 <= workers:
             splits *= 2
@@ -122,7 +122,7 @@ class DecodeShape:
         """QKV rows per task: ``block_n``, unless that takes two rounds of tasks over the workers and up
         to twice as many rows (a multiple of 16) take one. Qwen3-8B's 6144 q|k|v features in 32-row
         tiles are 192 tasks for 132 SMs: a second round of 60 tasks while 72 SMs wait (the QKV stage
-        ran at 1.65 TB/s, benchmarks/NOTES.md); 48-row tiles are 128 tasks, one round. Other stages
+        ran at 1.65 TB/s, docs/design.md); 48-row tiles are 128 tasks, one round. Other stages
         keep power-of-two tiles: GU's would need 96 rows, its gate and up chunks then overflow shared
         memory."""
         if -(-self.qkv_features // block_n) <= workers:

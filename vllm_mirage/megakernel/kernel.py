@@ -34,7 +34,7 @@ from vllm_mirage.ops._norm_gemv import _dot, _rms_scale, _silu_mul
 # Cached tokens per step of an attention task's loop (at least one KV-cache block). The next chunk's
 # keys and values wait in registers while this one is used; at 64 tokens that is 128 registers per
 # thread in a kernel already at the 255 cap, and 16 context splits ran 5% slower than 4 at 128 cached
-# tokens on Qwen3-0.6B (benchmarks/NOTES.md, run 23). At 32 they cost the same.
+# tokens on Qwen3-0.6B (docs/design.md). At 32 they cost the same.
 ATTN_CHUNK = 32
 
 _DOWN_SCALE = tl.constexpr(2.0**DOWN_FRACTION_BITS)  # see DecodeBuffers.down_acc
@@ -117,8 +117,8 @@ def _add_residual(y, res, mask, sumsq_ptr, offs_t, t_mask, dtype: tl.constexpr):
 # The tiles are device functions, not inlined into the kernel: ptxas then allocates each one's registers
 # on its own (under the kernel's 255) instead of all task kinds' together. Inlined, the batch-1 kernel
 # spilled 600 bytes and a change to one tile moved spills into another's weight loop; as functions, the
-# H100's build reports no spills, and Qwen3-0.6B b1 / 8B b8 ran 2.6% / 1.3% faster (benchmarks/NOTES.md,
-# run 34).
+# H100's build reports no spills, and Qwen3-0.6B b1 / 8B b8 ran 2.6% / 1.3% faster
+# (docs/design.md).
 @triton.jit(noinline=True)
 def _gemv_tile(
     x_ptr, w_ptr, B, K, N, n0, out_ptr,
@@ -300,8 +300,8 @@ def _gemv_tiles(
     loop over all of their chunks, each tile's epilogue at its last chunk, so the weight stream runs on
     from one tile into the next instead of draining and refilling (GU tasks of several slices,
     DecodeShape.gu_tiles; arguments as for _gemv_tile). Its own function because the epilogue inside the
-    loop made every other task's loop slower (run 43), and its lines are _gemv_tile's, not shared with it
-    through helpers: that changed the H100 build enough to turn Qwen3-8B b8's −1.9% into +4.8% (run 46)."""
+    loop made every other task's loop slower, and its lines are _gemv_tile's, not shared with it
+    through helpers: that changed the H100 build enough to turn Qwen3-8B b8's −1.9% into +4.8%."""
     dtype = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -425,7 +425,7 @@ def _attention_tile(
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
     across pages, one chunk ahead of its use. The first chunk, the rotary row and the q/k norm weights
     are requested before the wait: no task of this step writes them, and so they leave before the O
-    weights that the worker's next task requests early (benchmarks/NOTES.md, run 49). Slices are whole
+    weights that the worker's next task requests early (docs/design.md). Slices are whole
     chunks, so at short contexts the later slices hold no cached token. Such a slice (unless it is the
     last) needs nothing from this step: it leaves an empty part without waiting for the QKV stage (the
     task's wait is in here), so its worker goes straight on to its next task and that task's early
@@ -683,33 +683,33 @@ def _decode_step_kernel(
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tunables of the persistent kernel; None: the default for the shape (:meth:`for_shape`), each
-    measured on the H100 (benchmarks/NOTES.md)."""
+    measured on the H100 (docs/design.md)."""
 
     num_warps: int = 4
     # Weight chunk of tasks over the hidden size (QKV, GU, LM), at every shape: at batch 1 Qwen3-8B
     # 5.77 → 5.38 ms per step against 128; on 8B at batches 2-16 early weights lose with 128 and win with
-    # 256 (runs 35, 37, 38); on small models above batch 1, once every thread polls, 256 is 3-5% faster
-    # at 0.6B b2-b16 and 1-9% at 1.7B (run 56).
+    # 256; on small models above batch 1, once every thread polls, 256 is 3-5% faster
+    # at 0.6B b2-b16 and 1-9% at 1.7B.
     block_k: int = 256
     block_k_out: int | None = None  # of O and DOWN, whose tiles have half the rows on small models
     stages: int = 3  # Triton's software pipelining: STAGES - 1 weight chunks in flight per GEMV task
     # A QKV, O, GU or LM task's first weight chunks are requested before its wait. O's gained only once
     # attention asked for its own HBM inputs before its wait: 8B 0.9-3.1% faster at batches 1-16, 0.6B
-    # within +0.6% (runs 42, 49, 50).
+    # within +0.6%.
     early_weights: bool = True
     # DOWN's too (an experiment's switch). Alone, 8B b1 gains 0.6-0.8%, but inside vLLM the same build
-    # ran 1.2% slower (runs 52-54); 8B b8 loses 2-6% and 0.6B 1-2% (its activation by hand, runs 42, 52).
+    # ran 1.2% slower; 8B b8 loses 2-6% and 0.6B 1-2% (its activation by hand).
     early_down: bool = False
     # Every thread polls a stage counter with its own acquire load (_poll). None: on hidden sizes up to
     # 2048: 2-6% faster there at batches 1-2 (0.6B b1 0.843 -> 0.794 ms inside vLLM), level at 8-16;
-    # 8B b8 lost 6.5% with it (runs 47-53). No trace shows a shorter handoff: measured, not understood.
+    # 8B b8 lost 6.5% with it. No trace shows a shorter handoff: measured, not understood.
     thread_polls: bool | None = None
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
 
-        O and DOWN chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7% in run
-        35, 1.7B b8 +7% in run 56)."""
+        O and DOWN chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7%,
+        1.7B b8 +7%)."""
         return replace(
             self,
             block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),
@@ -872,7 +872,7 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, EARLY_DOWN=config.early_down,
         POLLS=config.thread_polls and not interpreted(),  # inline PTX
         # W_down chunks of 16 KB (256 rows of 32 columns); 512 rows, all of a 0.6B task's in flight at once,
-        # ran the same (run 58).
+        # ran the same.
         FUSED_DOWN=s.fused_down, DOWN_ROWS=s.batch if s.fused_down else 0,
         BLOCK_H_DOWN=min(triton.next_power_of_2(s.hidden), 8192 // s.block_n),
         UPCAST=upcast, TRACE=trace,

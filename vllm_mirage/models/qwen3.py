@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 from vllm_mirage import ops
@@ -38,7 +39,7 @@ from vllm_mirage.switch import mirage_mode
 from vllm_mirage.tuning import DecodePlan, ModelShape, decode_plan, plan_override, reference_plan
 from vllm_mirage.tuning.plan import UNBOUNDED
 
-logger = logging.getLogger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: see plugin.py
 
 
 class MirageQwen3DecoderLayer(nn.Module):

@@ -40,8 +40,8 @@ def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     ``fake`` giving its output shapes to torch.compile; returns the op.
 
     Not ``torch.library.custom_op``: its Python-side dispatch costs 26–36 µs a call more than a kernel
-    registered for the backends directly, as vLLM registers its own ops (H100 machine's host,
-    ``benchmarks/bench_op_overhead.py``, NOTES run 68). Outside CUDA graphs (prefill above the captured
+    registered for the backends directly, as vLLM registers its own ops (on an H100 host; docs/design.md,
+    "Host cost of the ops"). Outside CUDA graphs (prefill above the captured
     sizes) a Qwen3 layer calls three of these: ~2.5 ms of host time per 0.6B prefill step."""
 
     def register(fn: Callable) -> Callable:

@@ -10,7 +10,7 @@ rows in ``BLOCK_K`` chunks. The activations are tiny and L2-resident, so every p
 Each program first makes a pass over x (+ residual) for the RMS, then streams its weight rows and
 normalises each activation chunk in registers just before the dot, with RMSNorm's rounding points.
 (A one-pass variant that feeds ``x * norm_weight`` to the dot and applies ``rstd`` in the epilogue was
-measured and lost at every shape: benchmarks/NOTES.md.)
+measured and lost at every shape: docs/design.md.)
 
 ``tl.dot`` needs at least 16 rows; padding T up to 16 costs tensor-core cycles we have to spare.
 """
@@ -74,7 +74,7 @@ def _norm_gemv_kernel(
     if HAS_NORM:
         # The RMS needs all of H before the first normalised chunk. This loop has no dot, so Triton
         # only pipelines it when asked (tl.range num_stages): otherwise every chunk is a serial L2 round
-        # trip, which at H = 4096 cost more than the weight stream (benchmarks/NOTES.md).
+        # trip, which at H = 4096 cost more than the weight stream (docs/design.md).
         # One program per token block also writes x + residual, with a predicated store rather than
         # an `if`, which keeps the loop body branch-free.
         writer_t = t_mask & ((offs_t * 0 + pid_n) == 0)
@@ -152,11 +152,11 @@ _SMEM_BUDGET = 160 * 1024
 
 def default_config(T: int, H: int, N: int, silu_mul: bool = False, elem_size: int = 2) -> dict:
     """Block sizes by shape. No run-time autotuning: vLLM captures CUDA graphs, and a first call inside
-    a capture must not benchmark. See benchmarks/NOTES.md for the sweep behind these numbers."""
+    a capture must not benchmark. See docs/design.md for the sweep behind these numbers."""
     cfg = {
         # One token block covers every token up to 64, so each weight byte leaves HBM once.
         "BLOCK_T": min(64, max(16, triton.next_power_of_2(T))),
-        # Sweep (run 3): BLOCK_N 32 x BLOCK_K 256 was best or within 2% of best at every Qwen3 shape.
+        # Sweep: BLOCK_N 32 x BLOCK_K 256 was best or within 2% of best at every Qwen3 shape.
         "BLOCK_N": 32,
         "BLOCK_K": min(256, max(16, triton.next_power_of_2(H))),
         "num_warps": 4,

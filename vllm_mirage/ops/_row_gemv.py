@@ -3,7 +3,7 @@ then weight slabs of ``BLOCK_N`` full rows streamed past it.
 
 The chunked kernel in ``_norm_gemv.py`` walks H in ``BLOCK_K`` steps, so every program must first make a
 serial pass over x for the RMS before its first weight load: at H = 4096 that chain made norm + QKV
-slower than norm kernel + cuBLAS (benchmarks/NOTES.md). Here a program loads its token rows whole, in
+slower than norm kernel + cuBLAS (docs/design.md). Here a program loads its token rows whole, in
 the same instant as its first weight slab, so there is no chain: the norm costs one L2 round trip that
 overlaps the weight stream. Each program then loops over its share of the output slabs (a persistent
 grid), so the norm is paid once per program, not once per tile, and the loop's weight loads are what the
@@ -92,8 +92,8 @@ def fits(T: int, H: int) -> bool:
 
 def default_config(T: int, H: int, N: int, silu_mul: bool = False) -> dict:
     """Launch shape by problem shape (no run-time autotuning: vLLM captures CUDA graphs).
-    See benchmarks/NOTES.md for the sweep behind these numbers."""
-    # Sweep (benchmarks/results/ops_row_sweep_h100/): at H = 1024 narrow slabs and one per program were
+    See docs/design.md for the sweep behind these numbers."""
+    # Sweep (benchmarks/results/h100/2026-11-23-ops-row-sweep/): at H = 1024 narrow slabs and one per program were
     # best; from H = 2048 two programs an SM looping over 2-row slabs; 8 warps only helped at H = 4096.
     small = H <= 1024
     return {"BLOCK_N": 4 if small else 2, "PROGRAMS": (8 if small else 2) * _sm_count(), "STAGES": 3,

@@ -4,7 +4,7 @@
 ``(rmsnorm(x + residual) @ weight.T, x + residual)``. The normalised activations never reach memory. At
 T <= 2 (decode at batch 1-2) the whole-row GEMV (``_row_gemv.py``) runs it, 1.08-1.22x of norm kernel +
 cuBLAS on Qwen3 QKV shapes; at larger T the shape rule (``_linear_paths.linear_path``) sends it to that
-unfused pair, which beat both fused kernels there. See benchmarks/NOTES.md.
+unfused pair, which beat both fused kernels there. See docs/design.md.
 """
 
 import torch

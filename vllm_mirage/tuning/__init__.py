@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vllm_mirage.tuning import store
 from vllm_mirage.tuning.plan import DecodePlan, ModelShape, reference_plan
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree, printed with its format
 
 __all__ = ["DecodePlan", "ModelShape", "decode_plan", "plan_override", "reference_plan"]
 

@@ -20,7 +20,7 @@ from vllm_mirage.tuning.plan import (
 )
 from vllm_mirage.tuning.timing import copies_for, graph_time_us
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree, printed with its format
 
 MARGIN = 0.03  # a fused kernel must be this much faster than stock's work to be used
 _EPS = 1e-6

@@ -22,7 +22,7 @@ from vllm_mirage.tuning.plan import DecodePlan, ModelShape
 
 PLAN_ENV = "VLLM_MIRAGE_PLAN"
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree, printed with its format
 
 
 

@@ -1,0 +1,348 @@
+"""Build BENCHMARKS.md from the result files under ``benchmarks/results/``.
+
+    python benchmarks/summarize.py            # rewrite BENCHMARKS.md
+    python benchmarks/summarize.py --check    # exit 1 if BENCHMARKS.md is not what the files give
+
+A result is a folder ``benchmarks/results/<gpu>/<yyyy-mm-dd>-<what>/`` holding what one command wrote:
+``results.json`` of ``vllm-mirage bench``, ``check.json`` of ``vllm-mirage check``, or the JSON of
+``bench_megakernel.py`` / ``bench_ops.py``. A ``command.txt`` beside them, if present, is the command
+shown for the folder (e.g. the ``e2e_device.sh`` line that ran the bench); otherwise the command the file
+records. The date is the file's own (``created``) where it has one, else the folder's.
+
+Bench figures are recomputed from each file's raw timings with the package's own statistics (medians
+over iterations), so files written by older versions of the bench read the same way as new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vllm_mirage.cli import stats  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+_OUTPUT_ARG = re.compile(r"(--out|--output)[ =](\S+)")
+OUTPUT = ROOT / "BENCHMARKS.md"
+
+
+@dataclass
+class Result:
+    path: Path  # the JSON file
+    data: dict
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def gpu_dir(self) -> str:
+        return self.folder.relative_to(RESULTS).parts[0]
+
+    @property
+    def date(self) -> str:
+        created = self.data.get("created") if isinstance(self.data, dict) else None
+        return created[:10] if created else self.folder.name[:10]
+
+    @property
+    def name(self) -> str:
+        """The folder's <what>, and the file's stem where a folder holds several results."""
+        what = self.folder.name[11:]
+        return what if self.path.name in ("results.json", "check.json") else f"{what}/{self.path.stem}"
+
+    @property
+    def link(self) -> str:
+        return f"[{self.name}]({_rel(self.path if '/' in self.name else self.folder)})"
+
+    def command(self) -> str:
+        given = self.folder / "command.txt"
+        if given.is_file():
+            # One line in the page: shell line continuations and indentation fold away.
+            return " ".join(given.read_text().replace("\\\n", " ").split())
+        meta = self.data.get("meta", self.data)
+        # Where the run wrote its files says nothing about the result; OUT is what a reader would pass.
+        return _OUTPUT_ARG.sub(lambda m: f"{m[1]} OUT{'.json' if m[2].endswith('.json') else ''}",
+                               meta.get("command", ""))
+
+
+def _rel(path: Path) -> str:
+    rel = path.relative_to(ROOT).as_posix()
+    return rel + "/" if path.is_dir() else rel
+
+
+def _kind(path: Path, data) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    if path.name == "results.json" and "sides" in data:
+        return "bench"
+    if path.name == "check.json" or ("comparison" in data and "sides" in data):
+        return "check"
+    if "rows" in data and "copy_bandwidth_bytes_per_s" in data:
+        return "megakernel"
+    if "meta" in data and ("results" in data or "sweep" in data):
+        return "ops"
+    return None
+
+
+def load_results() -> dict[str, list[Result]]:
+    found: dict[str, list[Result]] = {"bench": [], "check": [], "megakernel": [], "ops": []}
+    for path in sorted(RESULTS.glob("*/*/*.json")):
+        data = json.loads(path.read_text())
+        kind = _kind(path, data)
+        if kind:
+            found[kind].append(Result(path, data))
+    for results in found.values():
+        # Newest first; within a day, by folder and file name.
+        results.sort(key=lambda r: (r.folder.name, r.path.name))
+        results.sort(key=lambda r: r.date, reverse=True)
+    return found
+
+
+def _groups(results: list[Result], heading) -> list[tuple[str, list[Result]]]:
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(heading(r), []).append(r)
+    return sorted(groups.items())
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1e3 * seconds:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "n/a"
+
+
+def _commands(results: list[Result], extra=lambda r: "") -> list[str]:
+    lines, seen = [], set()
+    for r in results:
+        if r.path in seen:
+            continue
+        seen.add(r.path)
+        lines.append(f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`")
+    return lines
+
+
+# --- vllm-mirage bench ---------------------------------------------------------------------------
+
+def bench_rows(r: Result) -> list[tuple]:
+    """One table row per (Mirage mode, batch size), figures recomputed from the raw timings."""
+    d = r.data
+    stock = [d["sides"][b["label"]] for b in d["baselines"]]
+    modes = d.get("modes") or [{"mode": _single_mode(d), "label": "mirage"}]
+    tp = d["settings"]["engine_args"].get("tensor_parallel_size", 1)
+    rows = []
+    for mode in modes:
+        mirage = d["sides"][mode["label"]]
+        label = mode["mode"] + (f", TP={tp}" if tp > 1 else "")
+        for row in stats.summarize(stock, mirage, d["settings"]["max_tokens"]):
+            s, m = row["stock"], row["mirage"]
+            rows.append((
+                r.date, r.link, label, d["model"]["name"], row["batch_size"],
+                f"{_ms(s['decode_step_s'])} / {_ms(m['decode_step_s'])}",
+                _ratio(s["decode_step_s"], m["decode_step_s"]),
+                f"{_ms(s['gpu_step_s'])} / {_ms(m['gpu_step_s'])}",
+                _ratio(s["gpu_step_s"], m["gpu_step_s"]),
+                f"{_ms(s['ttft_s'])} / {_ms(m['ttft_s'])}",
+                d["settings"]["num_iterations"],
+            ))
+    return rows
+
+
+def _single_mode(d: dict) -> str:
+    status = d.get("mirage_status") or {}
+    return status.get("mode") or ("megakernel" if "megakernel" in d.get("mirage_assessment", "") else "fused")
+
+
+BENCH_HEADER = (
+    "date", "result", "Mirage", "model", "batch", "decode step ms, stock / Mirage", "wall speed-up",
+    "GPU ms/step, stock / Mirage", "GPU speed-up", "TTFT ms, stock / Mirage", "iterations",
+)
+
+
+def bench_section(results: list[Result]) -> list[str]:
+    lines = [
+        "## Stock vLLM against vLLM + Mirage (`vllm-mirage bench`)",
+        "",
+        "Each side runs in its own fresh engine process. Decode step: (latency of N tokens − latency of 1 "
+        "token) / (N − 1), the median over the timed iterations (wall clock). GPU ms/step: the same "
+        "difference over kernel time summed from a torch-profiler trace; it leaves out the gaps between "
+        "kernels, so where the GPU is the bottleneck the wall speed-up can exceed it. Where the wall step is "
+        "well above the GPU step, vLLM's host loop sets the pace and the wall ratio says little about the "
+        "kernels. TTFT: the median latency of one token. \"stock\" is the fastest of the stock settings run "
+        "at each batch size. Models are the real Qwen3 configs with dummy weights, bf16, 128 new tokens.",
+        "",
+    ]
+    for heading, group in _groups(results, _vllm_heading):
+        rows = [row for r in group for row in bench_rows(r)]
+        lines += [f"### {heading}", "", *_table(BENCH_HEADER, rows), "", "Commands and plots:", ""]
+        lines += _commands(group, lambda r: f", [plot]({_rel(r.folder / 'plot.png')})"
+                           if (r.folder / "plot.png").is_file() else "")
+        lines.append("")
+    return lines
+
+
+def _vllm_heading(r: Result) -> str:
+    system = _system(r)
+    return f"{system.get('gpu') or system.get('cpu')}, vLLM {system.get('vllm')} (`{r.gpu_dir}/`)"
+
+
+def _system(r: Result) -> dict:
+    if "system" in r.data:
+        return r.data["system"]
+    return r.data["sides"]["stock"]["system"]
+
+
+# --- vllm-mirage check ---------------------------------------------------------------------------
+
+CHECK_HEADER = (
+    "date", "result", "model", "Mirage", "dtype", "identical sequences", "near-ties", "real mismatches",
+    "max logprob difference (nats)",
+)
+
+
+def check_row(r: Result) -> tuple:
+    c, sides = r.data["comparison"], r.data["sides"]
+    engine = sides["mirage"]["engine"]
+    model = Path(engine["args"]["model"]).name
+    args = {side: sides[side]["engine"]["args"].get("tensor_parallel_size", 1) for side in ("stock", "mirage")}
+    status = sides["mirage"].get("mirage_status") or {}
+    mode = status.get("mode") or ("megakernel" if "megakernel" in r.data["mirage_assessment"] else "fused")
+    if args["stock"] > 1 or args["mirage"] > 1:
+        mode += f", TP={args['mirage']} against stock TP={args['stock']}"
+    return (r.date, r.link, model, mode, c["dtype"], f"{c['exact_matches']}/{c['prompts']}", c["near_ties"],
+            c["real_mismatches"], f"{c['max_logprob_diff']:.2g}")
+
+
+def check_section(results: list[Result]) -> list[str]:
+    lines = [
+        "## Same tokens? (`vllm-mirage check`)",
+        "",
+        "Greedy tokens of 145 prompts, stock against Mirage. A near-tie is a divergence where stock's top two "
+        "tokens were within the tolerance; the logprob difference is over the tokens both sides chose.",
+        "",
+    ]
+    for heading, group in _groups(results, _vllm_heading):
+        lines += [f"### {heading}", "", *_table(CHECK_HEADER, [check_row(r) for r in group]), "", "Commands:", ""]
+        lines += _commands(group) + [""]
+    return lines
+
+
+# --- kernels alone -------------------------------------------------------------------------------
+
+MEGAKERNEL_HEADER = ("date", "result", "model", "batch", "context", "launch", "ms/step", "% of floor")
+
+
+def _launch(row: dict) -> str:
+    fields = dict(row["config"])
+    for key in ("attn_splits", "fused_down"):
+        if key in row:
+            fields[key] = row[key]
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items())
+
+
+def megakernel_rows(r: Result) -> list[tuple]:
+    return [(r.date, r.link, row["model"], row["batch"], row["context"], _launch(row), f"{row['step_ms']:.3f}",
+             f"{100 * row['fraction_of_floor']:.0f}%") for row in r.data["rows"]]
+
+
+def _torch_heading(r: Result) -> str:
+    meta = r.data.get("meta", r.data)
+    return f"{meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']} (`{r.gpu_dir}/`)"
+
+
+OPS_HEADER = ("model", "T", "op", "path", "fused µs", "unfused µs", "speed-up", "fused % of copy BW")
+SWEEP_HEADER = ("model", "op", "T", "best launch", "best µs", "chunked GEMV µs", "norm + cuBLAS µs",
+                "% of copy BW")
+
+
+def ops_lines(r: Result) -> list[str]:
+    d = r.data
+    lines = [f"{r.link} ({r.date}): `{r.command()}`", ""]
+    if d.get("results"):
+        lines += _table(OPS_HEADER, [
+            (x["model"], x["T"], x["op"], x.get("path", ""), f"{x['fused_us']:.2f}", f"{x['unfused_us']:.2f}",
+             f"{x['speedup']:.2f}×", f"{x['fused_bw_pct']:.0f}%") for x in d["results"]
+        ]) + [""]
+    if d.get("sweep"):
+        lines += _table(SWEEP_HEADER, [
+            (x["model"], x["op"], x["T"], " ".join(f"{k}={v}" for k, v in x["best"].items() if k != "us"),
+             f"{x['best_us']:.2f}", f"{x['chunked_gemv_us']:.2f}", f"{x['unfused_us']:.2f}",
+             f"{x['best_bw_pct']:.0f}%") for x in d["sweep"]
+        ]) + [""]
+    return lines
+
+
+def kernels_section(megakernel: list[Result], ops: list[Result]) -> list[str]:
+    lines = [
+        "## Kernels alone",
+        "",
+        "### The megakernel's decode step (`benchmarks/bench_megakernel.py`)",
+        "",
+        "Random bf16 weights of the real shapes, one step replayed from a CUDA graph, without the lm_head "
+        "(vLLM runs it). The floor is the bytes the step must read over the copy bandwidth measured in the "
+        "same run. Rows of one file ran side by side in one process; compare rows within a file.",
+        "",
+    ]
+    for heading, group in _groups(megakernel, _torch_heading):
+        rows = [row for r in group for row in megakernel_rows(r)]
+        lines += [f"#### {heading}", "", *_table(MEGAKERNEL_HEADER, rows), "", "Commands:", ""]
+        lines += _commands(group) + [""]
+    lines += [
+        "### Fused ops (`benchmarks/bench_ops.py`)",
+        "",
+        "Each op against the kernels stock vLLM launches for the same work, bf16, CUDA-graph replays over more "
+        "weight copies than L2 holds. `path` is what the op runs at that shape (`_linear_paths.py`).",
+        "",
+    ]
+    for heading, group in _groups(ops, _torch_heading):
+        lines += [f"#### {heading}", ""]
+        for r in group:
+            lines += ops_lines(r)
+    return lines
+
+
+def render() -> str:
+    found = load_results()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/summarize.py` from the files under "
+        "[benchmarks/results/](benchmarks/results/), newest first; do not edit by hand (a test checks it is "
+        "current). What each tool measures and how to run it: [benchmarks/README.md](benchmarks/README.md).",
+        "",
+        *bench_section(found["bench"]),
+        *check_section(found["check"]),
+        *kernels_section(found["megakernel"], found["ops"]),
+    ]
+    while lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with BENCHMARKS.md instead of writing it")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        if OUTPUT.read_text() != text:
+            print(f"{OUTPUT.name} is stale: run python benchmarks/summarize.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
