@@ -128,3 +128,20 @@ def test_several_modes_get_a_table_each(tmp_path):
 def test_table_prints_without_reports():
     text = render_table(synthetic_results(False)["rows"])
     assert text.count("\n") == 6 and "speed-up" in text
+
+
+def test_merge_starts_pools_iterations_and_takes_the_median_gpu_time():
+    from vllm_mirage.cli import stats
+
+    def start(first, total, gpu):
+        return {"label": "stock", "timings": {"1": {"first_token_s": first, "total_s": total, "output_tokens": [8] * len(total),
+                                                    "gpu_kernel_s": {"first_token": gpu[0], "total": gpu[1]}}}}
+
+    starts = [start([0.1, 0.2], [1.0, 1.1], (0.01, 0.5)), start([0.3], [1.2], (0.03, 0.7)),
+              start([0.4], [1.3], (0.02, 0.6))]
+    merged = stats.merge_starts(starts)
+    t = merged["timings"]["1"]
+    assert t["first_token_s"] == [0.1, 0.2, 0.3, 0.4] and t["total_s"] == [1.0, 1.1, 1.2, 1.3]
+    assert t["gpu_kernel_s"] == {"first_token": 0.02, "total": 0.6}
+    assert merged["starts"] == [s["timings"] for s in starts] and merged["label"] == "stock"
+    assert stats.merge_starts(starts[:1]) is starts[0]

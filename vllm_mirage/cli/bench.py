@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vllm_mirage.cli import stats
@@ -66,12 +66,21 @@ def run_bench(args) -> int:
                            profile_dir=str(out_dir / f"profile-{file_label(label)}"), **common)
         return SideRun(side, label, spec, steps)
 
+    if args.starts < 1:
+        raise CliError("--starts must be at least 1")
+
     several = len(baselines) > 1
     runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
     labels = {mode: "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]" for mode in ctx.modes}
     runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
+    # Several starts run the sides in turn (stock, Mirage, stock, Mirage...): a slow spell of the host lands
+    # on both sides, and each side's medians pool every start's iterations.
+    per_start = []
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
-        results = [run_side(r, Path(work), out_dir, ctx.on_cuda, args.verbose) for r in runs]
+        for start in range(args.starts):
+            per_start.append([run_side(replace(r, start=start), Path(work), out_dir, ctx.on_cuda, args.verbose)
+                              for r in runs])
+    results = [stats.merge_starts(list(side)) for side in zip(*per_start)]
     stock_results, mirage_results = results[: len(baselines)], results[len(baselines):]
 
     if mirage_results[0]["truncated_prompts"]:
@@ -129,7 +138,8 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
             "tokens": first["prompt_tokens"],
             "truncated": first["truncated_prompts"],
         },
-        "settings": {"max_tokens": ctx.max_tokens, **common, "engine_args": ctx.engine_args},
+        "settings": {"max_tokens": ctx.max_tokens, **common, "engine_args": ctx.engine_args,
+                     "starts": args.starts},
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,
@@ -144,5 +154,5 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
 
 
 def _raw(result: dict) -> dict:
-    keep = ("side", "label", "system", "engine", "mirage_status", "timings", "log")
+    keep = ("side", "label", "system", "engine", "mirage_status", "timings", "starts", "log")
     return {k: result.get(k) for k in keep}

@@ -59,6 +59,7 @@ class SideRun:
     label: str  # "stock", "mirage", or "stock[1]" for the second of several baselines
     spec: dict
     steps: int  # progress steps the runner will report
+    start: int = 0  # which engine start of this side (bench --starts): its own log file
 
 
 def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose: bool) -> dict:
@@ -66,7 +67,7 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     side_dir = Path(tempfile.mkdtemp(prefix=f"{run.side}-", dir=workdir))
     spec_path, result_path = side_dir / "spec.json", side_dir / "result.json"
     spec_path.write_text(json.dumps(run.spec))
-    log_path = log_dir / f"{file_label(run.label)}.log"
+    log_path = log_dir / f"{file_label(run.label)}{f'-start{run.start + 1}' if run.start else ''}.log"
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
     with open(log_path, "w") as log:

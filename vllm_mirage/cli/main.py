@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="default 1 8 64 on GPU, 1 4 on CPU")
     bench.add_argument("--num-warmup", type=int, metavar="W", help="warm-up iterations per batch size")
     bench.add_argument("--num-iterations", type=int, metavar="K", help="timed iterations per batch size")
+    bench.add_argument("--starts", type=int, default=1, metavar="S",
+                       help="engine starts per side, interleaved (stock, Mirage, stock, ...); medians pool the "
+                            "iterations of all starts. Use >= 3 where the wall step is host-bound (default 1)")
     bench.add_argument("--output", metavar="DIR",
                        help="results.json, report.md, plot.png and logs (default: ./vllm-mirage-bench-<time>)")
     bench.add_argument("--baseline-args", nargs="+", metavar="JSON",
