@@ -158,7 +158,11 @@ class MegakernelDecoder:
             if reason is not None:
                 self._refused[n] = reason
                 return
-            program = kernel.encode_program(graph, self.weights)
+            try:
+                program = kernel.encode_program(graph, self.weights)
+            except ValueError as e:  # weights that are not contiguous or not 16-byte aligned
+                self._refused[n] = str(e).removeprefix("megakernel: ")
+                return
         self._graphs[n] = (graph, buffers, program)
 
     def _cache_block_size(self) -> int:
