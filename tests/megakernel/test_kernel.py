@@ -142,8 +142,14 @@ def test_unsupported_shapes_are_refused():
     batch = random_batch([3], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"], dtype=torch.float32,
                          block_size=8)
     shape = weights.shape(batch=1)
+    graph, buffers = build_task_graph(shape, 1), DecodeBuffers(shape, torch.float32, "cpu")
+    # The bridge asks for the reason (and falls back); direct callers get the ValueError.
+    assert kernel.shape_unsupported_reason(shape, 8, torch.float32) == "KV-cache block size 8 must be a power of two ≥ 16"
+    assert kernel.unsupported_reason(graph, weights, batch, buffers) == kernel.shape_unsupported_reason(
+        shape, 8, torch.float32)
+    assert kernel.shape_unsupported_reason(shape, 16, torch.float32) is None
     with pytest.raises(ValueError, match="block size 8"):
-        kernel.decode_step(build_task_graph(shape, 1), weights, batch, DecodeBuffers(shape, torch.float32, "cpu"))
+        kernel.decode_step(graph, weights, batch, buffers)
 
 
 def test_non_contiguous_weights_are_refused():

@@ -173,17 +173,19 @@ def test_invalid_switch_stops_before_model_load(tiny_qwen3, run_engine):
 
 
 def test_tensor_parallel_shards_give_the_same_tokens(tiny_qwen3, run_engine, stock_fp32):
-    """TP=2 (two CPU workers, gloo): each rank's fused modules read its own qkv/gate_up shards."""
+    """TP=2 (two CPU workers, gloo): each rank's fused modules read its own qkv/gate_up shards. Asked for
+    the megakernel, which has no all-reduce, the engine refuses it and serves with the fused layers."""
     result = run_engine(
         _spec(tiny_qwen3, engine_args={"tensor_parallel_size": 2}),
         env={
-            "VLLM_USE_MIRAGE": "1",
+            "VLLM_USE_MIRAGE": "megakernel",
             "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # one core per worker; "auto" wants a NUMA node each
             "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
         },
     )
     status = result["model"]["mirage_status"]
     assert status["mode"] == "fused" and status["fused_layers"] == 2
+    assert status["megakernel_reason"].startswith("tensor/pipeline parallelism"), status
     shapes = dict(map(tuple, result["model"]["params"]))
     # Column-parallel qkv_proj: half the 4 q heads and 1 of the 2 kv heads, of head_dim 64, per rank.
     assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == [(2 + 1 + 1) * 64, 128]

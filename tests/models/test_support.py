@@ -69,11 +69,15 @@ def test_dtype_rules_differ_by_platform(monkeypatch):
     assert "platform 'rocm' is not supported" in support.model_unsupported_reason(cfg)
 
 
-def _megakernel_config(tp=1, pp=1, cache_dtype="auto", head_dim=64):
+def _megakernel_config(tp=1, pp=1, cache_dtype="auto", head_dim=64, windows=(None, None), speculative=None):
     cfg = _config()
     cfg.model_config.hf_config.head_dim = head_dim
     cfg.parallel_config = SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     cfg.cache_config = SimpleNamespace(cache_dtype=cache_dtype)
+    # What vLLM's Attention layers register: one per decoder layer, each with its window.
+    layers = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(sliding_window=w) for i, w in enumerate(windows)}
+    cfg.compilation_config = SimpleNamespace(static_forward_context=layers)
+    cfg.speculative_config = speculative
     return cfg
 
 
@@ -88,10 +92,17 @@ def test_megakernel_supported_on_cpu():
         (dict(pp=2), "tensor/pipeline parallelism"),
         (dict(cache_dtype="fp8"), "KV-cache dtype fp8"),
         (dict(head_dim=80), "head_dim 80"),
+        (dict(windows=(None, 4096)), "sliding-window attention (window 4096)"),
+        (dict(speculative=SimpleNamespace(method="eagle3")), "speculative decoding (eagle3)"),
     ],
 )
 def test_megakernel_unsupported_reasons(kwargs, expected):
     assert expected in support.megakernel_unsupported_reason(_megakernel_config(**kwargs))
+
+
+def test_megakernel_reasons_are_all_named():
+    reason = support.megakernel_unsupported_reason(_megakernel_config(tp=2, head_dim=96, windows=(8, 8)))
+    assert reason.count("; ") == 2 and "head_dim 96" in reason and "window 8" in reason, reason
 
 
 def test_megakernel_supported_on_gpu(monkeypatch):

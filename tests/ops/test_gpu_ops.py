@@ -9,6 +9,7 @@ import torch
 from tests.ops.test_qk_norm_rope import _cos_sin_cache
 from vllm_mirage import ops
 from vllm_mirage.ops import reference
+from vllm_mirage.ops.qk_norm_rope import qk_norm_rope_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -55,6 +56,24 @@ def test_ops_match_reference(T, H, hq, hk, I, dtype):
     cache = _cos_sin_cache(40960, D).to(dev, dtype)
     got = ops.qk_norm_rope(q, k, qw, kw, pos, cache, 1e-6)
     want = reference.qk_norm_rope(*f(q, k, qw, kw), pos, cache.float(), 1e-6)
+    assert max(_err(a, b) for a, b in zip(got, want)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 8, 512])
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_qk_norm_rope_head_dim_not_a_power_of_two(head_dim, T, dtype):
+    """Masked over the next power-of-two block of each half head; outputs start as NaN, so an element
+    the kernel skips fails the comparison."""
+    dev, hq, hk = "cuda", 16, 8
+    qkv = torch.randn(T, (hq + 2 * hk) * head_dim, device=dev, dtype=dtype)
+    q, k, _ = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], -1)
+    qw, kw = [(1 + 0.3 * torch.randn(head_dim, device=dev)).to(dtype) for _ in range(2)]
+    pos = torch.randint(0, 40960, (T,), device=dev)
+    cache = _cos_sin_cache(40960, head_dim).to(dev, dtype)
+    q_out, k_out = (torch.full(t.shape, float("nan"), device=dev, dtype=dtype) for t in (q, k))
+    got = qk_norm_rope_triton(q, k, qw, kw, pos, cache, 1e-6, q_out=q_out, k_out=k_out)
+    want = reference.qk_norm_rope(q.float(), k.float(), qw.float(), kw.float(), pos, cache.float(), 1e-6)
     assert max(_err(a, b) for a, b in zip(got, want)) < 1e-2
 
 

@@ -26,10 +26,14 @@ def _ref64(q, k, qw, kw, pos, cache):
     return reference.qk_norm_rope(q.double(), k.double(), qw.double(), kw.double(), pos, cache.double(), 1e-6)
 
 
-# Head counts per rank: Qwen3-0.6B (16 q / 8 kv) at TP 1, 2, 8, and 8B (32/8) at TP 4.
+# Head counts per rank: Qwen3-0.6B (16 q / 8 kv) at TP 1, 2, 8, and 8B (32/8) at TP 4; then a head dim
+# that is not a power of two (96), which runs masked over the next power-of-two block.
+HEADS = [(16, 8, 128), (8, 4, 128), (2, 1, 128), (8, 2, 128), (4, 2, 64)]
+CASES = [(T, *heads) for T in (1, 5, 33) for heads in HEADS] + [(1, 4, 2, 96), (5, 4, 2, 96)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hk,D", [(16, 8, 128), (8, 4, 128), (2, 1, 128), (8, 2, 128), (4, 2, 64)])
-@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("T,hq,hk,D", CASES)
 def test_matches_reference(T, hq, hk, D, dtype, triton_calls):
     q, k, qw, kw, pos, cache = _inputs(T, hq, hk, D, dtype)
     q_in, k_in = q.clone(), k.clone()
@@ -41,8 +45,9 @@ def test_matches_reference(T, hq, hk, D, dtype, triton_calls):
     triton_calls("qk_norm_rope")
 
 
-def test_writes_every_element():
-    q, k, qw, kw, pos, cache = _inputs(6, 4, 2, 128, torch.float32)
+@pytest.mark.parametrize("D", [128, 96])
+def test_writes_every_element(D):
+    q, k, qw, kw, pos, cache = _inputs(6, 4, 2, D, torch.float32)
     q_out, k_out = poisoned(q.shape, torch.float32), poisoned(k.shape, torch.float32)
     qk_norm_rope_triton(q, k, qw, kw, pos, cache, 1e-6, q_out=q_out, k_out=k_out)
     ref_q, ref_k = _ref64(q, k, qw, kw, pos, cache)

@@ -6,7 +6,9 @@ exactly one token, runs the step's layers and final norm through the graph; vLLM
 logits processor stay in charge. On a GPU the persistent kernel runs it (FlashAttention's cache
 layout); on CPU the graph's executor does, with vLLM's attention layer in the ATTN stage, because the
 CPU backend's cache is not a strided view. Prefill, mixed batches, profiling runs and anything it does not
-recognise return ``None``: the caller takes the fused-layer path, which shares the same KV cache.
+recognise return ``None``: the caller takes the fused-layer path, which shares the same KV cache. So do
+steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache block size it does not
+handle): the bridge asks before building a graph, on CPU too, and logs the reason once.
 
 The graph ends with the final norm, so the model's output is what ``Qwen3Model`` returns.
 """
@@ -76,6 +78,7 @@ class MegakernelDecoder:
         self._down_ptrs: torch.Tensor | None = None  # only fused_down graphs read it
         self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
+        self._refused: dict[int, str] = {}  # batch size -> why the kernel cannot run it
         # Steps run through the graph, counted on the device so that CUDA-graph replays count too.
         self._steps = torch.zeros((), dtype=torch.int64, device=self.weights.qkv[0].device)
 
@@ -127,9 +130,7 @@ class MegakernelDecoder:
     def _split_kv_caches(self, ctx) -> tuple[list, list] | None:
         k_caches, v_caches = [], []
         for attn in self.attn_layers:
-            kv = attn.kv_cache
-            if isinstance(kv, list):  # older vLLM: one tensor per virtual engine
-                kv = kv[ctx.virtual_engine]
+            kv = _layer_kv_cache(attn, ctx)
             views = split_kv_cache(kv, self.num_kv_heads, self.head_dim)
             if views is None or kv.dtype != self.weights.qkv[0].dtype:
                 self._decline(f"KV cache of shape {tuple(kv.shape)} / {kv.dtype} is not a layout it reads")
@@ -137,6 +138,41 @@ class MegakernelDecoder:
             k_caches.append(views[0])
             v_caches.append(views[1])
         return k_caches, v_caches
+
+    def _build(self, n: int, batch: DecodeBatch, device: torch.device) -> None:
+        """The graph, buffers and (GPU) encoded program for batches of ``n``, or the reason the kernel
+        cannot run them. The shape's reason is asked on every platform, so that what the GPU declines is
+        declined on CPU too; on a GPU the step's tensors are checked as well."""
+        # One worker per SM on a GPU; the CPU executor simulates a few to exercise the counters.
+        workers = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 4
+        shape = self.weights.shape(batch=n, lm_head=False).for_workers(workers)
+        dtype = self.weights.qkv[0].dtype
+        reason = kernel.shape_unsupported_reason(shape, self._cache_block_size(), dtype)
+        if reason is not None:
+            self._refused[n] = reason
+            return
+        graph = build_task_graph(shape, workers).to(device)
+        buffers = DecodeBuffers(shape, dtype, device)
+        program = None
+        if device.type == "cuda":
+            reason = kernel.unsupported_reason(graph, self.weights, batch, buffers)
+            if reason is not None:
+                self._refused[n] = reason
+                return
+            try:
+                program = kernel.encode_program(graph, self.weights)
+            except ValueError as e:  # weights that are not contiguous or not 16-byte aligned
+                self._refused[n] = str(e).removeprefix("megakernel: ")
+                return
+        self._graphs[n] = (graph, buffers, program)
+
+    def _cache_block_size(self) -> int:
+        """Tokens per KV-cache block, read from the cache tensor the step attends over: dimension 2 in each
+        layout vLLM uses here (FlashAttention's ``[blocks, Hkv, block_size, 2 D]`` and
+        ``[2, blocks, block_size, Hkv, D]``, the CPU backend's ``[blocks, Hkv, block_size, 2 D]``)."""
+        from vllm.forward_context import get_forward_context
+
+        return _layer_kv_cache(self.attn_layers[0], get_forward_context()).shape[2]
 
     def _vllm_attention(self, layer: int, q, k, v) -> torch.Tensor:
         return self.attn_layers[layer](q, k, v)
@@ -150,19 +186,16 @@ class MegakernelDecoder:
         if n > MAX_BATCH:
             self._decline(f"decode batch of {n} > {MAX_BATCH}")
             return None
-        if n not in self._graphs and positions.is_cuda and torch.cuda.is_current_stream_capturing():
-            # Building a graph copies tables to the device, which a CUDA-graph capture forbids. vLLM runs
-            # each size eagerly before capturing it, so this only happens to a size it never warmed up.
-            self._decline(f"batch size {n} first seen inside a CUDA-graph capture")
+        if n not in self._graphs and n not in self._refused:
+            if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+                # Building a graph copies tables to the device, which a CUDA-graph capture forbids. vLLM runs
+                # each size eagerly before capturing it, so this only happens to a size it never warmed up.
+                self._decline(f"batch size {n} first seen inside a CUDA-graph capture")
+                return None
+            self._build(n, batch, positions.device)
+        if n in self._refused:
+            self._decline(self._refused[n])
             return None
-        if n not in self._graphs:
-            # One worker per SM on a GPU; the CPU executor simulates a few to exercise the counters.
-            workers = torch.cuda.get_device_properties(0).multi_processor_count if positions.is_cuda else 4
-            shape = self.weights.shape(batch=n, lm_head=False).for_workers(workers)
-            dtype = self.weights.qkv[0].dtype
-            graph = build_task_graph(shape, workers).to(positions.device)
-            program = kernel.encode_program(graph, self.weights) if positions.is_cuda else None
-            self._graphs[n] = (graph, DecodeBuffers(shape, dtype, positions.device), program)
         graph, buffers, program = self._graphs[n]
         embedding = self.model.model.embed_tokens.weight  # tensor-parallel size 1 (support.py): all rows
         if positions.is_cuda:
@@ -179,3 +212,10 @@ class MegakernelDecoder:
             prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
             out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
         return out.clone()  # the buffers are reused by the next step
+
+
+def _layer_kv_cache(attn, ctx) -> torch.Tensor:
+    kv = attn.kv_cache
+    if isinstance(kv, list):  # older vLLM: one tensor per virtual engine
+        kv = kv[ctx.virtual_engine]
+    return kv

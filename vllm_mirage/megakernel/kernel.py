@@ -755,41 +755,61 @@ def encode_program(graph: TaskGraph, weights: DecodeWeights) -> torch.Tensor:
     return program.to(graph.tasks.device)
 
 
-def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
-    """Raise ValueError for what this kernel does not handle (callers fall back to the fused path)."""
+def shape_unsupported_reason(s: DecodeShape, block_size: int, dtype: torch.dtype) -> str | None:
+    """Why this kernel cannot run shape ``s`` over KV-cache blocks of ``block_size`` tokens of ``dtype``
+    activations, or None. It needs no GPU, so the bridge asks it on every platform before building a
+    graph, and the CPU engine tests see the same decision the GPU makes."""
+    if s.head_dim & (s.head_dim - 1) or s.head_dim < 32:
+        return f"head_dim {s.head_dim} must be a power of two ≥ 32"
+    if block_size & (block_size - 1) or block_size < 16:
+        return f"KV-cache block size {block_size} must be a power of two ≥ 16"
+    if s.fused_down and (s.gu_tasks or s.batch > MAX_FUSED_DOWN_BATCH):
+        return (f"fused_down needs one GU slice per task (gu_tasks = 0) and a batch of at most "
+                f"{MAX_FUSED_DOWN_BATCH}")
+    if s.attn_splits & (s.attn_splits - 1) or s.attn_splits < 1:
+        return f"attn_splits {s.attn_splits} must be a power of two"
+    if s.num_heads % s.num_kv_heads:
+        return "query heads must be a multiple of kv heads"
+    if (s.hidden * dtype.itemsize) % 16 or (s.intermediate * dtype.itemsize) % 16:
+        # Weight rows must start 16-byte aligned: the kernel tells Triton its weight loads are.
+        return f"rows of {s.hidden} or {s.intermediate} elements are not 16-byte multiples"
+    return None
+
+
+def unsupported_reason(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch,
+                       buffers: DecodeBuffers) -> str | None:
+    """Why this kernel cannot run this step, or None: :func:`shape_unsupported_reason` and what only the
+    step's tensors tell (workers per SM, cache views, sizes, contiguity)."""
     s = graph.shape
     if buffers.qkv.is_cuda:
         sms = torch.cuda.get_device_properties(buffers.qkv.device).multi_processor_count
         if graph.num_workers > sms:
             # More workers than SMs can leave a producer unscheduled behind spinning consumers: a hang.
-            raise ValueError(f"megakernel: {graph.num_workers} workers for {sms} SMs could deadlock")
-    if s.head_dim & (s.head_dim - 1) or s.head_dim < 32:
-        raise ValueError(f"megakernel: head_dim {s.head_dim} must be a power of two ≥ 32")
-    bs = batch.block_size
-    if bs & (bs - 1) or bs < 16:
-        raise ValueError(f"megakernel: KV-cache block size {bs} must be a power of two ≥ 16")
-    if s.fused_down and (s.gu_tasks or s.batch > MAX_FUSED_DOWN_BATCH):
-        raise ValueError(f"megakernel: fused_down needs one GU slice per task (gu_tasks = 0) and a batch of at "
-                         f"most {MAX_FUSED_DOWN_BATCH}")
-    if s.attn_splits & (s.attn_splits - 1) or s.attn_splits < 1:
-        raise ValueError(f"megakernel: attn_splits {s.attn_splits} must be a power of two")
-    if s.num_heads % s.num_kv_heads:
-        raise ValueError("megakernel: query heads must be a multiple of kv heads")
-    if (s.hidden * buffers.qkv.element_size()) % 16 or (s.intermediate * buffers.qkv.element_size()) % 16:
-        # Weight rows must start 16-byte aligned: the kernel tells Triton its weight loads are.
-        raise ValueError(f"megakernel: rows of {s.hidden} or {s.intermediate} elements are not 16-byte multiples")
+            return f"{graph.num_workers} workers for {sms} SMs could deadlock"
+    reason = shape_unsupported_reason(s, batch.block_size, buffers.qkv.dtype)
+    if reason is not None:
+        return reason
     want = (s.num_kv_heads, s.head_dim)
     for cache in batch.k_caches + batch.v_caches:
         if cache.shape[2:] != want or cache.stride() != batch.k_caches[0].stride() or cache.stride(-1) != 1:
-            raise ValueError(f"megakernel: KV caches must be [blocks, block_size, {want[0]}, {want[1]}] views "
-                             "with one set of strides and a unit head-dim stride")
+            return (f"KV caches must be [blocks, block_size, {want[0]}, {want[1]}] views with one set of "
+                    "strides and a unit head-dim stride")
     if not (batch.positions.shape[0] == batch.slot_mapping.shape[0] == buffers.qkv.shape[1] == s.batch):
-        raise ValueError("megakernel: batch size differs between graph, batch and buffers")
+        return "batch size differs between graph, batch and buffers"
     if not weights.cos_sin_cache.is_contiguous():
-        raise ValueError("megakernel: cos_sin_cache must be contiguous")
+        return "cos_sin_cache must be contiguous"
     for t in (weights.lm_head, weights.final_norm):
         if not t.is_contiguous():
-            raise ValueError("megakernel: final norm and lm_head must be contiguous")
+            return "final norm and lm_head must be contiguous"
+    return None
+
+
+def check_supported(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, buffers: DecodeBuffers) -> None:
+    """Raise ValueError with :func:`unsupported_reason`, for direct callers. Inside vLLM the bridge asks
+    the reason first and serves the step with the fused layers instead."""
+    reason = unsupported_reason(graph, weights, batch, buffers)
+    if reason is not None:
+        raise ValueError(f"megakernel: {reason}")
 
 
 def kv_pointer_table(batch: DecodeBatch) -> torch.Tensor:

@@ -76,13 +76,39 @@ def layer_unsupported_reason(layer: nn.Module) -> str | None:
 
 
 def megakernel_unsupported_reason(vllm_config) -> str | None:
-    """Checks for the megakernel decode path, on top of the fused path's."""
+    """Checks for the megakernel decode path, on top of the fused path's: every reason that applies,
+    joined by "; ". Called once the model's layers exist: attention windows are read from the layers
+    vLLM built.
+
+    Speculative decoding turns the megakernel off for the whole run rather than step by step. EAGLE's
+    drafter reads the target's hidden states from intermediate layers, which the task graph never hands
+    out; verify steps score several tokens per request, which the graph does not take. n-gram steps that
+    found no draft are pure decode, but sending those to the megakernel and the rest to the fused layers
+    would make a request's rounding depend on whether a draft was found."""
+    reasons = []
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        return "tensor/pipeline parallelism needs all-reduces inside the task graph (not implemented)"
+        reasons.append("tensor/pipeline parallelism needs all-reduces inside the task graph (not implemented)")
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
-        return f"KV-cache dtype {vllm_config.cache_config.cache_dtype} is not supported"
+        reasons.append(f"KV-cache dtype {vllm_config.cache_config.cache_dtype} is not supported")
     head_dim = getattr(vllm_config.model_config.hf_config, "head_dim", 0) or 0
     if head_dim < 32 or head_dim & (head_dim - 1):
-        return f"head_dim {head_dim} is not a power of two >= 32"
-    return None
+        reasons.append(f"head_dim {head_dim} is not a power of two >= 32")
+    window = attention_window(vllm_config)
+    if window is not None:
+        reasons.append(f"sliding-window attention (window {window}): the megakernel attends over the whole context")
+    speculative = getattr(vllm_config, "speculative_config", None)
+    if speculative is not None:
+        method = getattr(speculative, "method", None) or "draft model"
+        reasons.append(f"speculative decoding ({method}): drafters may need intermediate hidden states and "
+                       "verify steps score several tokens per request")
+    return "; ".join(reasons) or None
+
+
+def attention_window(vllm_config) -> int | None:
+    """The sliding window of the model's attention layers as vLLM built them, or None when every layer
+    attends over the whole context. Each Attention layer registers itself in the compilation config's
+    forward context and holds the window vLLM decided for it (from ``sliding_window`` /
+    ``use_sliding_window`` / ``layer_types``, model-wide or per layer depending on the vLLM version)."""
+    layers = vllm_config.compilation_config.static_forward_context.values()
+    return next((w for w in (getattr(layer, "sliding_window", None) for layer in layers) if w), None)
