@@ -105,6 +105,11 @@ def test_assess_mirage():
     mega = {"mode": "megakernel", "fused_layers": 2, "reason": None, "megakernel_steps": 11}
     code, msg = assess_mirage(result(mega), "megakernel")
     assert code == EXIT_OK and "11 decode steps through the megakernel" in msg
+    unused = {**mega, "megakernel_steps": 0, "megakernel_declined": [f"decode batch of {n} > 16" for n in (17, 18, 19, 20)]}
+    code, msg = assess_mirage(result(unused), "megakernel")
+    assert code == EXIT_NOT_APPLIED and msg.endswith(
+        "0 decode steps through the megakernel task graph: the megakernel ran no decode step "
+        "(decode batch of 17 > 16; decode batch of 18 > 16; decode batch of 19 > 16; and 1 more)")
     refused = {"mode": "fused", "fused_layers": 28, "reason": None, "megakernel_reason": "not validated on a GPU"}
     code, msg = assess_mirage(result(refused), "megakernel")
     assert code == EXIT_NOT_APPLIED and msg.endswith("requested and is off: not validated on a GPU")
