@@ -37,6 +37,11 @@ def test_check_tiny(run_cli, cli_cache, tmp_path):
     # The tiny model's continuations must vary, or "identical tokens" would prove little.
     assert len({tuple(ids) for ids in stock["token_ids"]}) > n_prompts // 2
     assert report["comparison"]["exact_match_rate"] == 1.0
+    # float32, same tokens: stock's top-5 logprobs agree at every step, up to summation order.
+    lp = report["comparison"]["logprobs"]
+    assert (lp["top_k"], lp["steps_compared"], lp["pairs"], lp["missing"]) == (5, 8 * n_prompts, 40 * n_prompts, 0)
+    assert lp["max_diff"] < 1e-3 and len(lp["max_diff_by_step"]) == 8 and lp["first_top_token_difference"] is None
+    assert f"|Logprob difference| on stock's top-5 tokens over {8 * n_prompts} shared-context steps" in out
     assert (tmp_path / "stock.log").stat().st_size > 0 and (tmp_path / "mirage.log").stat().st_size > 0
 
 

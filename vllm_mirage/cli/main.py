@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_mirage.cli.check import DEFAULT_TOLERANCE
+from vllm_mirage.cli.check import DEFAULT_TOLERANCE, TOP_LOGPROBS
 from vllm_mirage.cli.errors import CliError
 from vllm_mirage.cli.models import PRESETS
 
@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "
                                        "(greedy, ignore_eos) and compare token ids and logprobs.")
-    check.add_argument("--mode", choices=MODES, default="fused", help=_MODE_HELP)
+    check.add_argument("--mode", choices=[*MODES, "stock"], default="fused",
+                       help=_MODE_HELP + "; or stock, a control: both sides run stock vLLM, so the comparison "
+                                         "shows what --mirage-args alone change (e.g. another max_num_seqs)")
+    check.add_argument("--logprobs", type=int, metavar="K",
+                       help=f"compare the logprobs of stock's top K tokens at each step (default {TOP_LOGPROBS})")
     check.add_argument("--skip-baseline", action="store_true", help="only run the Mirage side (smoke test)")
     check.add_argument("--tolerance", type=float, metavar="NATS",
                        help="16-bit dtypes: a divergence where Mirage's token is at most this far below the "
