@@ -5,7 +5,8 @@
 
 Exit codes: 0 success; 1 check found a real token mismatch; 2 usage error (bad argument, missing or
 empty prompts file, unknown model); 3 Mirage did not apply because the model is not Qwen3;
-4 Mirage was requested on a Qwen3 model but did not apply; 5 the engine failed (e.g. out of memory).
+4 Mirage was requested on a Qwen3 model but did not apply (with --mode megakernel: or no decode step went
+through the megakernel); 5 the engine failed (e.g. out of memory).
 """
 
 from __future__ import annotations
