@@ -11,11 +11,16 @@ from torch import nn
 def mirage_status(model: nn.Module) -> dict | None:
     """``{"mode", "fused_layers", "reason", ...}``, or None when our model class was not used (another
     architecture, or the plugin did not load). In megakernel mode, ``megakernel_steps`` counts the decode
-    steps the task graph ran (CUDA-graph replays and vLLM's warm-up runs included)."""
+    steps the task graph ran (CUDA-graph replays and vLLM's warm-up runs included) and ``megakernel_declined``
+    why other decode steps took the fused layers."""
     status = getattr(model, "mirage_status", None)
+    if status is None:
+        return None
+    status = dict(status)  # a snapshot: in-process engines hand the caller this object itself
     decoder = getattr(model, "_megakernel", None)
-    if status is not None and decoder is not None:
+    if decoder is not None:
         status["megakernel_steps"] = decoder.steps()
+        status["megakernel_declined"] = decoder.declined()
     return status
 
 

@@ -61,10 +61,10 @@ def make_tiny_qwen3(
     path.mkdir(parents=True, exist_ok=True)
     cfg = Qwen3Config(**{**TINY_CONFIG, **overrides}, torch_dtype="float32")
     if with_tokenizer:
-        tokenizer = _make_tokenizer(cfg.vocab_size)
+        tokenizer = make_tokenizer(cfg.vocab_size)
         cfg.bos_token_id = tokenizer.bos_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
 
     model = Qwen3ForCausalLM(cfg)
     randomize_weights_(model, seed=seed, std=std, embed_std=embed_std)
@@ -90,34 +90,75 @@ def randomize_weights_(model, *, seed: int = 0, std: float = 0.15, embed_std: fl
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def _make_tokenizer(vocab_size: int):
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(vocab_size: int, special_ids: list[int] | None = None):
+    """A byte-level BPE trained on a small built-in corpus, covering ids ``0 .. vocab_size - 1``.
+
+    Without ``special_ids`` the special tokens (end of text, ChatML's start and end) take ids 0-2 and
+    added pad tokens fill the vocabulary (the tiny checkpoint). With them, the specials sit at those
+    ids (Qwen3's: 151643-151645) and plain word tokens fill every other id, so a model of a real
+    vocabulary size decodes any id it picks to text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
+        vocab_size=min(vocab_size, 4096),  # the corpus supports a few hundred merges at most
+        special_tokens=_SPECIALS if special_ids is None else [],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    # Pad the vocabulary up to the model's size so every logit maps to a token.
-    missing = vocab_size - tok.get_vocab_size()
-    if missing > 0:
-        tok.add_tokens([f"<|pad_{i}|>" for i in range(missing)])
+    if special_ids is None:
+        # Pad the vocabulary up to the model's size so every logit maps to a token.
+        missing = vocab_size - tok.get_vocab_size()
+        if missing > 0:
+            tok.add_tokens([f"<|pad_{i}|>" for i in range(missing)])
+    else:
+        tok = _fill_vocab(tok, vocab_size, dict(zip(_SPECIALS, special_ids)))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
-    # A minimal ChatML template so chat completions work against the tiny model.
+    # A minimal ChatML template so chat completions work against the model.
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     return fast
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """``save_pretrained``, readable by transformers 4 as well: transformers 5 names its own class
+    ("TokenizersBackend", unknown to 4) and keeps the chat template only in chat_template.jinja."""
+    tokenizer.save_pretrained(path)
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=tokenizer.chat_template)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _fill_vocab(tok, vocab_size: int, specials: dict[str, int]):
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    ids = {i: t for t, i in specials.items()}
+    for i in range(len(vocab), vocab_size):
+        # "Ġ" is the byte-level alphabet's space: id i decodes to " w<i>". No merge produces these
+        # tokens, so they never appear when encoding; the corpus holds no "w" followed by digits.
+        vocab[ids.get(i, f"Ġw{i}")] = i
+    # Added tokens take their vocabulary id when they have one (else the next free id, whatever "id" says).
+    spec["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for t, i in specials.items()
+    ]
+    return Tokenizer.from_str(json.dumps(spec))

@@ -71,7 +71,7 @@ def test_token_outside_stock_candidates_is_real_even_when_the_top2_gap_is_small(
     c = compare(STOCK, near_tie_mirage(second_token=42), "float16")
     row = c["per_prompt"][0]
     assert c["real_mismatches"] == 1 and not row["near_tie"] and row["mirage_token_gap"] is None
-    assert "not in stock top-5" in format_verdict(c)
+    assert "not among stock's candidates" in format_verdict(c)
 
 
 def test_three_way_tie_is_a_near_tie_and_a_distant_third_is_not():
@@ -87,6 +87,44 @@ def test_shorter_output_is_a_divergence():
     mirage = side([[5, 6]], [steps([(5, -0.1)], [(6, -0.5)])])
     row = compare(STOCK, mirage, "bfloat16")["per_prompt"][0]
     assert row["first_divergence"] == 2 and row["stock_token"] is None and not row["near_tie"]
+
+
+def test_top_k_logprobs_of_identical_tokens():
+    # Mirage returns more candidates than are compared; only stock's top-2 count at each step.
+    stock = side([[5, 6]], [steps([(5, -0.1), (9, -2.0), (4, -3.0)], [(6, -0.5), (8, -0.7), (4, -5.0)])])
+    mirage = side([[5, 6]], [steps([(5, -0.2), (9, -2.3), (4, -9.0)], [(6, -0.5), (8, -0.6), (4, -5.0)])])
+    lp = compare(stock, mirage, "bfloat16", top_k=2)["logprobs"]
+    assert (lp["top_k"], lp["steps_compared"], lp["pairs"], lp["missing"]) == (2, 2, 4, 0)
+    assert lp["max_diff_by_step"] == pytest.approx([0.3, 0.1])  # step 0's third token (6 nats off) is not compared
+    assert lp["max_diff"] == pytest.approx(0.3) and lp["mean_diff"] == pytest.approx((0.1 + 0.3 + 0 + 0.1) / 4)
+    assert lp["first_top_token_difference"] is None
+    assert ("|Logprob difference| on stock's top-2 tokens over 2 shared-context steps: max 0.3, mean 0.125 nats "
+            "(4 pairs); top token first differs: never") in format_verdict(compare(stock, mirage, "bfloat16", top_k=2))
+
+
+def test_top_k_logprobs_stop_after_the_first_divergence():
+    # Prompt 0 diverges at step 1, prompt 1 at step 2: steps up to the divergence share their context.
+    stock = side([[5, 6, 7], [5, 6, 7]], [steps([(5, -0.1)], [(6, -0.50)], [(7, -0.3)])] * 2)
+    mirage = side(
+        [[5, 8, 7], [5, 6, 9]],
+        [steps([(5, -0.1)], [(8, -0.45), (6, -0.52)], [(7, -9.0)]), steps([(5, -0.1)], [(6, -0.5)], [(9, -0.2), (7, -0.4)])],
+    )
+    c = compare(stock, mirage, "bfloat16", top_k=1)
+    lp = c["logprobs"]
+    first, second = (r["top_k_diffs"] for r in c["per_prompt"])
+    assert first == pytest.approx([0.0, 0.02]) and second == pytest.approx([0.0, 0.0, 0.1])
+    assert lp["max_diff_by_step"] == pytest.approx([0.0, 0.02, 0.1]) and lp["steps_compared"] == 5
+    assert lp["first_top_token_difference"] == {"prompt": 0, "step": 1}
+    assert "top token first differs: step 1 (prompt 0)" in format_verdict(c)
+
+
+def test_stock_top_token_missing_from_mirage_counts_with_its_smallest_difference():
+    stock = side([[5]], [steps([(5, -0.1), (9, -1.0), (3, -9.0)])])
+    mirage = side([[5]], [steps([(5, -0.1), (4, -2.5)])])  # 9 and 3 are below -2.5 for Mirage
+    lp = compare(stock, mirage, "bfloat16", top_k=3)["logprobs"]
+    assert (lp["missing"], lp["pairs"]) == (2, 3)
+    assert lp["max_diff"] == pytest.approx(1.5) and lp["mean_diff"] == pytest.approx(1.5 / 3)
+    assert "2 of them not among Mirage's candidates" in format_verdict(compare(stock, mirage, "bfloat16", top_k=3))
 
 
 def result(status, archs=("Qwen3ForCausalLM",), model_type="qwen3"):
@@ -105,6 +143,11 @@ def test_assess_mirage():
     mega = {"mode": "megakernel", "fused_layers": 2, "reason": None, "megakernel_steps": 11}
     code, msg = assess_mirage(result(mega), "megakernel")
     assert code == EXIT_OK and "11 decode steps through the megakernel" in msg
+    unused = {**mega, "megakernel_steps": 0, "megakernel_declined": [f"decode batch of {n} > 16" for n in (17, 18, 19, 20)]}
+    code, msg = assess_mirage(result(unused), "megakernel")
+    assert code == EXIT_NOT_APPLIED and msg.endswith(
+        "0 decode steps through the megakernel task graph: the megakernel ran no decode step "
+        "(decode batch of 17 > 16; decode batch of 18 > 16; decode batch of 19 > 16; and 1 more)")
     refused = {"mode": "fused", "fused_layers": 28, "reason": None, "megakernel_reason": "not validated on a GPU"}
     code, msg = assess_mirage(result(refused), "megakernel")
     assert code == EXIT_NOT_APPLIED and msg.endswith("requested and is off: not validated on a GPU")

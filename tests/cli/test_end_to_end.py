@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vllm_mirage.cli.errors import EXIT_ENGINE, EXIT_NOT_APPLICABLE, EXIT_OK
+from vllm_mirage.cli.errors import EXIT_ENGINE, EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,41 @@ def test_check_tiny(run_cli, cli_cache, tmp_path):
     # The tiny model's continuations must vary, or "identical tokens" would prove little.
     assert len({tuple(ids) for ids in stock["token_ids"]}) > n_prompts // 2
     assert report["comparison"]["exact_match_rate"] == 1.0
+    # float32, same tokens: stock's top-5 logprobs agree at every step, up to summation order.
+    lp = report["comparison"]["logprobs"]
+    assert (lp["top_k"], lp["steps_compared"], lp["pairs"], lp["missing"]) == (5, 8 * n_prompts, 40 * n_prompts, 0)
+    assert lp["max_diff"] < 1e-3 and len(lp["max_diff_by_step"]) == 8 and lp["first_top_token_difference"] is None
+    assert f"|Logprob difference| on stock's top-5 tokens over {8 * n_prompts} shared-context steps" in out
     assert (tmp_path / "stock.log").stat().st_size > 0 and (tmp_path / "mirage.log").stat().st_size > 0
 
 
+def _prompts_file(path, n: int):
+    # Prompts of one length are prefilled in one step and then decoded together: one batch of n.
+    path.write_text("".join(f"Prompt number {i:02d} asks the model\n" for i in range(n)))
+    return str(path)
+
+
 def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
-    proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--mode", "megakernel")
+    prompts = _prompts_file(tmp_path / "prompts.txt", 8)
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--mode", "megakernel",
+                   "--prompts", prompts, "--output", str(tmp_path))
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    assert "Mirage applied: megakernel, 2 fused decoder layers" in proc.stdout
-    assert "decode steps through the megakernel task graph" in proc.stdout and "Verdict: PASS" in proc.stdout
+    status = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]["mirage_status"]
+    assert status["mode"] == "megakernel" and status["megakernel_steps"] >= 7  # every decode step of the batch
+    assert f"Mirage applied: megakernel, 2 fused decoder layers, {status['megakernel_steps']} decode steps" in proc.stdout
+    assert "Verdict: PASS" in proc.stdout
+
+
+def test_check_megakernel_fails_when_no_step_reached_it(run_cli, cli_cache, tmp_path):
+    # Twenty requests decode as one batch, over the megakernel's 16: the fused layers serve every step.
+    prompts = _prompts_file(tmp_path / "prompts.txt", 20)
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "4", "--cache-dir", str(cli_cache), "--mode", "megakernel",
+                   "--prompts", prompts, "--skip-baseline")
+    assert proc.returncode == EXIT_NOT_APPLIED, proc.stdout + proc.stderr
+    assert _clean_error(proc) == (
+        "vllm-mirage: Mirage applied: megakernel, 2 fused decoder layers, 0 decode steps through the megakernel "
+        "task graph: the megakernel ran no decode step (decode batch of 20 > 16)"
+    )
 
 
 def test_bench_tiny(run_cli, cli_cache, tmp_path):

@@ -29,10 +29,19 @@ def test_check_arguments_and_defaults():
     # Unset means "pick for the device" (see context.defaults), not a fixed number.
     assert args.model is None and args.max_tokens is None and args.dtype is None
     assert args.gpu_memory_utilization == 0.85
+    assert args.logprobs is None  # check.TOP_LOGPROBS
+
+
+def test_check_control_run_sets_stock_on_both_sides():
+    from vllm_mirage.cli.context import switch_for
+
+    args = build_parser().parse_args(["check", "--mode", "stock", "--mirage-args", '{"max_num_seqs": 4}', "--logprobs", "8"])
+    assert (args.mode, args.logprobs) == ("stock", 8)
+    assert [switch_for(m) for m in ("stock", "fused", "megakernel")] == ["0", "1", "megakernel"]
 
 
 @pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],
-                                  ["bench", "--mode", "turbo"]])
+                                  ["bench", "--mode", "turbo"], ["bench", "--mode", "stock"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)

@@ -10,10 +10,18 @@ What counts as a real mismatch:
   tolerance is one rounding step of a typical logit: float16 keeps 11 significant bits, so 0.05 nats
   is generous; bfloat16 keeps 8, so a logit between 8 and 16 moves in steps of 0.0625 and two
   tokens one step apart are a tie in all but name: its default is 0.1. Usually that token is the stock second choice, so the test is "top-1/top-2 gap
-  <= tolerance"; the stock run returns its top-5 so ties between several tokens (common with
-  dummy weights) are judged the same way. Anything else (a wide gap, or a token outside the stock
-  top-5) is real. After a divergence the two continuations have different contexts, so only the
+  <= tolerance"; the stock run returns its top candidates (twice ``--logprobs``, 10 by default) so
+  ties between several tokens (common with dummy weights) are judged the same way. Anything else (a
+  wide gap, or a token outside the stock candidates) is real. After a divergence the two continuations have different contexts, so only the
   prefix up to the first divergence is compared.
+
+Tokens alone say little on random weights: greedy choices flip on rounding, and near-uniform logits
+(dummy weights) hide a wrong attention. So the logprobs are compared too: at every step whose context
+both sides share (up to and including the first divergence), the stock run's top-k tokens
+(``--logprobs``) are looked up in the Mirage run's candidates, and the max and mean |difference| are
+reported. Each side returns twice as many candidates as are compared, so a small reordering at the
+edge of the top-k does not lose a token; a stock token still missing from Mirage's list is counted,
+and enters the figures with the smallest difference its absence implies.
 """
 
 from __future__ import annotations
@@ -21,16 +29,17 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_mirage.cli.context import parse_json_dict, prepare, runner_spec
-from vllm_mirage.cli.errors import EXIT_MISMATCH, EXIT_OK
+from vllm_mirage.cli.errors import EXIT_MISMATCH, EXIT_OK, CliError
 from vllm_mirage.cli.launch import SideRun, run_side
 from vllm_mirage.cli.status import assess_mirage
 
 DEFAULT_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # nats; float32 is compared exactly
-TOP_LOGPROBS = 5  # candidates per step each side returns
+TOP_LOGPROBS = 5  # stock's top tokens compared per step (--logprobs)
+CANDIDATES_PER_COMPARED = 2  # each side returns this many candidates per compared token
 
 
 @dataclass
@@ -44,19 +53,24 @@ class PromptComparison:
     mirage_token_gap: float | None = None  # stock top-1 minus the stock logprob of Mirage's token
     near_tie: bool = False
     max_logprob_diff: float = 0.0  # over the matched prefix, on the chosen tokens
+    # Stock's top-k tokens at each step of a shared context (the matched prefix and its divergence step):
+    top_k_diffs: list[float] = field(default_factory=list)  # per step, the max |difference|
+    top_k_sum: float = 0.0  # sum and count of |difference| over all (step, token) pairs, for the mean
+    top_k_pairs: int = 0
+    top_k_missing: int = 0  # stock top-k tokens absent from Mirage's candidates
 
     @property
     def real_mismatch(self) -> bool:
         return self.first_divergence is not None and not self.near_tie
 
 
-def compare(stock: dict, mirage: dict, dtype: str, tolerance: float | None = None) -> dict:
+def compare(stock: dict, mirage: dict, dtype: str, tolerance: float | None = None, top_k: int = TOP_LOGPROBS) -> dict:
     """Compare two runner results (token ids and top logprobs per prompt)."""
     exact_only = dtype == "float32"
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["float16"])
     rows = [
-        _compare_one(i, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance)
+        _compare_one(i, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance, top_k)
         for i, (s_ids, m_ids, s_lps, m_lps) in enumerate(
             zip(stock["token_ids"], mirage["token_ids"], stock["logprobs"], mirage["logprobs"])
         )
@@ -73,11 +87,12 @@ def compare(stock: dict, mirage: dict, dtype: str, tolerance: float | None = Non
         "near_ties": sum(r.near_tie for r in rows),
         "real_mismatches": sum(r.real_mismatch for r in rows),
         "max_logprob_diff": max((r.max_logprob_diff for r in rows), default=0.0),
+        "logprobs": _top_k_summary(rows, top_k),
         "per_prompt": [asdict(r) for r in rows],
     }
 
 
-def _compare_one(index, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance) -> PromptComparison:
+def _compare_one(index, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance, top_k) -> PromptComparison:
     n = min(len(s_ids), len(m_ids))
     row = PromptComparison(index=index, tokens=n, first_divergence=None)
     diverged_at = next((t for t in range(n) if s_ids[t] != m_ids[t]), None)
@@ -88,6 +103,9 @@ def _compare_one(index, s_ids, m_ids, s_lps, m_lps, exact_only, tolerance) -> Pr
         s_lp, m_lp = _logprob_of(s_lps[t], s_ids[t]), _logprob_of(m_lps[t], m_ids[t])
         if s_lp is not None and m_lp is not None:
             row.max_logprob_diff = max(row.max_logprob_diff, abs(s_lp - m_lp))
+    # The divergence step itself still had the same context on both sides.
+    for t in range(min(prefix + 1, n, len(s_lps), len(m_lps))):
+        _add_top_k_step(row, s_lps[t][:top_k], m_lps[t])
     if diverged_at is None:
         return row
     row.first_divergence = diverged_at
@@ -107,12 +125,54 @@ def _logprob_of(ranked: list, token: int) -> float | None:
     return next((lp for t, lp in ranked if t == token), None)
 
 
+def _add_top_k_step(row: PromptComparison, stock_top: list, mirage_ranked: list) -> None:
+    worst = 0.0
+    for token, s_lp in stock_top:
+        m_lp = _logprob_of(mirage_ranked, token)
+        if m_lp is None:
+            # Below all of Mirage's candidates: its logprob is at most the lowest one listed.
+            row.top_k_missing += 1
+            m_lp = min((lp for _, lp in mirage_ranked), default=s_lp)
+            diff = max(0.0, s_lp - m_lp)
+        else:
+            diff = abs(s_lp - m_lp)
+        worst = max(worst, diff)
+        row.top_k_sum += diff
+        row.top_k_pairs += 1
+    row.top_k_diffs.append(worst)
+
+
+def _top_k_summary(rows: list[PromptComparison], top_k: int) -> dict:
+    """|logprob difference| on stock's top-k tokens over the shared-context steps of every prompt."""
+    pairs = sum(r.top_k_pairs for r in rows)
+    by_step = [
+        max(r.top_k_diffs[t] for r in rows if t < len(r.top_k_diffs))
+        for t in range(max((len(r.top_k_diffs) for r in rows), default=0))
+    ]
+    diverged = [r for r in rows if r.first_divergence is not None]
+    first = min(diverged, key=lambda r: r.first_divergence, default=None)
+    return {
+        "top_k": top_k,
+        "steps_compared": sum(len(r.top_k_diffs) for r in rows),
+        "max_diff": max(by_step, default=0.0),
+        "mean_diff": sum(r.top_k_sum for r in rows) / pairs if pairs else None,
+        "max_diff_by_step": by_step,  # over prompts, per generated-token position
+        "missing": sum(r.top_k_missing for r in rows),
+        "pairs": pairs,
+        # Greedy decoding takes the top token, so the first step where the top tokens differ is the first
+        # divergence of the tokens.
+        "first_top_token_difference": None if first is None else
+        {"prompt": first.index, "step": first.first_divergence},
+    }
+
+
 def format_verdict(comparison: dict, max_listed: int = 20) -> str:
     c = comparison
     lines = [
         f"Prompts: {c['prompts']}, exact token match: {c['exact_matches']}/{c['prompts']} "
         f"({100 * c['exact_match_rate']:.1f}%), dtype {c['dtype']} ({c['rule']})",
         f"Max |logprob difference| on matched tokens: {c['max_logprob_diff']:.3g} nats",
+        _format_top_k(c["logprobs"]),
     ]
     # Real mismatches first: they are what a truncated list must not hide.
     diverged = sorted(
@@ -125,7 +185,7 @@ def format_verdict(comparison: dict, max_listed: int = 20) -> str:
             gap = "n/a" if r["stock_gap"] is None else f"{r['stock_gap']:.3g} nats"
             behind = (
                 f"{r['mirage_token_gap']:.3g} nats behind stock top-1"
-                if r["mirage_token_gap"] is not None else f"not in stock top-{TOP_LOGPROBS}"
+                if r["mirage_token_gap"] is not None else "not among stock's candidates"
             )
             what = (
                 f"stock {r['stock_token']} vs mirage {r['mirage_token']} "
@@ -144,9 +204,31 @@ def format_verdict(comparison: dict, max_listed: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _format_top_k(lp: dict) -> str:
+    if not lp["pairs"]:
+        return "Logprobs of stock's top tokens: none compared (no logprobs returned)"
+    first = lp["first_top_token_difference"]
+    where = "never" if first is None else f"step {first['step']} (prompt {first['prompt']})"
+    missing = f", {lp['missing']} of them not among Mirage's candidates" if lp["missing"] else ""
+    return (
+        f"|Logprob difference| on stock's top-{lp['top_k']} tokens over {lp['steps_compared']} shared-context "
+        f"steps: max {lp['max_diff']:.3g}, mean {lp['mean_diff']:.3g} nats ({lp['pairs']} pairs{missing}); "
+        f"top token first differs: {where}"
+    )
+
+
+
+VLLM_MAX_LOGPROBS = 20  # vLLM's default max_logprobs: asking for more needs the engine argument
+
 
 def run_check(args) -> int:
     ctx = prepare(args, "check")
+    top_k = TOP_LOGPROBS if args.logprobs is None else args.logprobs
+    if top_k < 1:
+        raise CliError("--logprobs must be at least 1")
+    candidates = CANDIDATES_PER_COMPARED * top_k
+    if candidates > VLLM_MAX_LOGPROBS:
+        ctx.engine_args.setdefault("max_logprobs", candidates)
     # Logs outlive the run (an error message points at them); spec files and caches do not.
     log_dir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="vllm-mirage-check-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +240,7 @@ def run_check(args) -> int:
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         results = {
             side: run_side(
-                SideRun(side, side, runner_spec(ctx, "check", side, side_args[side], logprobs=TOP_LOGPROBS), steps=2),
+                SideRun(side, side, runner_spec(ctx, "check", side, side_args[side], logprobs=candidates), steps=2),
                 Path(work), log_dir, ctx.on_cuda, args.verbose,
             )
             for side in sides
@@ -166,7 +248,10 @@ def run_check(args) -> int:
     mirage = results["mirage"]
     if mirage["truncated_prompts"]:
         ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
-    code, assessment = assess_mirage(mirage, ctx.mode)
+    if ctx.mode == "stock":
+        code, assessment = EXIT_OK, "Control run (--mode stock): both sides are stock vLLM"
+    else:
+        code, assessment = assess_mirage(mirage, ctx.mode)
     engine = mirage["engine"]
     print(f"Model: {', '.join(engine['architectures'])} ({ctx.model.model}), dtype {engine['dtype']}")
     for side, extra in side_args.items():
@@ -175,7 +260,7 @@ def run_check(args) -> int:
     print(assessment)
     comparison = None
     if "stock" in results:
-        comparison = compare(results["stock"], mirage, engine["dtype"], args.tolerance)
+        comparison = compare(results["stock"], mirage, engine["dtype"], args.tolerance, top_k)
         print(format_verdict(comparison))
         if comparison["real_mismatches"] and code == EXIT_OK:
             code = EXIT_MISMATCH

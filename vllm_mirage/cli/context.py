@@ -42,8 +42,8 @@ class Context:
 
 
 def switch_for(mode: str) -> str:
-    """VLLM_USE_MIRAGE for a Mirage side run in ``mode``."""
-    return "megakernel" if mode == "megakernel" else "1"
+    """VLLM_USE_MIRAGE for a Mirage side run in ``mode`` ("stock": check's control run)."""
+    return {"megakernel": "megakernel", "stock": "0"}.get(mode, "1")
 
 
 def defaults(on_cuda: bool) -> dict:

@@ -7,7 +7,7 @@ EXIT_OK = 0
 EXIT_MISMATCH = 1  # check: a real token mismatch between stock and Mirage
 EXIT_USAGE = 2  # bad arguments, missing/empty prompts file, unknown model (argparse uses 2 too)
 EXIT_NOT_APPLICABLE = 3  # the model is not Qwen3: Mirage did not apply, as expected
-EXIT_NOT_APPLIED = 4  # a Qwen3 model, Mirage requested, but the stock path ran (reason printed)
+EXIT_NOT_APPLIED = 4  # a Qwen3 model, Mirage requested, but the stock path ran, or the megakernel ran no step
 EXIT_ENGINE = 5  # the engine failed: out of memory, crash, ...
 
 

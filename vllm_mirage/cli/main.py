@@ -5,7 +5,8 @@
 
 Exit codes: 0 success; 1 check found a real token mismatch; 2 usage error (bad argument, missing or
 empty prompts file, unknown model); 3 Mirage did not apply because the model is not Qwen3;
-4 Mirage was requested on a Qwen3 model but did not apply; 5 the engine failed (e.g. out of memory).
+4 Mirage was requested on a Qwen3 model but did not apply (with --mode megakernel: or no decode step went
+through the megakernel); 5 the engine failed (e.g. out of memory).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_mirage.cli.check import DEFAULT_TOLERANCE
+from vllm_mirage.cli.check import DEFAULT_TOLERANCE, TOP_LOGPROBS
 from vllm_mirage.cli.errors import CliError
 from vllm_mirage.cli.models import PRESETS
 
 _MODEL_HELP = (
     "a local checkpoint directory, a Hugging Face id (needs the hub), or a preset: "
-    f"{', '.join(PRESETS)} (Qwen3 shapes with random weights; 'tiny' is a small real checkpoint). "
+    f"{', '.join(PRESETS)} (Qwen3 shapes with random weights; 'tiny' is a small real checkpoint), or "
+    "random:<preset>[+sliding[=W]] (the shapes saved with scaled random weights and a tokenizer, logits far "
+    "from uniform; +sliding: a W-token attention window, default 128). "
     "Default: qwen3-0.6b with a CUDA GPU, tiny without"
 )
 
@@ -59,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "
                                        "(greedy, ignore_eos) and compare token ids and logprobs.")
-    check.add_argument("--mode", choices=MODES, default="fused", help=_MODE_HELP)
+    check.add_argument("--mode", choices=[*MODES, "stock"], default="fused",
+                       help=_MODE_HELP + "; or stock, a control: both sides run stock vLLM, so the comparison "
+                                         "shows what --mirage-args alone change (e.g. another max_num_seqs)")
+    check.add_argument("--logprobs", type=int, metavar="K",
+                       help=f"compare the logprobs of stock's top K tokens at each step (default {TOP_LOGPROBS})")
     check.add_argument("--skip-baseline", action="store_true", help="only run the Mirage side (smoke test)")
     check.add_argument("--tolerance", type=float, metavar="NATS",
                        help="16-bit dtypes: a divergence where Mirage's token is at most this far below the "

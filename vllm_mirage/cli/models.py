@@ -3,6 +3,11 @@
 Presets are the dense Qwen3 configurations with ``load_format="dummy"``: vLLM allocates the real
 shapes and fills them with random values, so speed can be measured on any size without downloading
 weights. There is no tokenizer then; see :mod:`vllm_mirage.cli.prompts` for how text becomes ids.
+
+``random:<preset>`` is the same shape as a real checkpoint on disk: scaled random weights whose logits
+are far from uniform, and a tokenizer (:mod:`vllm_mirage.random_model`), written once per cache
+directory. ``random:<preset>+sliding[=W]`` is the same weights with a sliding attention window of W
+tokens (default 128) in every layer.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_mirage.cli.errors import CliError
+from vllm_mirage.cli.errors import CliError, last_error_line
 
 # (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
 #  tie_word_embeddings), from the config.json of each Qwen/Qwen3-* checkpoint.
@@ -26,6 +33,9 @@ _QWEN3_SHAPES = {
     "qwen3-32b": (5120, 25600, 64, 64, 8, False),
 }
 PRESETS = (*_QWEN3_SHAPES, "tiny")
+RANDOM_PREFIX = "random:"
+# Short enough that check's prompts and outputs cross it, so a kernel that ignores the window shows.
+DEFAULT_SLIDING_WINDOW = 128
 
 
 def qwen3_preset_config(name: str) -> dict:
@@ -65,7 +75,7 @@ class ResolvedModel:
     """A model as the engine child needs it, plus what the report says about it."""
 
     model: str  # what vLLM's LLM(model=...) receives: a directory or a hub id
-    kind: str  # "preset", "tiny", "local" or "hub"
+    kind: str  # "preset", "tiny", "random", "local" or "hub"
     load_format: str = "auto"
     has_tokenizer: bool = True
     config: dict = field(default_factory=dict)  # config.json when we can read it here
@@ -107,6 +117,8 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     if path.is_dir():
         return _local(path)
     key = name.lower()
+    if key.startswith(RANDOM_PREFIX):
+        return _random(key.removeprefix(RANDOM_PREFIX), cache_dir)
     if key == "tiny":
         return _tiny(cache_dir / "tiny-qwen3")
     if key in _QWEN3_SHAPES:
@@ -116,7 +128,8 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     if "/" not in name:
         # Hub ids are "org/name"; a bare word is a mistyped preset or a missing directory.
         raise CliError(
-            f"unknown model {name!r}: not a directory, and the presets are {', '.join(PRESETS)}"
+            f"unknown model {name!r}: not a directory, and the presets are {', '.join(PRESETS)} "
+            f"(or {RANDOM_PREFIX}<preset> for saved random weights, e.g. {RANDOM_PREFIX}qwen3-0.6b)"
         )
     return ResolvedModel(model=name, kind="hub")
 
@@ -151,20 +164,75 @@ def _preset(name: str, directory: Path) -> ResolvedModel:
 
 
 def _tiny(directory: Path) -> ResolvedModel:
-    # make_tiny_qwen3 is seeded and deterministic; build once per cache dir (~7 s), reuse after.
-    if not (directory / "model.safetensors").is_file():
-        from vllm_mirage.tiny_model import make_tiny_qwen3
+    from vllm_mirage.tiny_model import make_tiny_qwen3
 
+    # make_tiny_qwen3 is seeded and deterministic; build once per cache dir (~7 s), reuse after.
+    return _build_once(directory, make_tiny_qwen3, "tiny")
+
+
+def _random(spec: str, cache_dir: Path, seed: int = 0) -> ResolvedModel:
+    preset, plus, variant = spec.partition("+")
+    if preset not in _QWEN3_SHAPES:
+        raise CliError(f"unknown model {RANDOM_PREFIX}{spec}: {RANDOM_PREFIX} takes one of {', '.join(_QWEN3_SHAPES)}")
+    window = _sliding_window(variant, spec) if plus else None
+    config = qwen3_preset_config(preset)
+    base = cache_dir / f"random-{preset}-seed{seed}"
+    resolved = _build_once(base, lambda tmp: _write_random(config, tmp, seed), "random")
+    if window is None:
+        return resolved
+    # Same weights (linked, not copied: 16 GB for 8B), a config with the window in every layer: vLLM
+    # takes one window for all layers, and max_window_layers 0 makes transformers' layer_types agree.
+    config = {**config, "use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
+
+    def link(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for f in base.iterdir():
+            if f.name != "config.json":
+                (tmp / f.name).symlink_to(Path("..", base.name, f.name))  # relative: the cache may move
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return _build_once(cache_dir / f"random-{preset}+sliding{window}-seed{seed}", link, "random")
+
+
+def _sliding_window(variant: str, spec: str) -> int:
+    name, eq, value = variant.partition("=")
+    if name == "sliding" and (not eq or value.isdigit() and int(value) > 0):
+        return int(value) if eq else DEFAULT_SLIDING_WINDOW
+    raise CliError(f"unknown variant in {RANDOM_PREFIX}{spec}: the one variant is +sliding or +sliding=W (W > 0 tokens)")
+
+
+def _write_random(config: dict, directory: Path, seed: int) -> None:
+    # In a child process: drawing on the GPU must not leave a CUDA context in this one, which stays
+    # alive (and holding GPU memory) next to the engines it starts.
+    print(f"vllm-mirage: writing a random checkpoint to {directory} (once per cache directory)", file=sys.stderr)
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_mirage.random_model", str(directory / "config.json"), str(directory),
+         "--seed", str(seed)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise CliError(f"writing the random checkpoint failed: {last_error_line(proc.stderr)}", details=proc.stderr[-3000:])
+
+
+def _build_once(directory: Path, build, kind: str) -> ResolvedModel:
+    if not (directory / "config.json").is_file():
         # Build next to the target and rename, so an interrupted build is never picked up.
         tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-        make_tiny_qwen3(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(directory, ignore_errors=True)
         try:
             tmp.rename(directory)
         except OSError:  # another process finished first; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
     resolved = _local(directory)
-    resolved.kind = "tiny"
+    resolved.kind = kind
     return resolved
 
 

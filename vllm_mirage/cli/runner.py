@@ -72,6 +72,8 @@ def run(spec: dict, progress: _Progress) -> dict:
     llm = LLM(**engine_args)
     init_s = time.perf_counter() - t0
     progress.step("engine ready")
+    # vLLM's start-up (warm-up, CUDA-graph capture) may already run megakernel steps: not this run's.
+    at_start, _ = _read_status(llm)
 
     max_model_len = _model_config(llm).max_model_len
     inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
@@ -105,7 +107,11 @@ def run(spec: dict, progress: _Progress) -> dict:
         }
     # Read after the run: its counters (megakernel steps) then count what the run did.
     statuses, status_error = _read_status(llm)
-    result.update(mirage_status=statuses[0] if statuses else None, mirage_status_error=status_error)
+    status = statuses[0] if statuses else None
+    if status and "megakernel_steps" in status:
+        status["megakernel_startup_steps"] = ((at_start or [{}])[0] or {}).get("megakernel_steps", 0)
+        status["megakernel_steps"] -= status["megakernel_startup_steps"]
+    result.update(mirage_status=status, mirage_status_error=status_error)
     return result
 
 

@@ -14,7 +14,12 @@ def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
     if status and status.get("mode") not in (None, "off") and status.get("fused_layers", 0) > 0:
         text = f"Mirage applied: {status['mode']}, {status['fused_layers']} fused decoder layers"
         if status.get("mode") == "megakernel":
-            text += f", {status.get('megakernel_steps', 0)} decode steps through the megakernel task graph"
+            steps = status.get("megakernel_steps", 0)
+            text += f", {steps} decode steps through the megakernel task graph"
+            if steps == 0:
+                # The fused layers served every step: nothing about the megakernel was checked or timed.
+                why = _listed(status.get("megakernel_declined") or []) or "no decode step reached it"
+                return EXIT_NOT_APPLIED, f"{text}: the megakernel ran no decode step ({why})"
         elif wanted_mode == "megakernel":
             reason = status.get("megakernel_reason") or "the model did not report why"
             return EXIT_NOT_APPLIED, f"{text}, but the megakernel was requested and is off: {reason}"
@@ -33,3 +38,8 @@ def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
     else:
         reason = status.get("reason") or "the model reports mode 'off' without a reason"
     return EXIT_NOT_APPLIED, f"Mirage was requested but not applied: {reason}"
+
+
+def _listed(reasons: list[str], most: int = 3) -> str:
+    more = f"; and {len(reasons) - most} more" if len(reasons) > most else ""
+    return "; ".join(reasons[:most]) + more

@@ -85,6 +85,10 @@ class MegakernelDecoder:
     def steps(self) -> int:
         return int(self._steps.item())
 
+    def declined(self) -> list[str]:
+        """Why decode steps took the fused path instead: each reason seen so far, once."""
+        return sorted(self._declined)
+
     def _decline(self, why: str) -> None:
         if why not in self._declined:  # once per reason: this runs every step
             self._declined.add(why)
