@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_mirage.cli.errors import CliError, last_error_line
+from vllm_mirage.paths import cache_root
 
 # (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
 #  tie_word_embeddings), from the config.json of each Qwen/Qwen3-* checkpoint.
@@ -105,14 +106,9 @@ class ResolvedModel:
         }
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("VLLM_MIRAGE_CACHE", Path(base) / "vllm-mirage"))
-
-
 def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     """Resolve ``--model``: an existing directory wins over a preset of the same name."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     path = Path(name).expanduser()
     if path.is_dir():
         return _local(path)
