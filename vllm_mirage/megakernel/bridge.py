@@ -22,6 +22,7 @@ import torch
 from vllm_mirage.megakernel import kernel, prologue, reference
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
+from vllm_mirage.models.step import step_attention_metadata
 
 # Under vLLM's logger tree (see plugin.py), without importing vLLM: the GPU kernel tests import this module.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -64,8 +65,9 @@ def split_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[
 
 
 class MegakernelDecoder:
-    def __init__(self, model):
+    def __init__(self, model, max_batch: int = MAX_BATCH):
         self.model = model
+        self.max_batch = min(max_batch, MAX_BATCH)  # the plan's limit for this GPU, within the kernel's
         self.weights = decode_weights(model)
         self.attn_layers = [layer.self_attn.attn for layer in model.model.layers]
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
@@ -95,20 +97,15 @@ class MegakernelDecoder:
             logger.info("vllm-mirage: megakernel not used for a step (fused path instead): %s", why)
 
     def decode_batch(self, positions: torch.Tensor) -> DecodeBatch | None:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+        from vllm.forward_context import get_forward_context
 
-        if not is_forward_context_available():
-            return None
-        ctx = get_forward_context()
-        meta = ctx.attn_metadata
         name = self.attn_layers[0].layer_name
-        if isinstance(meta, list):  # speculative decoding keeps the base model's dict first
-            meta = meta[0]
-        meta = meta.get(name) if isinstance(meta, dict) else meta
+        meta = step_attention_metadata(name)
         if meta is None:  # profiling and warm-up runs
             return None
         if getattr(meta, "max_query_len", None) != 1:
             return None  # prefill or mixed batch: not the megakernel's
+        ctx = get_forward_context()
         if getattr(meta, "num_actual_tokens", positions.shape[0]) != positions.shape[0]:
             self._decline("padded batch (CUDA-graph sizes are not supported yet)")
             return None
@@ -187,8 +184,8 @@ class MegakernelDecoder:
         if batch is None:
             return None
         n = positions.shape[0]
-        if n > MAX_BATCH:
-            self._decline(f"decode batch of {n} > {MAX_BATCH}")
+        if n > self.max_batch:
+            self._decline(f"decode batch of {n} > {self.max_batch}")
             return None
         if n not in self._graphs and n not in self._refused:
             if positions.is_cuda and torch.cuda.is_current_stream_capturing():

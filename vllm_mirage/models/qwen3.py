@@ -115,7 +115,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
         plan = self._decode_plan(vllm_config)
         if mode == "megakernel" and megakernel_reason is None and plan.megakernel_max_batch == 0:
-            megakernel_reason = f"it was not faster than the fused layers at any batch size ({plan.source})"
+            megakernel_reason = ("the plan for this GPU and model shape runs it at no batch size "
+                                 f"({plan.source}: {plan.notes.get('megakernel_max_batch', 'not measured')})")
         if megakernel_reason is not None:
             mode = "fused"
             self.mirage_status["megakernel_reason"] = megakernel_reason
@@ -154,7 +155,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             if self._megakernel is None:
                 from vllm_mirage.megakernel.bridge import MegakernelDecoder
 
-                self._megakernel = MegakernelDecoder(self)
+                self._megakernel = MegakernelDecoder(self, max_batch=self._plan.megakernel_max_batch)
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden
@@ -166,8 +167,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     def _step_path(self, tokens: int, megakernel: bool = True) -> str:
         if not is_pure_decode(self._attn_name):
             return "stock"
-        if megakernel and self.mirage_status["mode"] == "megakernel" and tokens <= self._plan.megakernel_max_batch:
-            return "megakernel"
+        if megakernel and self.mirage_status["mode"] == "megakernel":
+            return "megakernel"  # the bridge declines (and says why) past the plan's batch limit
         # On a GPU the fused layers' host code is paid back only inside a replayed CUDA graph; on CPU
         # (correctness, no graphs) they run at every decode step.
         graph_limit = full_graph_tokens(self._vllm_config) if platform_name() == "cuda" else UNBOUNDED
