@@ -69,6 +69,14 @@ def test_dtype_rules_differ_by_platform(monkeypatch):
     assert "platform 'rocm' is not supported" in support.model_unsupported_reason(cfg)
 
 
+def test_pipeline_parallelism_keeps_the_stock_path():
+    cfg = _config()
+    cfg.parallel_config = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1)
+    assert support.model_unsupported_reason(cfg) is None
+    cfg.parallel_config.pipeline_parallel_size = 2
+    assert "pipeline parallelism is not supported" in support.model_unsupported_reason(cfg)
+
+
 def _megakernel_config(tp=1, pp=1, cache_dtype="auto", head_dim=64, windows=(None, None), speculative=None):
     cfg = _config()
     cfg.model_config.hf_config.head_dim = head_dim

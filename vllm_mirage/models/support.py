@@ -51,6 +51,10 @@ def model_unsupported_reason(vllm_config) -> str | None:
         return "attention_bias=True is not supported"
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         return f"activation {hf_config.hidden_act!r} is not supported (silu is)"
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None and parallel.pipeline_parallel_size > 1:
+        # The fused decoder runs embedding, every layer and the final norm in one rank's forward.
+        return "pipeline parallelism is not supported (tensor parallelism is)"
     return None
 
 
