@@ -63,18 +63,6 @@ def norm_then_linear(
 _KERNELS = {ROW: row_gemv, CHUNKED: norm_gemv, UNFUSED: norm_then_linear}
 
 
-def run_path(
-    path: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-    silu_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return _KERNELS[path](x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)
-
-
 def fused_or_unfused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -82,7 +70,8 @@ def fused_or_unfused(
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     silu_mul: bool = False,
+    path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the op on the path ``linear_path`` picks. Returns ``(out, new_residual or None)``."""
-    path = linear_path(x.shape[0], x.shape[1], norm_weight is not None, silu_mul)
-    return run_path(path, x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)
+    """Run the op on ``path``, by default the one ``linear_path`` picks. Returns ``(out, new_residual or None)``."""
+    path = path or linear_path(x.shape[0], x.shape[1], norm_weight is not None, silu_mul)
+    return _KERNELS[path](x, weight, norm_weight, eps, residual=residual, silu_mul=silu_mul)

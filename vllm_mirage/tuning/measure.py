@@ -34,7 +34,7 @@ def _rows(kind: str, shape: ModelShape) -> int:
 
 def time_paths(kind: str, shape: ModelShape, tokens: int, dtype: torch.dtype) -> dict[str, float]:
     """Microseconds per call of each path that can run ``kind`` at ``tokens`` (inf where one fails)."""
-    from vllm_mirage.ops._linear_paths import run_path
+    from vllm_mirage.ops._linear_paths import fused_or_unfused
     from vllm_mirage.ops._row_gemv import fits
 
     H, n_rows = shape.hidden, _rows(kind, shape)
@@ -50,7 +50,7 @@ def time_paths(kind: str, shape: ModelShape, tokens: int, dtype: torch.dtype) ->
             continue  # the row GEMV serves the norm ops only
         try:
             times[path] = graph_time_us(
-                lambda i, p=path: run_path(p, x, weights[i], norm_weight, _EPS, residual=residual, silu_mul=silu),
+                lambda i, p=path: fused_or_unfused(x, weights[i], norm_weight, _EPS, residual, silu, path=p),
                 copies, warmup_ms=10, rep_ms=50,
             )
         except Exception as e:  # e.g. out of shared memory on a smaller GPU: that path is not an option
