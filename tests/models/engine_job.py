@@ -7,6 +7,7 @@ dtypes must not share a process.
 
 import json
 import logging
+import os
 import sys
 
 
@@ -40,6 +41,13 @@ def _probe_limits(llm, params, max_model_len: int) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
+    # vLLM configures its logger tree again when an engine starts, which clears the handlers of every
+    # logger under it (this package's included); left unconfigured, the tree keeps the one added here.
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    records = _Records()
+    mirage_logs = logging.getLogger("vllm.vllm_mirage")
+    mirage_logs.addHandler(records)
+    mirage_logs.setLevel(logging.INFO)
 
     if spec.get("set_use_mirage") is not None:
         # The Python switch, set in this (parent) process, must reach the engine-core child.
@@ -47,10 +55,6 @@ def main(spec_path: str, out_path: str) -> None:
 
         set_use_mirage(spec["set_use_mirage"])
     from vllm import LLM, SamplingParams
-
-    # After vLLM's import: configuring its logger tree clears the handlers of the loggers under it.
-    records = _Records()
-    logging.getLogger("vllm.vllm_mirage").addHandler(records)
 
     from vllm_mirage.introspect import describe_model
 
