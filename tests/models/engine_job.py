@@ -6,18 +6,7 @@ dtypes must not share a process.
 """
 
 import json
-import logging
-import os
 import sys
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def _probe_limits(llm, params, max_model_len: int) -> dict:
@@ -41,13 +30,6 @@ def _probe_limits(llm, params, max_model_len: int) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
-    # vLLM configures its logger tree again when an engine starts, which clears the handlers of every
-    # logger under it (this package's included); left unconfigured, the tree keeps the one added here.
-    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
-    records = _Records()
-    mirage_logs = logging.getLogger("vllm.vllm_mirage")
-    mirage_logs.addHandler(records)
-    mirage_logs.setLevel(logging.INFO)
 
     if spec.get("set_use_mirage") is not None:
         # The Python switch, set in this (parent) process, must reach the engine-core child.
@@ -91,8 +73,6 @@ def main(spec_path: str, out_path: str) -> None:
     }
     if spec.get("probe_limits"):
         result["limits"] = _probe_limits(llm, params, spec["max_model_len"])
-    # The model is built in the worker; in-process that is this process, so its log lines land here.
-    result["mirage_log"] = records.lines
     json.dump(result, open(out_path, "w"))
 
 
