@@ -46,7 +46,7 @@ class Result:
 
     @property
     def date(self) -> str:
-        created = self.data.get("created") if isinstance(self.data, dict) else None
+        created = self.data.get("created")
         return created[:10] if created else self.folder.name[:10]
 
     @property
@@ -124,13 +124,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _commands(results: list[Result], extra=lambda r: "") -> list[str]:
-    lines, seen = [], set()
-    for r in results:
-        if r.path in seen:
-            continue
-        seen.add(r.path)
-        lines.append(f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`")
-    return lines
+    return [f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`" for r in results]
 
 
 # --- vllm-mirage bench ---------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def run_engine(tmp_path_factory):
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 # Compile caches are not keyed on the plugin: never share them between runs.
                 "VLLM_CACHE_ROOT": str(work / "cache"),
+                # vLLM's log lines (this package's included) on stderr, where the tests read them.
+                "VLLM_LOGGING_STREAM": "ext://sys.stderr",
                 **(env or {}),
             }
         )
@@ -72,6 +74,7 @@ def run_engine(tmp_path_factory):
             raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads((work / "out.json").read_text())
         result["stderr"] = proc.stderr
+        result["mirage_log"] = [line for line in proc.stderr.splitlines() if "vllm-mirage:" in line]
         cache[key] = result
         return result
 

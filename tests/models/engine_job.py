@@ -6,17 +6,7 @@ dtypes must not share a process.
 """
 
 import json
-import logging
 import sys
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def _probe_limits(llm, params, max_model_len: int) -> dict:
@@ -47,10 +37,6 @@ def main(spec_path: str, out_path: str) -> None:
 
         set_use_mirage(spec["set_use_mirage"])
     from vllm import LLM, SamplingParams
-
-    # After vLLM's import: configuring its logger tree clears the handlers of the loggers under it.
-    records = _Records()
-    logging.getLogger("vllm.vllm_mirage").addHandler(records)
 
     from vllm_mirage.introspect import describe_model
 
@@ -87,8 +73,6 @@ def main(spec_path: str, out_path: str) -> None:
     }
     if spec.get("probe_limits"):
         result["limits"] = _probe_limits(llm, params, spec["max_model_len"])
-    # The model is built in the worker; in-process that is this process, so its log lines land here.
-    result["mirage_log"] = records.lines
     json.dump(result, open(out_path, "w"))
 
 
