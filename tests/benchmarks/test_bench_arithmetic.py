@@ -56,9 +56,11 @@ def test_critical_path_adds_up_to_the_step():
     assert path["QKV"]["done"] + path["ATTN"]["done"] == t[:, 2].max().item()
 
 
-def test_op_bench_outruns_l2():
-    ops = _load("bench_ops")
+def test_op_timing_outruns_l2():
+    """bench_ops.py and the first-use tuner rotate weight copies so that each call reads HBM."""
+    from vllm_mirage.tuning import timing
+
     for nbytes in (4096, 8 * 2**20, 201 * 2**20):
-        copies = ops.copies_for(nbytes)
-        assert copies >= 2 and (copies * nbytes >= 4 * ops.L2_BYTES or copies == 2)
-        assert (copies - 1) * nbytes < 4 * ops.L2_BYTES or copies == 2  # no more copies than needed
+        copies = timing.copies_for(nbytes)
+        assert copies >= 2 and (copies * nbytes >= 4 * timing.L2_BYTES or copies == 2)
+        assert (copies - 1) * nbytes < 4 * timing.L2_BYTES or copies == 2  # no more copies than needed

@@ -138,12 +138,13 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         _log_rank0(
             logging.INFO,
             "vllm-mirage: fused %d Qwen3 decoder layers on %s (input_layernorm+qkv_proj, q/k norm+rope, "
-            "post_attention_layernorm+gate_up_proj+SiLU) for pure-decode batches of up to %s tokens%s; "
-            "other steps run stock vLLM's layers (%s)",
+            "post_attention_layernorm+gate_up_proj+SiLU) for %s%s; other steps run stock vLLM's layers (%s)",
             len(stock),
             platform_name(),
-            plan.fused_max_tokens if plan.fused_max_tokens < UNBOUNDED else "any number of",
-            f", the megakernel for up to {plan.megakernel_max_batch}" if mode == "megakernel" else "",
+            "every pure-decode batch" if plan.fused_max_tokens >= UNBOUNDED
+            else f"pure-decode batches of up to {plan.fused_max_tokens} tokens",
+            f"; pure-decode steps as one megakernel task graph up to batch {plan.megakernel_max_batch}"
+            if mode == "megakernel" else "",
             plan.source,
         )
 
