@@ -60,13 +60,15 @@ def test_cache_round_trip_and_stale_key(warnings):
     assert any("stale" in w for w in warnings)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"key": None, "plan": {}}), ""])
+@pytest.mark.parametrize("content", [
+    lambda key: "{not json",
+    lambda key: "[]",
+    lambda key: "",
+    lambda key: json.dumps({"key": key, "plan": {"linear": "garbage"}}),
+], ids=["truncated", "not-an-object", "empty", "bad-plan"])
 def test_corrupt_cache_is_ignored_with_a_warning(content, warnings):
     key = store.cache_key("Some GPU", "driver 1", {}, SHAPE)
-    path = store.save_cached(key, _plan())
-    if content == json.dumps({"key": None, "plan": {}}):
-        content = json.dumps({"key": key, "plan": {"linear": "garbage"}})
-    path.write_text(content)
+    store.save_cached(key, _plan()).write_text(content(key))
     assert store.load_cached(key) is None
     assert any("corrupt" in w for w in warnings)
 

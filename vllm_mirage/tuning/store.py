@@ -25,7 +25,6 @@ PLAN_ENV = "VLLM_MIRAGE_PLAN"
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree, printed with its format
 
 
-
 def gpu_slug(gpu_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", gpu_name.lower()).strip("_")
 
