@@ -108,3 +108,9 @@ def test_empty_prompts_file(tmp_path, cli_cache, capsys, monkeypatch):
     empty.write_text("# only a comment\n\n   \n")
     assert main(["bench", "--model", "tiny", "--cache-dir", str(cli_cache), "--prompts", str(empty)]) == EXIT_USAGE
     assert "has no prompts" in _one_line_error(capsys)
+
+
+def test_bench_needs_at_least_one_start(cli_cache, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
+    assert main(["bench", "--model", "tiny", "--cache-dir", str(cli_cache), "--starts", "0"]) == EXIT_USAGE
+    assert "--starts >= 1" in _one_line_error(capsys)

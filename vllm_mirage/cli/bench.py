@@ -38,8 +38,8 @@ def run_bench(args) -> int:
         raise CliError("--batch-sizes must all be at least 1")
     warmup = d["num_warmup"] if args.num_warmup is None else args.num_warmup
     iterations = d["num_iterations"] if args.num_iterations is None else args.num_iterations
-    if warmup < 0 or iterations < 1:
-        raise CliError("--num-warmup must be >= 0 and --num-iterations >= 1")
+    if warmup < 0 or iterations < 1 or args.starts < 1:
+        raise CliError("--num-warmup must be >= 0, --num-iterations and --starts >= 1")
     if ctx.max_tokens < 2:
         ctx.note("--max-tokens 1: there is no decode step to measure; decode figures are n/a")
     if max(batch_sizes) > len(ctx.prompts):
@@ -65,9 +65,6 @@ def run_bench(args) -> int:
         spec = runner_spec(ctx, "bench", side, extra, mirage_mode=mirage_mode,
                            profile_dir=str(out_dir / f"profile-{file_label(label)}"), **common)
         return SideRun(side, label, spec, steps)
-
-    if args.starts < 1:
-        raise CliError("--starts must be at least 1")
 
     several = len(baselines) > 1
     runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
