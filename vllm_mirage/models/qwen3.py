@@ -160,18 +160,21 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden
-            path = self._step_path(positions.shape[0], megakernel=False)
+            path = self._decode_path(positions.shape[0])  # still a pure-decode step
         if path == "fused":
             return self._fused(input_ids, positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
-    def _step_path(self, tokens: int, megakernel: bool = True) -> str:
+    def _step_path(self, tokens: int) -> str:
         if not is_pure_decode(self._attn_name):
             return "stock"
-        if megakernel and self.mirage_status["mode"] == "megakernel":
+        if self.mirage_status["mode"] == "megakernel":
             return "megakernel"  # the bridge declines (and says why) past the plan's batch limit
-        # On a GPU the fused layers' host code is paid back only inside a replayed CUDA graph; on CPU
-        # (correctness, no graphs) they run at every decode step.
+        return self._decode_path(tokens)
+
+    def _decode_path(self, tokens: int) -> str:
+        """Fused layers or stock's for a pure-decode step. On a GPU the fused layers' host code is paid back
+        only inside a replayed CUDA graph; on CPU (correctness, no graphs) they run at every decode step."""
         graph_limit = full_graph_tokens(self._vllm_config) if platform_name() == "cuda" else UNBOUNDED
         return "fused" if tokens <= min(self._plan.fused_max_tokens, graph_limit) else "stock"
 
@@ -182,10 +185,11 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             plan = plan_override() or reference_plan(megakernel_max_batch=MAX_BATCH)
             plan.megakernel_max_batch = min(plan.megakernel_max_batch, MAX_BATCH)
             return plan
-        attn = self._stock_layers()[0][1].self_attn
+        layer = self._stock_layers()[0][1]
+        attn = layer.self_attn
         shape = ModelShape(
             hidden=vllm_config.model_config.hf_config.hidden_size,
-            intermediate=self._stock_layers()[0][1].mlp.gate_up_proj.weight.shape[0] // 2,
+            intermediate=layer.mlp.gate_up_proj.weight.shape[0] // 2,
             q_heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
             tp=vllm_config.parallel_config.tensor_parallel_size,
             dtype=str(vllm_config.model_config.dtype).removeprefix("torch."),
