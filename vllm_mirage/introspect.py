@@ -5,14 +5,25 @@ function defined in ``__main__`` does not unpickle there). Multiprocess engines 
 ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for ``apply_model``.
 """
 
+import weakref
+
 from torch import nn
+
+# Mirage draft models built in this process (vLLM's draft-model speculative decoding). vLLM's
+# ``apply_model`` reaches the target model only; its status reports the draft's beside it.
+_drafts: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def register_draft(model: nn.Module) -> None:
+    _drafts.add(model)
 
 
 def mirage_status(model: nn.Module) -> dict | None:
     """``{"mode", "fused_layers", "reason", ...}``, or None when our model class was not used (another
     architecture, or the plugin did not load). In megakernel mode, ``megakernel_steps`` counts the decode
     steps the task graph ran (CUDA-graph replays and vLLM's warm-up runs included) and ``megakernel_declined``
-    why other decode steps took the fused layers."""
+    why other decode steps took the fused layers. With a Mirage draft model in the same process (draft-model
+    speculative decoding), ``draft`` holds the draft's status."""
     status = getattr(model, "mirage_status", None)
     if status is None:
         return None
@@ -21,6 +32,10 @@ def mirage_status(model: nn.Module) -> dict | None:
     if decoder is not None:
         status["megakernel_steps"] = decoder.steps()
         status["megakernel_declined"] = decoder.declined()
+    if status.get("role") != "draft":
+        drafts = [mirage_status(d) for d in list(_drafts)]
+        if drafts:
+            status["draft"] = drafts[0]
     return status
 
 

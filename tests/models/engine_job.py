@@ -71,6 +71,10 @@ def main(spec_path: str, out_path: str) -> None:
         ],
         "model": llm.apply_model(describe_model)[0],
     }
+    if "speculative_config" in spec.get("engine_args", {}):
+        # What the verify passes accepted of the drafts (the engine must keep stat logging on).
+        result["speculative"] = {m.name.removeprefix("vllm:spec_decode_"): m.value for m in llm.get_metrics()
+                                 if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
     if spec.get("probe_limits"):
         result["limits"] = _probe_limits(llm, params, spec["max_model_len"])
     json.dump(result, open(out_path, "w"))

@@ -19,3 +19,22 @@ def test_megakernel_decode_gives_stock_tokens(tiny_qwen3, run_engine):
     assert status["megakernel_steps"] >= MAX_TOKENS - 1, status
     assert mega["token_ids"] == stock["token_ids"]
     assert any("pure-decode steps as one megakernel task graph" in line for line in mega["mirage_log"])
+
+
+def test_multi_token_drafts_on_the_megakernel_and_keeps_stock_tokens(tiny_qwen3, run_engine):
+    """Multi-token mode: vLLM's draft-model speculative decoding with the model as its own draft. The draft
+    model's one-token steps run the megakernel (three per engine step), the target's verify passes run
+    stock's forward and decide every token: greedy output equals stock's one-token-per-step decode."""
+    speculative = {"method": "draft_model", "model": str(tiny_qwen3), "num_speculative_tokens": 3}
+    stock = run_engine(_spec(tiny_qwen3), env={"VLLM_USE_MIRAGE": "0"})
+    multi = run_engine(_spec(tiny_qwen3, engine_args={"speculative_config": speculative, "disable_log_stats": False}),
+                       env={"VLLM_USE_MIRAGE": "megakernel"})
+    assert multi["token_ids"] == stock["token_ids"]
+    target = multi["model"]["mirage_status"]
+    assert target["role"] == "target" and "speculative decoding (draft_model)" in target["megakernel_reason"]
+    draft = target["draft"]
+    assert draft["role"] == "draft" and draft["mode"] == "megakernel", draft
+    assert draft["megakernel_steps"] > 0 and not draft["megakernel_declined"], draft
+    # Draft and target are the same float32 model: every draft is accepted, so engine steps yield 4 tokens.
+    spec = multi["speculative"]
+    assert spec["num_draft_tokens"] > 0 and spec["num_accepted_tokens"] == spec["num_draft_tokens"], spec

@@ -108,6 +108,23 @@ def test_megakernel_unsupported_reasons(kwargs, expected):
     assert expected in support.megakernel_unsupported_reason(_megakernel_config(**kwargs))
 
 
+def test_draft_model_drafts_on_the_megakernel():
+    """vLLM hands its draft model the target's config with model_config swapped for the draft's: that
+    config may take the megakernel; the target's (verify passes) may not."""
+    draft_model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type="qwen3", head_dim=64))
+    speculative = SimpleNamespace(method="draft_model", draft_model_config=draft_model_config)
+    target = _megakernel_config(speculative=speculative)
+    assert not support.is_draft_model(target)
+    assert "speculative decoding (draft_model): the target's steps are verify passes" in \
+        support.megakernel_unsupported_reason(target)
+    draft = _megakernel_config(speculative=speculative)
+    draft.model_config = draft_model_config
+    assert support.is_draft_model(draft) and support.megakernel_unsupported_reason(draft) is None
+    eagle = _megakernel_config(speculative=SimpleNamespace(method="eagle", draft_model_config=draft_model_config))
+    eagle.model_config = draft_model_config
+    assert not support.is_draft_model(eagle)
+
+
 def test_megakernel_reasons_are_all_named():
     reason = support.megakernel_unsupported_reason(_megakernel_config(tp=2, head_dim=96, windows=(8, 8)))
     assert reason.count("; ") == 2 and "head_dim 96" in reason and "window 8" in reason, reason

@@ -16,6 +16,7 @@ the fused layers) in place, with the reason logged and kept in ``model.mirage_st
 Because the compiled module is stock's in every mode, stock and Mirage engines share vLLM's compile cache.
 """
 
+import dataclasses
 import logging
 
 import torch
@@ -25,9 +26,11 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 from vllm_mirage import ops
+from vllm_mirage.introspect import register_draft
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
 from vllm_mirage.models.step import full_graph_tokens, is_pure_decode
 from vllm_mirage.models.support import (
+    is_draft_model,
     layer_unsupported_reason,
     megakernel_unsupported_reason,
     model_unsupported_reason,
@@ -99,6 +102,10 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     ``megakernel``); pure-decode batches of up to ``fused_max_tokens`` that vLLM replays as full CUDA graphs
     run the fused layers; everything else (prefill, mixed batches, larger decode batches) runs stock vLLM's
     compiled layers, at stock's cost.
+
+    The same class builds the draft model of vLLM's draft-model speculative decoding when the draft is a
+    Qwen3 checkpoint (the target itself, in ``vllm-mirage``'s multi-token mode): its one-token draft steps
+    follow the same plan, without the fused layers on a GPU (``_draft_plan``).
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -114,6 +121,10 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             return
         megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
         plan = self._decode_plan(vllm_config)
+        self._draft = is_draft_model(vllm_config)
+        if self._draft:
+            plan = self._draft_plan(plan)
+            register_draft(self)
         if mode == "megakernel" and megakernel_reason is None and plan.megakernel_max_batch == 0:
             megakernel_reason = ("the plan for this GPU and model shape runs it at no batch size "
                                  f"({plan.source}: {plan.notes.get('megakernel_max_batch', 'not measured')})")
@@ -129,7 +140,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         self._attn_name = stock[0][1].self_attn.attn.layer_name
         self._plan = plan
         self.mirage_status.update(
-            mode=mode, fused_layers=len(stock), plan=plan.source, fused_max_tokens=plan.fused_max_tokens,
+            mode=mode, role="draft" if self._draft else "target",
+            fused_layers=len(stock), plan=plan.source, fused_max_tokens=plan.fused_max_tokens,
             megakernel_max_batch=plan.megakernel_max_batch if mode == "megakernel" else 0,
         )
         if mode == "megakernel":
@@ -177,6 +189,15 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         only inside a replayed CUDA graph; on CPU (correctness, no graphs) they run at every decode step."""
         graph_limit = full_graph_tokens(self._vllm_config) if platform_name() == "cuda" else UNBOUNDED
         return "fused" if tokens <= min(self._plan.fused_max_tokens, graph_limit) else "stock"
+
+    @staticmethod
+    def _draft_plan(plan: DecodePlan) -> DecodePlan:
+        """A draft model's steps on a GPU: vLLM runs its drafter under piecewise CUDA graphs only, so the fused
+        layers' host code is never paid back there (stock's pieces run instead). The megakernel keeps the
+        plan's limit, the batch sizes where it was measured faster than stock."""
+        if platform_name() != "cuda":
+            return plan
+        return dataclasses.replace(plan, fused_max_tokens=0, source=plan.source + " (draft model: no fused layers)")
 
     def _decode_plan(self, vllm_config: VllmConfig) -> DecodePlan:
         from vllm_mirage.megakernel.bridge import MAX_BATCH

@@ -84,11 +84,13 @@ def megakernel_unsupported_reason(vllm_config) -> str | None:
     joined by "; ". Called once the model's layers exist: attention windows are read from the layers
     vLLM built.
 
-    Speculative decoding turns the megakernel off for the whole run rather than step by step. EAGLE's
-    drafter reads the target's hidden states from intermediate layers, which the task graph never hands
-    out; verify steps score several tokens per request, which the graph does not take. n-gram steps that
-    found no draft are pure decode, but sending those to the megakernel and the rest to the fused layers
-    would make a request's rounding depend on whether a draft was found."""
+    Speculative decoding turns the megakernel off for the target model for the whole run rather than step
+    by step. EAGLE's drafter reads the target's hidden states from intermediate layers, which the task graph
+    never hands out; verify steps score several tokens per request, which the graph does not take. n-gram
+    steps that found no draft are pure decode, but sending those to the megakernel and the rest to the
+    fused layers would make a request's rounding depend on whether a draft was found. A draft model
+    (``method: draft_model``) is the exception: its decode steps are plain one-token steps of a Qwen3 model,
+    and the verify pass decides every token the user sees, so which path drafted only moves acceptance."""
     reasons = []
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
@@ -102,10 +104,14 @@ def megakernel_unsupported_reason(vllm_config) -> str | None:
     if window is not None:
         reasons.append(f"sliding-window attention (window {window}): the megakernel attends over the whole context")
     speculative = getattr(vllm_config, "speculative_config", None)
-    if speculative is not None:
+    if speculative is not None and not is_draft_model(vllm_config):
         method = getattr(speculative, "method", None) or "draft model"
-        reasons.append(f"speculative decoding ({method}): drafters may need intermediate hidden states and "
-                       "verify steps score several tokens per request")
+        if method == "draft_model":
+            reasons.append("speculative decoding (draft_model): the target's steps are verify passes of several "
+                           "tokens per request; a Qwen3 draft model's one-token steps take the megakernel")
+        else:
+            reasons.append(f"speculative decoding ({method}): drafters may need intermediate hidden states and "
+                           "verify steps score several tokens per request")
     return "; ".join(reasons) or None
 
 
@@ -116,3 +122,11 @@ def attention_window(vllm_config) -> int | None:
     ``use_sliding_window`` / ``layer_types``, model-wide or per layer depending on the vLLM version)."""
     layers = vllm_config.compilation_config.static_forward_context.values()
     return next((w for w in (getattr(layer, "sliding_window", None) for layer in layers) if w), None)
+
+
+def is_draft_model(vllm_config) -> bool:
+    """This config builds the draft model of vLLM's draft-model speculative decoding: vLLM hands the drafter
+    the target's config with ``model_config`` replaced by the speculative config's draft model config."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    return (speculative is not None and getattr(speculative, "method", None) == "draft_model"
+            and vllm_config.model_config is getattr(speculative, "draft_model_config", None))
