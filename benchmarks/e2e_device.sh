@@ -4,6 +4,7 @@
 #   bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR
 #   MODE=megakernel bash benchmarks/e2e_device.sh check qwen3-0.6b OUTDIR   (the Mirage side's --mode)
 #   MODE="fused megakernel" bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR   (bench: both, one stock)
+#   MODE=multi-token TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR   (tokens per step)
 # Only the batch sizes we report are captured as CUDA graphs (both sides alike): it shortens engine start.
 set -uo pipefail
 what=$1 model=$2 out=$3
@@ -11,7 +12,7 @@ what=$1 model=$2 out=$3
 # batches stay within the megakernel's limit (vllm_mirage/megakernel/bridge.py: MAX_BATCH).
 engine=${ENGINE:-'{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}}'}
 read -r -a modes <<< "${MODE:-fused}"
-mode=(--mode "${modes[@]}")
+mode=(--mode "${modes[@]}" ${TOKENS:+--tokens-per-step "$TOKENS"})
 baselines=('{}' '{"async_scheduling": true}')
 [ -n "${BASELINE:-}" ] && baselines=("$BASELINE")  # one stock setting only
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

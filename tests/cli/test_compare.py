@@ -153,7 +153,36 @@ def test_assess_mirage():
     assert code == EXIT_NOT_APPLIED and msg.endswith("requested and is off: not validated on a GPU")
 
 
+def test_assess_multi_token():
+    target = {"mode": "fused", "fused_layers": 2, "reason": None, "role": "target"}
+    code, msg = assess_mirage(result(target), "multi-token")
+    assert code == EXIT_NOT_APPLIED and "no Mirage draft model was built" in msg
+    draft = {"mode": "megakernel", "fused_layers": 2, "role": "draft", "megakernel_steps": 24}
+    r = {**result({**target, "draft": draft}), "speculative": {"acceptance_rate": 0.75, "tokens_per_step": 3.25}}
+    code, msg = assess_mirage(r, "multi-token")
+    assert code == EXIT_OK and msg == ("Mirage applied: multi-token, draft model megakernel, 24 draft steps through "
+                                       "the megakernel task graph, 75.0% of draft tokens accepted "
+                                       "(3.25 tokens per engine step)")
+    idle = {**draft, "megakernel_steps": 0, "megakernel_declined": ["decode batch of 32 > 16"]}
+    code, msg = assess_mirage(result({**target, "draft": idle}), "multi-token")
+    assert code == EXIT_NOT_APPLIED and msg.endswith("drafted no step (decode batch of 32 > 16)")
+    off = {"mode": "fused", "fused_layers": 2, "role": "draft", "megakernel_reason": "the plan runs it at no batch size"}
+    code, msg = assess_mirage(result({**target, "draft": off}), "multi-token")
+    assert code == EXIT_NOT_APPLIED and msg.endswith("(the plan runs it at no batch size)")
+
+
 def test_unreadable_status_is_not_reported_as_applied():
     r = {**result(None), "mirage_status_error": "RuntimeError: cannot pickle"}
     code, msg = assess_mirage(r)
     assert code == EXIT_NOT_APPLIED and "could not read mirage_status" in msg and "cannot pickle" in msg
+
+
+def test_acceptance_counts_the_run_only():
+    from vllm_mirage.cli.runner import _acceptance
+
+    before = {"num_drafts": 10, "num_draft_tokens": 30, "num_accepted_tokens": 30}
+    after = {"num_drafts": 50, "num_draft_tokens": 150, "num_accepted_tokens": 120}
+    run = _acceptance(before, after)
+    assert (run["num_drafts"], run["num_draft_tokens"], run["num_accepted_tokens"]) == (40, 120, 90)
+    assert run["acceptance_rate"] == 0.75 and run["tokens_per_step"] == 1 + 90 / 40
+    assert _acceptance(before, before)["acceptance_rate"] is None

@@ -40,6 +40,20 @@ def test_check_control_run_sets_stock_on_both_sides():
     assert [switch_for(m) for m in ("stock", "fused", "megakernel")] == ["0", "1", "megakernel"]
 
 
+def test_multi_token_mode_drafts_with_the_model_itself(cli_cache):
+    from vllm_mirage.cli.context import prepare, runner_spec, switch_for
+
+    args = build_parser().parse_args(["check", "--mode", "multi-token", "--tokens-per-step", "5", "--model", "tiny",
+                                      "--cache-dir", str(cli_cache)])
+    ctx = prepare(args, "check")
+    mirage, stock = runner_spec(ctx, "check", "mirage"), runner_spec(ctx, "check", "stock")
+    assert switch_for("multi-token") == mirage["mirage_switch"] == "megakernel"
+    assert mirage["engine_args"]["speculative_config"] == {
+        "method": "draft_model", "model": ctx.model.model, "num_speculative_tokens": 4}
+    assert "speculative_config" not in stock["engine_args"]  # stock decodes one token per step
+    assert build_parser().parse_args(["bench", "--mode", "megakernel", "multi-token"]).tokens_per_step == 4
+
+
 @pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],
                                   ["bench", "--mode", "turbo"], ["bench", "--mode", "stock"]])
 def test_bad_usage_exits_2(argv, capsys):
@@ -93,6 +107,7 @@ def test_invalid_engine_args_json(cli_cache, capsys, monkeypatch):
         (["--model", "./no/such/dir"], "model directory not found"),
         (["--prompts", "/no/such/prompts.txt"], "prompts file not found"),
         (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--tokens-per-step", "1"], "--tokens-per-step must be at least 2"),
     ],
 )
 def test_usage_errors_are_one_line(extra, message, cli_cache, capsys, monkeypatch):

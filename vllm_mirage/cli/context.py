@@ -17,6 +17,7 @@ CUDA_DEFAULTS = dict(model="qwen3-0.6b", max_model_len=2048, check_max_tokens=32
                      batch_sizes=[1, 8, 64], num_warmup=2, num_iterations=5)
 CPU_DEFAULTS = dict(model="tiny", max_model_len=512, check_max_tokens=16, bench_max_tokens=16,
                     batch_sizes=[1, 4], num_warmup=1, num_iterations=2)
+DEFAULT_TOKENS_PER_STEP = 4
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Context:
     prompts_file: str
     max_tokens: int
     engine_args: dict  # for both sides; per-side extras are added by the subcommand
+    tokens_per_step: int = DEFAULT_TOKENS_PER_STEP  # --mode multi-token's
     # --mode: the Mirage side's path, "fused" or "megakernel"; bench takes several, one Mirage side each.
     modes: list[str] = field(default_factory=lambda: ["fused"])
     notes: list[str] = field(default_factory=list)  # shown in the output and the report
@@ -43,7 +45,18 @@ class Context:
 
 def switch_for(mode: str) -> str:
     """VLLM_USE_MIRAGE for a Mirage side run in ``mode`` ("stock": check's control run)."""
-    return {"megakernel": "megakernel", "stock": "0"}.get(mode, "1")
+    return {"megakernel": "megakernel", "multi-token": "megakernel", "stock": "0"}.get(mode, "1")
+
+
+def mode_engine_args(mode: str, model: str, tokens_per_step: int) -> dict:
+    """Engine arguments a mode needs. multi-token is vLLM's draft-model speculative decoding with the model
+    as its own draft: the Mirage draft model's decode steps run the megakernel, the target's verify pass
+    (stock's forward) decides every token, and vLLM's scheduler, rejection sampler and stop checks stay
+    in charge."""
+    if mode != "multi-token":
+        return {}
+    return {"speculative_config": {"method": "draft_model", "model": model,
+                                   "num_speculative_tokens": tokens_per_step - 1}}
 
 
 def defaults(on_cuda: bool) -> dict:
@@ -60,7 +73,10 @@ def prepare(args, command: str) -> Context:
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
     modes = [args.mode] if isinstance(args.mode, str) else list(dict.fromkeys(args.mode))
-    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, modes=modes)
+    if args.tokens_per_step < 2:
+        raise CliError("--tokens-per-step must be at least 2 (one verified token plus at least one draft)")
+    ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, modes=modes,
+                  tokens_per_step=args.tokens_per_step)
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:
@@ -109,13 +125,15 @@ def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | No
                 mirage_mode: str | None = None, **more) -> dict:
     """What the runner process needs for one side; ``mirage_mode`` overrides ``ctx.mode`` (bench runs one
     Mirage side per --mode)."""
+    mirage_mode = mirage_mode or ctx.mode
+    per_mode = mode_engine_args(mirage_mode, ctx.model.model, ctx.tokens_per_step) if side == "mirage" else {}
     return {
         "mode": mode,
         "side": side,
         "model": ctx.model.to_spec(),
         "prompts": ctx.prompts,
         "max_tokens": ctx.max_tokens,
-        "engine_args": {**ctx.engine_args, **(extra_engine_args or {})},
-        "mirage_switch": switch_for(mirage_mode or ctx.mode),
+        "engine_args": {**ctx.engine_args, **per_mode, **(extra_engine_args or {})},
+        "mirage_switch": switch_for(mirage_mode),
         **more,
     }

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from vllm_mirage.cli.check import DEFAULT_TOLERANCE, TOP_LOGPROBS
+from vllm_mirage.cli.context import DEFAULT_TOKENS_PER_STEP
 from vllm_mirage.cli.errors import CliError
 from vllm_mirage.cli.models import PRESETS
 
@@ -27,9 +28,10 @@ _MODEL_HELP = (
 )
 
 
-MODES = ["fused", "megakernel"]
-_MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1) or fused layers plus megakernel decode "
-              "steps (VLLM_USE_MIRAGE=megakernel)")
+MODES = ["fused", "megakernel", "multi-token"]
+_MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1), fused layers plus megakernel decode "
+              "steps (VLLM_USE_MIRAGE=megakernel), or multi-token: megakernel mode with the model as its own "
+              "draft model, so each engine step yields up to --tokens-per-step tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", metavar="DIR",
                         help="where presets are written (default: $VLLM_MIRAGE_CACHE or ~/.cache/vllm-mirage)")
     common.add_argument("--verbose", action="store_true", help="show engine output instead of logging it")
+    common.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
+                        help="--mode multi-token: tokens per engine step at most, N-1 of them drafted by the "
+                             f"megakernel (vLLM's num_speculative_tokens = N-1; default {DEFAULT_TOKENS_PER_STEP})")
 
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "

@@ -62,6 +62,8 @@ def run(spec: dict, progress: _Progress) -> dict:
     from vllm import LLM, SamplingParams
 
     engine_args = dict(spec["engine_args"])
+    if engine_args.get("speculative_config"):
+        engine_args.setdefault("disable_log_stats", False)  # the acceptance counters are stat metrics
     profile_dir = None
     if spec.get("profile_gpu") and _cuda_available():
         profile_dir = Path(spec["profile_dir"]).resolve()  # vLLM wants an absolute path
@@ -74,6 +76,7 @@ def run(spec: dict, progress: _Progress) -> dict:
     progress.step("engine ready")
     # vLLM's start-up (warm-up, CUDA-graph capture) may already run megakernel steps: not this run's.
     at_start, _ = _read_status(llm)
+    drafted_at_start = _speculative_counters(llm)
 
     max_model_len = _model_config(llm).max_model_len
     inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
@@ -108,11 +111,41 @@ def run(spec: dict, progress: _Progress) -> dict:
     # Read after the run: its counters (megakernel steps) then count what the run did.
     statuses, status_error = _read_status(llm)
     status = statuses[0] if statuses else None
-    if status and "megakernel_steps" in status:
-        status["megakernel_startup_steps"] = ((at_start or [{}])[0] or {}).get("megakernel_steps", 0)
-        status["megakernel_steps"] -= status["megakernel_startup_steps"]
+    start = (at_start or [{}])[0] or {}
+    for now, then in ((status, start), ((status or {}).get("draft"), start.get("draft") or {})):
+        if now and "megakernel_steps" in now:
+            now["megakernel_startup_steps"] = then.get("megakernel_steps", 0)
+            now["megakernel_steps"] -= now["megakernel_startup_steps"]
     result.update(mirage_status=status, mirage_status_error=status_error)
+    if drafted_at_start is not None:
+        result["speculative"] = _acceptance(drafted_at_start, _speculative_counters(llm))
     return result
+
+
+_SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+def _speculative_counters(llm) -> dict | None:
+    """vLLM's speculative-decoding counters (``vllm:spec_decode_*``), or None without speculative decoding
+    or stat logging."""
+    if not (llm.llm_engine.vllm_config.speculative_config):
+        return None
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001 - stat logging off: no counters to report
+        return None
+    # One counter per engine (label engine=N): sum them.
+    return {k: sum(m.value for m in metrics if m.name == f"vllm:spec_decode_{k}" and hasattr(m, "value"))
+            for k in _SPEC_COUNTERS}
+
+
+def _acceptance(before: dict, after: dict) -> dict:
+    """What this run drafted and the verify pass accepted (start-up excluded)."""
+    run = {k: after[k] - before[k] for k in _SPEC_COUNTERS}
+    drafted = run["num_draft_tokens"]
+    run["acceptance_rate"] = run["num_accepted_tokens"] / drafted if drafted else None
+    run["tokens_per_step"] = 1 + run["num_accepted_tokens"] / run["num_drafts"] if run["num_drafts"] else None
+    return run
 
 
 def _read_status(llm) -> tuple[list | None, str | None]:
