@@ -1,4 +1,7 @@
-"""`VLLM_USE_MIRAGE=1 vllm serve DIR`: the real OpenAI-compatible server answers as the stock one does."""
+"""`VLLM_USE_MIRAGE=1 vllm serve DIR`: the real OpenAI-compatible server answers as the stock one does, and so
+does multi-token mode (`VLLM_USE_MIRAGE=megakernel` with the model as its own draft model)."""
+
+import json
 
 import asyncio
 import os
@@ -29,20 +32,24 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, mirage: bool, workdir: Path):
+    def __init__(self, model: Path, name: str, switch: str, workdir: Path, draft_tokens: int = 0):
         self.port = _free_port()
-        self.log = open(workdir / f"server-{'mirage' if mirage else 'stock'}.log", "w")
+        self.log = open(workdir / f"server-{name}.log", "w")
         env = subprocess_env(
-            VLLM_USE_MIRAGE="1" if mirage else "0",
+            VLLM_USE_MIRAGE=switch,
             VLLM_CPU_KVCACHE_SPACE="1",
-            VLLM_CACHE_ROOT=str(workdir / f"cache-{mirage}"),
+            VLLM_CACHE_ROOT=str(workdir / f"cache-{name}"),
         )
+        speculative = []
+        if draft_tokens:
+            speculative = ["--speculative-config", json.dumps(
+                {"method": "draft_model", "model": str(model), "num_speculative_tokens": draft_tokens})]
         # `vllm serve` itself cannot start on vllm-cpu 0.32: its CLI asks for the version of a
         # distribution named "vllm", and the CPU build is named "vllm-cpu". The module below is the
         # same server (what `vllm serve` runs), minus that lookup.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"],
+             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0", *speculative],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, process_group=0,
         )
         self.model = str(model)
@@ -108,32 +115,88 @@ async def _burst(server: Server) -> dict:
 
 @pytest.fixture(scope="module")
 def servers(tiny_qwen3, tmp_path_factory):
+    """Stock, fused (``1``) and multi-token: megakernel mode with the model drafting three tokens a step."""
     work = tmp_path_factory.mktemp("serve")
-    started = [Server(tiny_qwen3, mirage, work) for mirage in (False, True)]
+    started = [Server(tiny_qwen3, "stock", "0", work), Server(tiny_qwen3, "mirage", "1", work),
+               Server(tiny_qwen3, "multi-token", "megakernel", work, draft_tokens=3)]
     try:
         for s in started:
             s.wait_ready()
-        yield started
+        yield dict(zip(("stock", "mirage", "multi-token"), started))
     finally:
         for s in started:
             s.stop()
 
 
+@pytest.fixture(scope="module")
+def stock_answers(servers):
+    return asyncio.run(_burst(servers["stock"]))
+
+
 @pytest.mark.slow
-def test_mirage_server_answers_like_stock(servers):
-    stock, mirage = servers
-    expected = asyncio.run(_burst(stock))
+@pytest.mark.parametrize("name", ["mirage", "multi-token"])
+def test_mirage_server_answers_like_stock(servers, stock_answers, name):
+    server, expected = servers[name], stock_answers
     assert len(PROMPTS) == 32 and all(expected["completions"]), "stock server gave empty answers"
-    first = asyncio.run(_burst(mirage))
+    first = asyncio.run(_burst(server))
     assert first == expected
     # Streaming delivers the same text as a plain request.
     assert first["streams"] == first["completions"][:4]
 
     # A second identical burst: same answers, server still up, no unbounded memory growth.
-    rss_before = mirage.rss_bytes()
-    second = asyncio.run(_burst(mirage))
+    rss_before = server.rss_bytes()
+    second = asyncio.run(_burst(server))
     assert second == expected
-    assert mirage.proc.poll() is None
-    growth = mirage.rss_bytes() - rss_before
+    assert server.proc.poll() is None
+    growth = server.rss_bytes() - rss_before
     assert growth < 256 * 2**20, f"server RSS grew by {growth / 2**20:.0f} MiB over one burst"
-    assert "fused 2 Qwen3 decoder layers" in Path(mirage.log.name).read_text()
+    log = Path(server.log.name).read_text()
+    assert "fused 2 Qwen3 decoder layers" in log
+    if name == "multi-token":
+        # The draft model's decode steps ran the megakernel; the target's are verify passes.
+        assert "pure-decode steps as one megakernel task graph up to batch 16" in log
+        assert "speculative decoding (draft_model)" in log
+
+
+async def _limited(server: Server, stops: list[str], max_tokens: list[int]) -> list:
+    """Completions cut by a stop string or by max_tokens, plain and streamed: what a step that yields
+    several tokens must never overshoot."""
+    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", timeout=120)
+
+    async def complete(p, stop, n):
+        r = await c.completions.create(model=server.model, prompt=p, max_tokens=n, temperature=0, stop=stop)
+        return [r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens]
+
+    async def stream(p, stop, n):
+        parts, reason = [], None
+        async for chunk in await c.completions.create(
+            model=server.model, prompt=p, max_tokens=n, temperature=0, stop=stop, stream=True
+        ):
+            parts.append(chunk.choices[0].text)
+            reason = chunk.choices[0].finish_reason or reason
+        return ["".join(parts), reason]
+
+    cases = [(p, [stop], MAX_TOKENS) for p, stop in zip(PROMPTS, stops)]
+    cases += [(p, None, n) for p, n in zip(PROMPTS, max_tokens)]
+    out = await asyncio.gather(*(complete(*case) for case in cases), *(stream(*case) for case in cases))
+    await c.close()
+    return out
+
+
+def _stop_string(text: str) -> str:
+    """Three printable characters from the second half of ``text`` (the tiny model's text has control
+    characters and broken UTF-8 pieces, which make poor stop strings)."""
+    for i in range(len(text) // 2, len(text) - 2):
+        if all(ch.isprintable() and ch != "\ufffd" for ch in text[i:i + 3]) and text[i:i + 3].strip():
+            return text[i:i + 3]
+    raise AssertionError(f"no printable stop string in {text!r}")
+
+
+@pytest.mark.slow
+def test_multi_token_server_stops_where_stock_stops(servers, stock_answers):
+    # Stop strings taken from the middle of stock's own answers, so that each one does stop generation.
+    stops = [_stop_string(t) for t in stock_answers["completions"][:8]]
+    max_tokens = [1, 2, 3, 4, 5, 7, 9, 13]
+    expected = asyncio.run(_limited(servers["stock"], stops, max_tokens))
+    assert [e[1] for e in expected[:8]] == ["stop"] * 8 and all(e[2] == n for e, n in zip(expected[8:16], max_tokens))
+    assert asyncio.run(_limited(servers["multi-token"], stops, max_tokens)) == expected
