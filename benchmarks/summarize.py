@@ -155,6 +155,8 @@ def bench_rows(r: Result) -> list[tuple]:
 
 def _single_mode(d: dict) -> str:
     status = d.get("mirage_status") or {}
+    if status.get("draft") or d.get("mirage_assessment", "").startswith("Mirage applied: multi-token"):
+        return "multi-token"
     return status.get("mode") or ("megakernel" if "megakernel" in d.get("mirage_assessment", "") else "fused")
 
 
@@ -201,7 +203,7 @@ def _system(r: Result) -> dict:
 
 CHECK_HEADER = (
     "date", "result", "model", "Mirage", "dtype", "identical sequences", "near-ties", "real mismatches",
-    "max logprob difference (nats)",
+    "max logprob difference (nats)", "top-K logprob difference, mean / max (nats)",
 )
 
 
@@ -214,8 +216,10 @@ def check_row(r: Result) -> tuple:
     mode = status.get("mode") or ("megakernel" if "megakernel" in r.data["mirage_assessment"] else "fused")
     if args["stock"] > 1 or args["mirage"] > 1:
         mode += f", TP={args['mirage']} against stock TP={args['stock']}"
+    top = c.get("logprobs")
+    top_k = f"{top['mean_diff']:.2g} / {top['max_diff']:.2g} (top {top['top_k']})" if top else "n/a"
     return (r.date, r.link, model, mode, c["dtype"], f"{c['exact_matches']}/{c['prompts']}", c["near_ties"],
-            c["real_mismatches"], f"{c['max_logprob_diff']:.2g}")
+            c["real_mismatches"], f"{c['max_logprob_diff']:.2g}", top_k)
 
 
 def check_section(results: list[Result]) -> list[str]:
