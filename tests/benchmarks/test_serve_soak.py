@@ -82,6 +82,13 @@ def test_server_command_takes_vllm_serve_or_its_module():
     assert cmd[:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/ckpt"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8000"
     assert cmd[-2:] == ["--max-num-seqs", "128"] and "--gpu-memory-utilization" in cmd and "--enforce-eager" not in cmd
+    assert "--speculative-config" not in cmd
+    Args.draft_tokens = 3
+    multi = soak.server_command("/ckpt", 8000, Args, "multi-token")
+    # The model drafts for itself; the rest of the command is the other modes'.
+    assert json.loads(multi[multi.index("--speculative-config") + 1]) == {
+        "method": "draft_model", "model": "/ckpt", "num_speculative_tokens": 3}
+    assert soak.MODES["multi-token"] == "megakernel"
 
 
 @pytest.mark.slow

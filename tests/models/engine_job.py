@@ -71,8 +71,8 @@ def main(spec_path: str, out_path: str) -> None:
         ],
         "model": llm.apply_model(describe_model)[0],
     }
-    if "speculative_config" in spec.get("engine_args", {}):
-        # What the verify passes accepted of the drafts (the engine must keep stat logging on).
+    if spec.get("engine_args", {}).get("disable_log_stats") is False:
+        # What the verify passes accepted of the drafts: vLLM counts them in its stat metrics.
         result["speculative"] = {m.name.removeprefix("vllm:spec_decode_"): m.value for m in llm.get_metrics()
                                  if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
     if spec.get("probe_limits"):
