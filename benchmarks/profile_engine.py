@@ -39,6 +39,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_mirage.cli.models import resolve_model
+    from vllm_mirage.cli.runner import speculative_counters
 
     model = resolve_model(args.model)
     extra = json.loads(args.engine_args.replace('"SAME"', json.dumps(model.model)))
@@ -74,8 +75,7 @@ def main() -> None:
     llm.stop_profile()
     steps = _engine_steps(llm) - steps_before if steps_before is not None else None
     result["profiled"] = summarize(sorted(trace_dir.rglob("*.json*")), args.profile_tokens, steps)
-    result["speculative"] = {m.name: m.value for m in llm.get_metrics()
-                             if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+    result["speculative"] = speculative_counters(llm)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "profiled"}))
     print(json.dumps(result["profiled"], indent=1)[:6000])

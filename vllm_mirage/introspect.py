@@ -9,13 +9,13 @@ import weakref
 
 from torch import nn
 
-# Mirage draft models built in this process (vLLM's draft-model speculative decoding). vLLM's
-# ``apply_model`` reaches the target model only; its status reports the draft's beside it.
-_drafts: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# Mirage draft models built in this process (vLLM's draft-model speculative decoding), oldest first. vLLM's
+# ``apply_model`` reaches the target model only; its status reports the newest live draft's beside it.
+_drafts: list[weakref.ref] = []
 
 
 def register_draft(model: nn.Module) -> None:
-    _drafts.add(model)
+    _drafts[:] = [ref for ref in _drafts if ref() is not None] + [weakref.ref(model)]
 
 
 def mirage_status(model: nn.Module) -> dict | None:
@@ -32,10 +32,9 @@ def mirage_status(model: nn.Module) -> dict | None:
     if decoder is not None:
         status["megakernel_steps"] = decoder.steps()
         status["megakernel_declined"] = decoder.declined()
-    if status.get("role") != "draft":
-        drafts = [mirage_status(d) for d in list(_drafts)]
-        if drafts:
-            status["draft"] = drafts[0]
+    draft = next((d for d in (ref() for ref in reversed(_drafts)) if d is not None), None)
+    if status.get("role") != "draft" and draft is not None:
+        status["draft"] = mirage_status(draft)
     return status
 
 

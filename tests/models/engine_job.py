@@ -73,8 +73,9 @@ def main(spec_path: str, out_path: str) -> None:
     }
     if spec.get("engine_args", {}).get("disable_log_stats") is False:
         # What the verify passes accepted of the drafts: vLLM counts them in its stat metrics.
-        result["speculative"] = {m.name.removeprefix("vllm:spec_decode_"): m.value for m in llm.get_metrics()
-                                 if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+        from vllm_mirage.cli.runner import speculative_counters
+
+        result["speculative"] = speculative_counters(llm)
     if spec.get("probe_limits"):
         result["limits"] = _probe_limits(llm, params, spec["max_model_len"])
     json.dump(result, open(out_path, "w"))

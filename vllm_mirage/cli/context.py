@@ -50,9 +50,9 @@ def switch_for(mode: str) -> str:
 
 def mode_engine_args(mode: str, model: str, tokens_per_step: int) -> dict:
     """Engine arguments a mode needs. multi-token is vLLM's draft-model speculative decoding with the model
-    as its own draft: the Mirage draft model's decode steps run the megakernel, the target's verify pass
-    (stock's forward) decides every token, and vLLM's scheduler, rejection sampler and stop checks stay
-    in charge."""
+    as its own draft: the Mirage draft model's decode steps take the megakernel where the plan says, the
+    target's verify pass (stock's forward) decides every token, and vLLM's scheduler, rejection sampler and
+    stop checks stay in charge."""
     if mode != "multi-token":
         return {}
     return {"speculative_config": {"method": "draft_model", "model": model,

@@ -76,7 +76,7 @@ def run(spec: dict, progress: _Progress) -> dict:
     progress.step("engine ready")
     # vLLM's start-up (warm-up, CUDA-graph capture) may already run megakernel steps: not this run's.
     at_start, _ = _read_status(llm)
-    drafted_at_start = _speculative_counters(llm)
+    drafted_at_start = speculative_counters(llm)
 
     max_model_len = _model_config(llm).max_model_len
     inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
@@ -118,14 +118,14 @@ def run(spec: dict, progress: _Progress) -> dict:
             now["megakernel_steps"] -= now["megakernel_startup_steps"]
     result.update(mirage_status=status, mirage_status_error=status_error)
     if drafted_at_start is not None:
-        result["speculative"] = _acceptance(drafted_at_start, _speculative_counters(llm))
+        result["speculative"] = _acceptance(drafted_at_start, speculative_counters(llm))
     return result
 
 
 _SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 
 
-def _speculative_counters(llm) -> dict | None:
+def speculative_counters(llm) -> dict | None:
     """vLLM's speculative-decoding counters (``vllm:spec_decode_*``), or None without speculative decoding
     or stat logging."""
     if not (llm.llm_engine.vllm_config.speculative_config):

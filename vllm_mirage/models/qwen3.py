@@ -121,8 +121,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             return
         megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
         plan = self._decode_plan(vllm_config)
-        self._draft = is_draft_model(vllm_config)
-        if self._draft:
+        draft = is_draft_model(vllm_config)
+        if draft:
             plan = self._draft_plan(plan)
             register_draft(self)
         if mode == "megakernel" and megakernel_reason is None and plan.megakernel_max_batch == 0:
@@ -140,7 +140,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         self._attn_name = stock[0][1].self_attn.attn.layer_name
         self._plan = plan
         self.mirage_status.update(
-            mode=mode, role="draft" if self._draft else "target",
+            mode=mode, role="draft" if draft else "target",
             fused_layers=len(stock), plan=plan.source, fused_max_tokens=plan.fused_max_tokens,
             megakernel_max_batch=plan.megakernel_max_batch if mode == "megakernel" else 0,
         )
