@@ -62,6 +62,21 @@ def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
     assert "Verdict: PASS" in proc.stdout
 
 
+def test_check_tiny_multi_token(run_cli, cli_cache, tmp_path):
+    """--mode multi-token: the model drafts two tokens per step for itself on the megakernel; the verify
+    passes keep stock's tokens (float32) and accept every draft."""
+    prompts = _prompts_file(tmp_path / "prompts.txt", 8)
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
+                   "--mode", "multi-token", "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert "Mirage applied: multi-token, draft model megakernel" in proc.stdout and "Verdict: PASS" in proc.stdout
+    mirage = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]
+    assert mirage["engine"]["args"]["speculative_config"]["num_speculative_tokens"] == 2
+    assert mirage["mirage_status"]["draft"]["megakernel_steps"] > 0
+    spec = mirage["speculative"]
+    assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_step"] == 3.0, spec
+
+
 def test_check_megakernel_fails_when_no_step_reached_it(run_cli, cli_cache, tmp_path):
     # Twenty requests decode as one batch, over the megakernel's 16: the fused layers serve every step.
     prompts = _prompts_file(tmp_path / "prompts.txt", 20)

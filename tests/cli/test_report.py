@@ -145,3 +145,16 @@ def test_merge_starts_pools_iterations_and_takes_the_median_gpu_time():
     assert t["gpu_kernel_s"] == {"first_token": 0.02, "total": 0.6}
     assert merged["starts"] == [s["timings"] for s in starts] and merged["label"] == "stock"
     assert stats.merge_starts(starts[:1]) is starts[0]
+
+
+def test_merge_starts_pools_the_speculative_counts():
+    from vllm_mirage.cli import stats
+
+    def start(drafts, accepted):
+        counts = {"num_drafts": drafts, "num_draft_tokens": 3 * drafts, "num_accepted_tokens": accepted}
+        return {"timings": {}, "speculative": stats.acceptance(counts)}
+
+    merged = stats.merge_starts([start(10, 30), start(30, 30)])
+    assert merged["speculative"] == {"num_drafts": 40, "num_draft_tokens": 120, "num_accepted_tokens": 60,
+                                     "acceptance_rate": 0.5, "tokens_per_step": 2.5}
+    assert "speculative" not in stats.merge_starts([{"timings": {}}, {"timings": {}}])

@@ -151,5 +151,5 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
 
 
 def _raw(result: dict) -> dict:
-    keep = ("side", "label", "system", "engine", "mirage_status", "timings", "starts", "log")
+    keep = ("side", "label", "system", "engine", "mirage_status", "speculative", "timings", "starts", "log")
     return {k: result.get(k) for k in keep}

@@ -270,7 +270,7 @@ def run_check(args) -> int:
     if args.output:
         out = log_dir / "check.json"
         sides_raw = {
-            k: {x: v.get(x) for x in ("system", "engine", "mirage_status", "token_ids", "log")}
+            k: {x: v.get(x) for x in ("system", "engine", "mirage_status", "speculative", "token_ids", "log")}
             for k, v in results.items()
         }
         out.write_text(json.dumps(

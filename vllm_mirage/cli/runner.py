@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from vllm_mirage.cli import stats
 from vllm_mirage.cli.errors import classify_failure
 from vllm_mirage.cli.prompts import fallback_token_ids, take_batch
 
@@ -122,9 +123,6 @@ def run(spec: dict, progress: _Progress) -> dict:
     return result
 
 
-_SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
-
-
 def speculative_counters(llm) -> dict | None:
     """vLLM's speculative-decoding counters (``vllm:spec_decode_*``), or None without speculative decoding
     or stat logging."""
@@ -136,16 +134,12 @@ def speculative_counters(llm) -> dict | None:
         return None
     # One counter per engine (label engine=N): sum them.
     return {k: sum(m.value for m in metrics if m.name == f"vllm:spec_decode_{k}" and hasattr(m, "value"))
-            for k in _SPEC_COUNTERS}
+            for k in stats.SPEC_COUNTS}
 
 
 def _acceptance(before: dict, after: dict) -> dict:
     """What this run drafted and the verify pass accepted (start-up excluded)."""
-    run = {k: after[k] - before[k] for k in _SPEC_COUNTERS}
-    drafted = run["num_draft_tokens"]
-    run["acceptance_rate"] = run["num_accepted_tokens"] / drafted if drafted else None
-    run["tokens_per_step"] = 1 + run["num_accepted_tokens"] / run["num_drafts"] if run["num_drafts"] else None
-    return run
+    return stats.acceptance({k: after[k] - before[k] for k in stats.SPEC_COUNTS})
 
 
 def _read_status(llm) -> tuple[list | None, str | None]:

@@ -50,6 +50,8 @@ def merge_starts(results: list[dict]) -> dict:
     if len(results) == 1:
         return results[0]
     merged = {**results[0], "timings": {}, "starts": [r["timings"] for r in results]}
+    if all(r.get("speculative") for r in results):
+        merged["speculative"] = acceptance({k: sum(r["speculative"][k] for r in results) for k in SPEC_COUNTS})
     for bs in results[0]["timings"]:
         per_start = [r["timings"][bs] for r in results]
         timing = {k: [v for t in per_start for v in t[k]] for k in ("first_token_s", "total_s", "output_tokens")}
@@ -59,6 +61,17 @@ def merge_starts(results: list[dict]) -> dict:
                                       else None for k in ("first_token", "total")}
         merged["timings"][bs] = timing
     return merged
+
+
+SPEC_COUNTS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+def acceptance(counts: dict) -> dict:
+    """vLLM's speculative-decoding counts of a run, with the share of draft tokens the verify pass accepted
+    and the tokens each engine step yielded on average (None where nothing was drafted)."""
+    drafts, drafted, accepted = (counts[k] for k in SPEC_COUNTS)
+    return {**counts, "acceptance_rate": accepted / drafted if drafted else None,
+            "tokens_per_step": 1 + accepted / drafts if drafts else None}
 
 
 def side_figures(result: dict, max_tokens: int) -> dict[int, dict]:
