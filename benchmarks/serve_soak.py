@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_mirage.cli.context import mode_engine_args  # noqa: E402
 from vllm_mirage.cli.errors import CliError  # noqa: E402
 from vllm_mirage.cli.launch import has_cuda_gpu  # noqa: E402
 from vllm_mirage.cli.models import resolve_model  # noqa: E402
@@ -143,9 +144,8 @@ def server_command(checkpoint: str, port: int, args: argparse.Namespace, mode: s
         cmd += ["--dtype", args.dtype]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    if mode == "multi-token":
-        cmd += ["--speculative-config", json.dumps(
-            {"method": "draft_model", "model": checkpoint, "num_speculative_tokens": args.draft_tokens})]
+    for name, value in mode_engine_args(mode, checkpoint, tokens_per_step=args.draft_tokens + 1).items():
+        cmd += ["--" + name.replace("_", "-"), json.dumps(value)]
     return cmd + shlex.split(args.server_args or "")
 
 

