@@ -3,9 +3,11 @@ shapes (the real vocabulary kept), with transformers as the reference forward pa
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from tests.cli.test_models import PUBLISHED, parameter_count
 from vllm_mirage.cli import models
@@ -102,9 +104,23 @@ def test_resolution_writes_once_and_the_sliding_variant_shares_the_weights(tmp_p
     assert weights.stat().st_mtime_ns == before
 
 
+def test_the_layers_variant_writes_its_own_checkpoint_and_combines_with_sliding(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "qwen3_preset_config", lambda name: small_config(num_hidden_layers=3))
+    m = resolve_model("random:qwen3-8b+layers=1", tmp_path)
+    assert (m.config["num_hidden_layers"], m.config["max_window_layers"]) == (1, 1)
+    names = [k for f in (tmp_path / "random-qwen3-8b-l1-seed0").glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert {k.split(".")[2] for k in names if k.startswith("model.layers.")} == {"0"}
+    s = resolve_model("random:qwen3-8b+sliding=16+layers=1", tmp_path)
+    assert (s.config["num_hidden_layers"], s.config["sliding_window"], s.config["max_window_layers"]) == (1, 16, 0)
+    assert Path(s.model).name == "random-qwen3-8b-l1+sliding16-seed0"
+    assert not (tmp_path / "random-qwen3-8b-seed0").exists()  # the full-depth checkpoint is never written
+
+
 @pytest.mark.parametrize("name, message", [
     ("random:qwen3-7b", "random: takes one of"), ("random:tiny", "random: takes one of"),
     ("random:qwen3-0.6b+slide", "unknown variant"), ("random:qwen3-0.6b+sliding=0", "unknown variant"),
+    ("random:qwen3-0.6b+layers", "unknown variant"), ("random:qwen3-0.6b+layers=0", "unknown variant"),
+    ("random:qwen3-0.6b+layers=2+layers=3", "unknown variant"),
 ])
 def test_unknown_random_models(name, message, tmp_path):
     with pytest.raises(CliError, match=message):

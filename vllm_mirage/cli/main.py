@@ -22,8 +22,9 @@ from vllm_mirage.cli.models import PRESETS
 _MODEL_HELP = (
     "a local checkpoint directory, a Hugging Face id (needs the hub), or a preset: "
     f"{', '.join(PRESETS)} (Qwen3 shapes with random weights; 'tiny' is a small real checkpoint), or "
-    "random:<preset>[+sliding[=W]] (the shapes saved with scaled random weights and a tokenizer, logits far "
-    "from uniform; +sliding: a W-token attention window, default 128). "
+    "random:<preset>[+layers=N][+sliding[=W]] (the shapes saved with scaled random weights and a tokenizer, "
+    "logits far from uniform; +layers: N layers of the preset's shapes; +sliding: a W-token attention window, "
+    "default 128). "
     "Default: qwen3-0.6b with a CUDA GPU, tiny without"
 )
 

@@ -7,7 +7,9 @@ weights. There is no tokenizer then; see :mod:`vllm_mirage.cli.prompts` for how 
 ``random:<preset>`` is the same shape as a real checkpoint on disk: scaled random weights whose logits
 are far from uniform, and a tokenizer (:mod:`vllm_mirage.random_model`), written once per cache
 directory. ``random:<preset>+sliding[=W]`` is the same weights with a sliding attention window of W
-tokens (default 128) in every layer.
+tokens (default 128) in every layer; ``+layers=N`` keeps the preset's layer shapes with N layers, so a
+large model's kernels are checked at the cost of a small one's engine start. Variants combine:
+``random:qwen3-8b+layers=8+sliding``.
 """
 
 from __future__ import annotations
@@ -167,12 +169,16 @@ def _tiny(directory: Path) -> ResolvedModel:
 
 
 def _random(spec: str, cache_dir: Path, seed: int = 0) -> ResolvedModel:
-    preset, plus, variant = spec.partition("+")
+    preset, *variants = spec.split("+")
     if preset not in _QWEN3_SHAPES:
         raise CliError(f"unknown model {RANDOM_PREFIX}{spec}: {RANDOM_PREFIX} takes one of {', '.join(_QWEN3_SHAPES)}")
-    window = _sliding_window(variant, spec) if plus else None
+    layers, window = _variants(variants, spec)
     config = qwen3_preset_config(preset)
-    base = cache_dir / f"random-{preset}-seed{seed}"
+    name = preset
+    if layers is not None:
+        config = {**config, "num_hidden_layers": layers, "max_window_layers": layers}
+        name += f"-l{layers}"
+    base = cache_dir / f"random-{name}-seed{seed}"
     resolved = _build_once(base, lambda tmp: _write_random(config, tmp, seed), "random")
     if window is None:
         return resolved
@@ -187,14 +193,23 @@ def _random(spec: str, cache_dir: Path, seed: int = 0) -> ResolvedModel:
                 (tmp / f.name).symlink_to(Path("..", base.name, f.name))  # relative: the cache may move
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    return _build_once(cache_dir / f"random-{preset}+sliding{window}-seed{seed}", link, "random")
+    return _build_once(cache_dir / f"random-{name}+sliding{window}-seed{seed}", link, "random")
 
 
-def _sliding_window(variant: str, spec: str) -> int:
-    name, eq, value = variant.partition("=")
-    if name == "sliding" and (not eq or value.isdigit() and int(value) > 0):
-        return int(value) if eq else DEFAULT_SLIDING_WINDOW
-    raise CliError(f"unknown variant in {RANDOM_PREFIX}{spec}: the one variant is +sliding or +sliding=W (W > 0 tokens)")
+def _variants(variants: list[str], spec: str) -> tuple[int | None, int | None]:
+    """(layers, sliding window) from ``+layers=N`` and ``+sliding[=W]``; None where not given."""
+    found: dict[str, int] = {}
+    for variant in variants:
+        name, eq, value = variant.partition("=")
+        number = int(value) if value.isdigit() and int(value) > 0 else None
+        if name == "sliding" and (not eq or number) and name not in found:
+            found[name] = number or DEFAULT_SLIDING_WINDOW
+        elif name == "layers" and number and name not in found:
+            found[name] = number
+        else:
+            raise CliError(f"unknown variant {variant!r} in {RANDOM_PREFIX}{spec}: the variants are "
+                           "+sliding or +sliding=W (W > 0 tokens) and +layers=N (N > 0), each at most once")
+    return found.get("layers"), found.get("sliding")
 
 
 def _write_random(config: dict, directory: Path, seed: int) -> None:
