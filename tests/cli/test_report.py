@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vllm_mirage.cli import stats
-from vllm_mirage.cli.report import render_table, write_reports
+from vllm_mirage.cli.report import json_text, render_table, write_reports
 
 N = 5  # max_tokens in the synthetic runs
 
@@ -158,3 +158,11 @@ def test_merge_starts_pools_the_speculative_counts():
     assert merged["speculative"] == {"num_drafts": 40, "num_draft_tokens": 120, "num_accepted_tokens": 60,
                                      "acceptance_rate": 0.5, "tokens_per_step": 2.5}
     assert "speculative" not in stats.merge_starts([{"timings": {}}, {"timings": {}}])
+
+
+def test_json_text_puts_lists_of_numbers_on_one_line_and_keeps_the_data():
+    data = {"token_ids": [[1, 2, 3], [4]], "x": [0.5, -1e-05, None, True], "text": "a [1,\n 2] b", "rows": [{"a": 1}]}
+    text = json_text(data)
+    assert json.loads(text) == data
+    assert '    [1, 2, 3],\n' in text and '"x": [0.5, -1e-05, null, true]' in text
+    assert '"text": "a [1,\\n 2] b"' in text  # a string's characters are not touched

@@ -60,7 +60,7 @@ def test_kv_block_size_the_kernel_refuses_is_declined_per_step(tiny_qwen3, run_e
     status = result["model"]["mirage_status"]
     assert status["mode"] == "megakernel" and status["megakernel_steps"] == 0, status
     declines = [line for line in result["mirage_log"] if "megakernel not used for a step" in line]
-    assert declines == ["vllm-mirage: megakernel not used for a step (fused path instead): "
+    assert declines == ["vllm-mirage: megakernel not used for a step (the plan's next path takes it): "
                         "KV-cache block size 96 must be a power of two ≥ 16"], result["mirage_log"]
     assert result["token_ids"] == stock["token_ids"]
 

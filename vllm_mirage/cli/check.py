@@ -35,6 +35,7 @@ from pathlib import Path
 from vllm_mirage.cli.context import parse_json_dict, prepare, runner_spec
 from vllm_mirage.cli.errors import EXIT_MISMATCH, EXIT_OK, CliError
 from vllm_mirage.cli.launch import SideRun, run_side
+from vllm_mirage.cli.report import json_text
 from vllm_mirage.cli.status import assess_mirage
 
 DEFAULT_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # nats; float32 is compared exactly
@@ -273,9 +274,8 @@ def run_check(args) -> int:
             k: {x: v.get(x) for x in ("system", "engine", "mirage_status", "speculative", "token_ids", "log")}
             for k, v in results.items()
         }
-        out.write_text(json.dumps(
-            {"notes": ctx.notes, "mirage_assessment": assessment, "comparison": comparison, "sides": sides_raw},
-            indent=2, default=str,
+        out.write_text(json_text(
+            {"notes": ctx.notes, "mirage_assessment": assessment, "comparison": comparison, "sides": sides_raw}
         ))
         print(f"Wrote {out}")
     if code not in (EXIT_OK, EXIT_MISMATCH):

@@ -88,13 +88,13 @@ class MegakernelDecoder:
         return int(self._steps.item())
 
     def declined(self) -> list[str]:
-        """Why decode steps took the fused path instead: each reason seen so far, once."""
+        """Why decode steps went to the plan's next path (fused layers or stock's): each reason once."""
         return sorted(self._declined)
 
     def _decline(self, why: str) -> None:
         if why not in self._declined:  # once per reason: this runs every step
             self._declined.add(why)
-            logger.info("vllm-mirage: megakernel not used for a step (fused path instead): %s", why)
+            logger.info("vllm-mirage: megakernel not used for a step (the plan's next path takes it): %s", why)
 
     def decode_batch(self, positions: torch.Tensor) -> DecodeBatch | None:
         from vllm.forward_context import get_forward_context
