@@ -53,17 +53,24 @@ class Result:
     def name(self) -> str:
         """The folder's <what>, and the file's stem where a folder holds several results."""
         what = self.folder.name[11:]
-        return what if self.path.name in ("results.json", "check.json") else f"{what}/{self.path.stem}"
+        return what if self.path.name in ("results.json", "check.json", "soak.json") else f"{what}/{self.path.stem}"
 
     @property
     def link(self) -> str:
         return f"[{self.name}]({_rel(self.path if '/' in self.name else self.folder)})"
 
+    def command_note(self) -> str:
+        """The "#" lines of command.txt (what a plan file or a variable holds), after the command."""
+        given = self.folder / "command.txt"
+        notes = [x.lstrip("# ").strip() for x in given.read_text().splitlines() if x.startswith("#")] if given.is_file() else []
+        return "".join(f" {n}" for n in notes)
+
     def command(self) -> str:
         given = self.folder / "command.txt"
         if given.is_file():
-            # One line in the page: shell line continuations and indentation fold away.
-            return " ".join(given.read_text().replace("\\\n", " ").split())
+            # One line in the page: shell line continuations and indentation fold away; "#" lines are notes.
+            lines = given.read_text().replace("\\\n", " ").splitlines()
+            return " ".join(" ".join(x for x in lines if not x.startswith("#")).split())
         meta = self.data.get("meta", self.data)
         # Where the run wrote its files says nothing about the result; OUT is what a reader would pass.
         return _OUTPUT_ARG.sub(lambda m: f"{m[1]} OUT{'.json' if m[2].endswith('.json') else ''}",
@@ -82,6 +89,8 @@ def _kind(path: Path, data) -> str | None:
         return "bench"
     if path.name == "check.json" or ("comparison" in data and "sides" in data):
         return "check"
+    if path.name == "soak.json" and "summary" in data:
+        return "soak"
     if "rows" in data and "copy_bandwidth_bytes_per_s" in data:
         return "megakernel"
     if "meta" in data and ("results" in data or "sweep" in data):
@@ -90,7 +99,7 @@ def _kind(path: Path, data) -> str | None:
 
 
 def load_results() -> dict[str, list[Result]]:
-    found: dict[str, list[Result]] = {"bench": [], "check": [], "megakernel": [], "ops": []}
+    found: dict[str, list[Result]] = {"bench": [], "check": [], "soak": [], "megakernel": [], "ops": []}
     for path in sorted(RESULTS.glob("*/*/*.json")):
         data = json.loads(path.read_text())
         kind = _kind(path, data)
@@ -124,7 +133,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _commands(results: list[Result], extra=lambda r: "") -> list[str]:
-    return [f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`" for r in results]
+    return [f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`{r.command_note()}" for r in results]
 
 
 # --- vllm-mirage bench ---------------------------------------------------------------------------
@@ -190,12 +199,15 @@ def bench_section(results: list[Result]) -> list[str]:
 
 def _vllm_heading(r: Result) -> str:
     system = _system(r)
-    return f"{system.get('gpu') or system.get('cpu')}, vLLM {system.get('vllm')} (`{r.gpu_dir}/`)"
+    return f"{system.get('gpu') or system.get('cpu') or 'GPU'}, vLLM {system.get('vllm')} (`{r.gpu_dir}/`)"
 
 
 def _system(r: Result) -> dict:
     if "system" in r.data:
         return r.data["system"]
+    if "summary" in r.data:  # a serving soak: one vLLM per mode, the same in every mode
+        first = next(iter(r.data["modes"].values()), {})
+        return {"gpu": r.data.get("gpu"), "vllm": first.get("vllm")}
     return r.data["sides"]["stock"]["system"]
 
 
@@ -214,6 +226,8 @@ def check_row(r: Result) -> tuple:
     args = {side: sides[side]["engine"]["args"].get("tensor_parallel_size", 1) for side in ("stock", "mirage")}
     status = sides["mirage"].get("mirage_status") or {}
     mode = status.get("mode") or ("megakernel" if "megakernel" in r.data["mirage_assessment"] else "fused")
+    if r.data["mirage_assessment"].startswith("Control run"):
+        mode = "none: stock against stock"
     if args["stock"] > 1 or args["mirage"] > 1:
         mode += f", TP={args['mirage']} against stock TP={args['stock']}"
     top = c.get("logprobs")
@@ -232,6 +246,49 @@ def check_section(results: list[Result]) -> list[str]:
     ]
     for heading, group in _groups(results, _vllm_heading):
         lines += [f"### {heading}", "", *_table(CHECK_HEADER, [check_row(r) for r in group]), "", "Commands:", ""]
+        lines += _commands(group) + [""]
+    return lines
+
+
+# --- serving soak --------------------------------------------------------------------------------
+
+SOAK_HEADER = (
+    "date", "result", "mode", "requests", "errors", "output tok/s", "vs stock", "TTFT p50 (ms)", "TPOT p50 (ms)",
+    "same text in both bursts", "same text as stock's server", "GPU memory growth (MiB)",
+)
+
+
+def soak_rows(r: Result) -> list[tuple]:
+    summary = r.data["summary"]
+    stock = summary.get("stock", {}).get("output_tokens_per_s")
+    rows = []
+    for mode, m in summary.items():
+        bursts = len(r.data["modes"][mode]["bursts"])
+        same = m.get("same_text_as_stock")
+        rows.append((
+            r.date, r.link, mode, f"{m['requests_per_burst']} × {bursts}", m["errors"],
+            f"{m['output_tokens_per_s']:.0f}", _ratio(m["output_tokens_per_s"], stock),
+            _ms(m["ttft_median_s"]), _ms(m["tpot_median_s"]),
+            f"{m['same_text_across_bursts']}/{m['requests_per_burst']}",
+            " and ".join(str(x) for x in same) if same else "n/a", f"{m['memory_growth_mib']:.0f}",
+        ))
+    return rows
+
+
+def soak_section(results: list[Result]) -> list[str]:
+    if not results:
+        return []
+    lines = [
+        "## Serving soak (`benchmarks/serve_soak.py`)",
+        "",
+        "The real `vllm serve` per mode, the same concurrent streamed greedy requests twice (completions and "
+        "chats of mixed lengths). Text equality counts requests; on random bf16 weights near-ties are common, "
+        "so compare each mode with stock's own agreement between its two bursts.",
+        "",
+    ]
+    for heading, group in _groups(results, _vllm_heading):
+        rows = [row for r in group for row in soak_rows(r)]
+        lines += [f"### {heading}", "", *_table(SOAK_HEADER, rows), "", "Commands:", ""]
         lines += _commands(group) + [""]
     return lines
 
@@ -321,6 +378,7 @@ def render() -> str:
         "",
         *bench_section(found["bench"]),
         *check_section(found["check"]),
+        *soak_section(found["soak"]),
         *kernels_section(found["megakernel"], found["ops"]),
     ]
     while lines[-1] == "":

@@ -52,3 +52,28 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
     h200 = text.index("### NVIDIA H200, vLLM 0.26.0 (`h200/`)")
     assert h100 < h200 < text.index("## Same tokens?")
     assert s.render() == text  # deterministic
+
+
+def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp_path, monkeypatch):
+    s = _summarize()
+    folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-serve-soak-tiny"
+    folder.mkdir(parents=True)
+    mode = {"requests_per_burst": 4, "errors": 0, "ttft_median_s": 0.02, "tpot_median_s": 0.005,
+            "same_text_across_bursts": 4, "memory_growth_mib": 0.0}
+    soak = {"gpu": "NVIDIA H200",
+            "modes": {m: {"vllm": "0.26.0", "bursts": [{}, {}]} for m in ("stock", "megakernel")},
+            "summary": {"stock": {**mode, "output_tokens_per_s": 100.0},
+                        "megakernel": {**mode, "output_tokens_per_s": 150.0, "same_text_as_stock": [4, 3]}}}
+    (folder / "soak.json").write_text(json.dumps(soak))
+    (folder / "command.txt").write_text("VLLM_MIRAGE_PLAN=plan.json python benchmarks/serve_soak.py \\\n"
+                                        "  --out OUT/soak.json\n# plan.json: every path up to batch 16.\n")
+    monkeypatch.setattr(s, "ROOT", tmp_path)
+    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
+
+    text = s.render()
+    link = "[serve-soak-tiny](benchmarks/results/h200/2026-12-03-serve-soak-tiny/)"
+    assert "### NVIDIA H200, vLLM 0.26.0 (`h200/`)" in text
+    assert f"| 2026-12-03 | {link} | stock | 4 × 2 | 0 | 100 | 1.00× | 20.00 | 5.00 | 4/4 | n/a | 0 |" in text
+    assert f"| 2026-12-03 | {link} | megakernel | 4 × 2 | 0 | 150 | 1.50× | 20.00 | 5.00 | 4/4 | 4 and 3 | 0 |" in text
+    command = "VLLM_MIRAGE_PLAN=plan.json python benchmarks/serve_soak.py --out OUT/soak.json"
+    assert f"- {link} (2026-12-03): `{command}` plan.json: every path up to batch 16." in text
