@@ -63,7 +63,8 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
-def _draw(shape: tuple[int, ...], init: str, generator, device):
+def draw(shape: tuple[int, ...], init: str, generator, device):
+    """One bfloat16 tensor of ``shape`` drawn as ``init`` ("proj", "norm", "qk_norm" or "embed") says."""
     import torch
 
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
@@ -112,7 +113,7 @@ def write_random_qwen3(config: dict, path: str | Path, *, seed: int = 0, device:
         for i in members:
             name, shape, init = specs[i]
             generator = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
-            tensors[name] = _draw(shape, init, generator, device).cpu()
+            tensors[name] = draw(shape, init, generator, device).cpu()
             weight_map[name] = file
             total += 2 * math.prod(shape)
         save_file(tensors, str(path / file), metadata={"format": "pt"})
