@@ -5,6 +5,8 @@
 #   MODE=megakernel bash benchmarks/e2e_device.sh check qwen3-0.6b OUTDIR   (the Mirage side's --mode)
 #   MODE="fused megakernel" bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR   (bench: both, one stock)
 #   MODE=multi-token TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR   (tokens per step)
+#   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
+#     (engine starts per side, interleaved: host-bound models vary from one start to the next)
 # Only the batch sizes we report are captured as CUDA graphs (both sides alike): it shortens engine start.
 set -uo pipefail
 what=$1 model=$2 out=$3
@@ -22,7 +24,7 @@ case "$what" in
     bench)
         # Stock twice (default, async scheduling: the faster is "stock"); Mirage with async scheduling.
         vllm-mirage bench "${mode[@]}" --model "$model" --batch-sizes ${BATCHES:-1 8 64} --max-tokens 128 \
-            --num-warmup 2 --num-iterations ${ITERS:-5} --engine-args "$engine" \
+            --num-warmup 2 --num-iterations ${ITERS:-5} --starts ${STARTS:-1} --engine-args "$engine" \
             --baseline-args "${baselines[@]}" --mirage-args '{"async_scheduling": true}' \
             --profile-gpu --output "$out" ;;
 esac
