@@ -65,6 +65,9 @@ def test_same_divergence_is_real_below_the_tolerance_or_in_float32():
     c = compare(STOCK, near_tie_mirage(), "float32")
     assert c["real_mismatches"] == 1 and c["rule"] == "exact"
     assert "REAL MISMATCH" in format_verdict(c) and "Verdict: FAIL" in format_verdict(c)
+    # A 16-bit failure points at the stock-against-stock control; a float32 one is a fault as it stands.
+    assert "yardstick" not in format_verdict(c)
+    assert "check --mode stock" in format_verdict(compare(STOCK, near_tie_mirage(), "bfloat16", tolerance=0.01))
 
 
 def test_token_outside_stock_candidates_is_real_even_when_the_top2_gap_is_small():

@@ -198,6 +198,12 @@ def format_verdict(comparison: dict, max_listed: int = 20) -> str:
         lines.append(f"  ... and {len(diverged) - max_listed} more (all are in check.json with --output DIR)")
     if c["real_mismatches"]:
         lines.append(f"Verdict: FAIL: {c['real_mismatches']} prompt(s) with a real token mismatch")
+        if c["dtype"] in ("bfloat16", "float16"):
+            # Random or real bf16 weights: logits of ~16-32 resolve only 1/8 nat, and stock diverges from
+            # itself when the batches change (docs/design.md, Numerics).
+            lines.append("  Rounding or a fault? Stock against stock with other batches is the yardstick: "
+                         "vllm-mirage check --mode stock --mirage-args '{\"max_num_seqs\": 8}' (same model), "
+                         "then compare the |logprob difference| lines")
     elif c["near_ties"]:
         lines.append(f"Verdict: PASS ({c['near_ties']} near-tie divergence(s) tolerated)")
     else:
