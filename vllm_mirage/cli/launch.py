@@ -40,10 +40,10 @@ def has_cuda_gpu() -> bool:
 def side_env(side: str, cache_root: Path, on_cuda: bool, mirage_switch: str = SIDES["mirage"]) -> dict:
     env = dict(os.environ)
     env["VLLM_USE_MIRAGE"] = mirage_switch if side == "mirage" else SIDES[side]
-    # One compile cache per side of a command, fresh for the command (no user's cache leaks in), shared
-    # by that side's engine starts (bench --starts): a later start loads the graphs the first compiled
-    # (~40 s each on a GPU) and runs the same code. Sides keep their own, so no side can be handed
-    # graphs another compiled.
+    # One compile cache per command, fresh (no user's cache leaks in), shared by every engine it starts:
+    # the compiled module is stock's Qwen3Model in every Mirage mode (the fused layers and the megakernel
+    # run beside it, tests/models/test_compiled_and_limits.py), so later engines load the graphs the first
+    # one compiled (~40 s saved each on a GPU) and run the same code.
     env["VLLM_CACHE_ROOT"] = str(cache_root)
     # apply_model() pickles vllm_mirage.introspect.mirage_status to the worker; vLLM wants this opt-in for that.
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -53,11 +53,6 @@ def side_env(side: str, cache_root: Path, on_cuda: bool, mirage_switch: str = SI
         # One process instead of three: halves start-up time, and the CPU numbers are only indicative.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
-
-
-def side_cache_root(workdir: Path, label: str) -> Path:
-    """The compile cache of one side of a command (see :func:`side_env`): one per label, in ``workdir``."""
-    return workdir / "vllm-cache" / file_label(label)
 
 
 @dataclass
@@ -79,8 +74,7 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
     with open(log_path, "w") as log:
         out = None if verbose else log
-        env = side_env(run.side, side_cache_root(workdir, run.label), on_cuda,
-                       run.spec.get("mirage_switch", SIDES["mirage"]))
+        env = side_env(run.side, workdir / "vllm-cache", on_cuda, run.spec.get("mirage_switch", SIDES["mirage"]))
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,))
         os.close(write_fd)
         _follow_progress(read_fd, run)

@@ -2,7 +2,7 @@
 
     python -m vllm_mirage.cli.runner SPEC_JSON RESULT_JSON [PROGRESS_FD]
 
-The parent (``vllm_mirage.cli.launch``) sets ``VLLM_USE_MIRAGE`` and the side's ``VLLM_CACHE_ROOT`` in
+The parent (``vllm_mirage.cli.launch``) sets ``VLLM_USE_MIRAGE`` and the command's ``VLLM_CACHE_ROOT`` in
 this process's environment; the switch is read when the model is built, so one process is one side.
 The result is JSON: ``{"ok": true, ...}`` or ``{"ok": false, "error": ..., "diagnosis": ...}``.
 Progress goes to ``PROGRESS_FD`` as one line per finished step, for the parent's progress bar.
