@@ -280,8 +280,9 @@ async def _burst(port: int, plan: list[dict], timeout_s: float) -> tuple[list[di
 def soak_mode(mode: str, checkpoint: str, plan: list[dict], args, work: Path) -> dict:
     port = _free_port()
     env = {**os.environ, "VLLM_USE_MIRAGE": MODES[mode],
-           # Compile caches are not keyed on the plugin: each mode compiles its own graph.
-           "VLLM_CACHE_ROOT": str(work / f"cache-{mode}")}
+           # One compile cache for every server, as vllm-mirage check/bench keep (cli/launch.py: the compiled
+           # module is stock's in every mode).
+           "VLLM_CACHE_ROOT": str(work / "cache")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only the CPU backend reads it; its default is too big
     cmd = server_command(checkpoint, port, args, mode)
     log = args.log_dir / f"server-{mode}.log"

@@ -54,7 +54,7 @@ def run_engine(tmp_path_factory):
             **{
                 "VLLM_CPU_KVCACHE_SPACE": "1",
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                # Compile caches are not keyed on the plugin: never share them between runs.
+                # A fresh compile cache per run unless the test passes one: no test depends on another.
                 "VLLM_CACHE_ROOT": str(work / "cache"),
                 # vLLM's log lines (this package's included) on stderr, where the tests read them.
                 "VLLM_LOGGING_STREAM": "ext://sys.stderr",
