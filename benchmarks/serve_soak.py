@@ -281,8 +281,8 @@ def soak_mode(mode: str, checkpoint: str, plan: list[dict], args, work: Path) ->
     port = _free_port()
     env = {**os.environ, "VLLM_USE_MIRAGE": MODES[mode],
            # One compile cache for every server, as vllm-mirage check/bench keep (cli/launch.py: the compiled
-           # module is stock's in every mode).
-           "VLLM_CACHE_ROOT": str(work / "cache")}
+           # module is stock's in every mode); a VLLM_CACHE_ROOT the user set is kept.
+           "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(work / "cache")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only the CPU backend reads it; its default is too big
     cmd = server_command(checkpoint, port, args, mode)
     log = args.log_dir / f"server-{mode}.log"

@@ -10,10 +10,13 @@ from vllm_mirage.cli.runner import busiest_gpu_kernel_seconds
 def test_side_env(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a user's own setting wins over our default
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
     stock = side_env("stock", tmp_path / "cache", on_cuda=False)
     mirage = side_env("mirage", tmp_path / "cache", on_cuda=False, mirage_switch="megakernel")
     assert (stock["VLLM_USE_MIRAGE"], mirage["VLLM_USE_MIRAGE"]) == ("0", "megakernel")
     assert stock["VLLM_CACHE_ROOT"] == mirage["VLLM_CACHE_ROOT"] == str(tmp_path / "cache")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "mine"))  # a user's own root is kept
+    assert side_env("mirage", tmp_path / "cache", on_cuda=True)["VLLM_CACHE_ROOT"] == str(tmp_path / "mine")
     assert stock["VLLM_CPU_KVCACHE_SPACE"] == "3" and stock["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     gpu = side_env("mirage", tmp_path / "c", on_cuda=True)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu  # benchmark the engine as users run it
