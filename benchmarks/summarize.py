@@ -216,6 +216,7 @@ def _system(r: Result) -> dict:
 CHECK_HEADER = (
     "date", "result", "model", "Mirage", "dtype", "identical sequences", "near-ties", "real mismatches",
     "max logprob difference (nats)", "top-K logprob difference, mean / max (nats)",
+    "control: stock against stock, mean / max (nats)",
 )
 
 
@@ -230,10 +231,14 @@ def check_row(r: Result) -> tuple:
         mode = "none: stock against stock"
     if args["stock"] > 1 or args["mirage"] > 1:
         mode += f", TP={args['mirage']} against stock TP={args['stock']}"
-    top = c.get("logprobs")
-    top_k = f"{top['mean_diff']:.2g} / {top['max_diff']:.2g} (top {top['top_k']})" if top else "n/a"
+    control = (r.data.get("control") or {}).get("comparison")
     return (r.date, r.link, model, mode, c["dtype"], f"{c['exact_matches']}/{c['prompts']}", c["near_ties"],
-            c["real_mismatches"], f"{c['max_logprob_diff']:.2g}", top_k)
+            c["real_mismatches"], f"{c['max_logprob_diff']:.2g}", _top_k(c), _top_k(control) if control else "n/a")
+
+
+def _top_k(comparison: dict) -> str:
+    top = comparison.get("logprobs")
+    return f"{top['mean_diff']:.2g} / {top['max_diff']:.2g} (top {top['top_k']})" if top else "n/a"
 
 
 def check_section(results: list[Result]) -> list[str]:

@@ -77,3 +77,18 @@ def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp
     assert f"| 2026-12-03 | {link} | megakernel | 4 × 2 | 0 | 150 | 1.50× | 20.00 | 5.00 | 4/4 | 4 and 3 | 0 |" in text
     command = "VLLM_MIRAGE_PLAN=plan.json python benchmarks/serve_soak.py --out OUT/soak.json"
     assert f"- {link} (2026-12-03): `{command}` plan.json: every path up to batch 16." in text
+
+
+def test_a_check_with_a_control_shows_it_beside_mirage(tmp_path, monkeypatch):
+    s = _summarize()
+    old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-02-check-random-0.6b-fused" / "check.json"
+    folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-check-controlled"
+    folder.mkdir(parents=True)
+    data = json.loads(old.read_text())
+    control = {**data["comparison"], "logprobs": {**data["comparison"]["logprobs"], "mean_diff": 0.01, "max_diff": 0.5}}
+    data["control"] = {"engine_args": {"max_num_seqs": 8}, "comparison": control}
+    (folder / "check.json").write_text(json.dumps(data))
+    monkeypatch.setattr(s, "ROOT", tmp_path)
+    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
+    row = next(line for line in s.render().splitlines() if "check-controlled" in line and line.startswith("|"))
+    assert row.endswith("| 0.16 / 1.1 (top 5) | 0.01 / 0.5 (top 5) |")

@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_mirage.cli.check import compare, format_verdict
+from vllm_mirage.cli.check import compare, format_control, format_verdict
 from vllm_mirage.cli.errors import EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
 from vllm_mirage.cli.status import assess_mirage
 
@@ -67,7 +67,14 @@ def test_same_divergence_is_real_below_the_tolerance_or_in_float32():
     assert "REAL MISMATCH" in format_verdict(c) and "Verdict: FAIL" in format_verdict(c)
     # A 16-bit failure points at the stock-against-stock control; a float32 one is a fault as it stands.
     assert "yardstick" not in format_verdict(c)
-    assert "check --mode stock" in format_verdict(compare(STOCK, near_tie_mirage(), "bfloat16", tolerance=0.01))
+    bf16 = compare(STOCK, near_tie_mirage(), "bfloat16", tolerance=0.01)
+    assert "--control" in format_verdict(bf16) and "--control" not in format_verdict(bf16, controlled=True)
+
+
+def test_control_line_reports_stock_against_stock():
+    line = format_control(compare(STOCK, STOCK, "bfloat16"), {"max_num_seqs": 8})
+    assert line.startswith('Control, stock against stock with {"max_num_seqs": 8}: identical sequences 1/1;')
+    assert "|Logprob difference|" in line and "max 0, mean 0 nats" in line
 
 
 def test_token_outside_stock_candidates_is_real_even_when_the_top2_gap_is_small():

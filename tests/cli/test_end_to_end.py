@@ -54,9 +54,16 @@ def _prompts_file(path, n: int):
 def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
     prompts = _prompts_file(tmp_path / "prompts.txt", 8)
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--mode", "megakernel",
-                   "--prompts", prompts, "--output", str(tmp_path))
+                   "--prompts", prompts, "--output", str(tmp_path), "--control", '{"max_num_seqs": 4}')
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    status = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]["mirage_status"]
+    report = json.loads((tmp_path / "check.json").read_text())
+    status = report["sides"]["mirage"]["mirage_status"]
+    # The control: stock again, two batches of 4 instead of one of 8; float32 gives stock's tokens.
+    control = report["control"]
+    assert control["engine_args"] == {"max_num_seqs": 4} and control["comparison"]["exact_matches"] == 8
+    assert report["sides"]["control"]["engine"]["args"]["max_num_seqs"] == 4
+    assert report["sides"]["control"]["mirage_status"]["mode"] == "off"
+    assert 'Control, stock against stock with {"max_num_seqs": 4}: identical sequences 8/8' in proc.stdout
     assert status["mode"] == "megakernel" and status["megakernel_steps"] >= 7  # every decode step of the batch
     assert f"Mirage applied: megakernel, 2 fused decoder layers, {status['megakernel_steps']} decode steps" in proc.stdout
     assert "Verdict: PASS" in proc.stdout

@@ -167,7 +167,14 @@ def _top_k_summary(rows: list[PromptComparison], top_k: int) -> dict:
     }
 
 
-def format_verdict(comparison: dict, max_listed: int = 20) -> str:
+def format_control(control: dict, engine_args: dict) -> str:
+    """The control's line: stock against stock under other engine arguments (another batch composition),
+    the size of the differences rounding alone makes on this model."""
+    return (f"Control, stock against stock with {json.dumps(engine_args)}: identical sequences "
+            f"{control['exact_matches']}/{control['prompts']}; {_format_top_k(control['logprobs'])}")
+
+
+def format_verdict(comparison: dict, max_listed: int = 20, controlled: bool = False) -> str:
     c = comparison
     lines = [
         f"Prompts: {c['prompts']}, exact token match: {c['exact_matches']}/{c['prompts']} "
@@ -198,12 +205,12 @@ def format_verdict(comparison: dict, max_listed: int = 20) -> str:
         lines.append(f"  ... and {len(diverged) - max_listed} more (all are in check.json with --output DIR)")
     if c["real_mismatches"]:
         lines.append(f"Verdict: FAIL: {c['real_mismatches']} prompt(s) with a real token mismatch")
-        if c["dtype"] in ("bfloat16", "float16"):
+        if c["dtype"] in ("bfloat16", "float16") and not controlled:
             # Random or real bf16 weights: logits of ~16-32 resolve only 1/8 nat, and stock diverges from
             # itself when the batches change (docs/design.md, Numerics).
             lines.append("  Rounding or a fault? Stock against stock with other batches is the yardstick: "
-                         "vllm-mirage check --mode stock --mirage-args '{\"max_num_seqs\": 8}' (same model), "
-                         "then compare the |logprob difference| lines")
+                         "run again with --control '{\"max_num_seqs\": 8}' and compare the |logprob "
+                         "difference| lines")
     elif c["near_ties"]:
         lines.append(f"Verdict: PASS ({c['near_ties']} near-tie divergence(s) tolerated)")
     else:
@@ -243,14 +250,21 @@ def run_check(args) -> int:
         "stock": parse_json_dict(args.baseline_args, "--baseline-args"),
         "mirage": parse_json_dict(args.mirage_args, "--mirage-args"),
     }
-    sides = ["mirage"] if args.skip_baseline else ["stock", "mirage"]
+    # label -> (side, engine arguments): --control is stock again under other engine arguments.
+    runs = {"stock": ("stock", side_args["stock"]), "mirage": ("mirage", side_args["mirage"])}
+    if args.skip_baseline:
+        del runs["stock"]
+    if args.control is not None:
+        if args.skip_baseline:
+            raise CliError("--control compares with the stock side: drop --skip-baseline")
+        runs = {"stock": runs["stock"], "control": ("stock", parse_json_dict(args.control, "--control")), **runs}
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         results = {
-            side: run_side(
-                SideRun(side, side, runner_spec(ctx, "check", side, side_args[side], logprobs=candidates), steps=2),
+            label: run_side(
+                SideRun(side, label, runner_spec(ctx, "check", side, extra, logprobs=candidates), steps=2),
                 Path(work), log_dir, ctx.on_cuda, args.verbose,
             )
-            for side in sides
+            for label, (side, extra) in runs.items()
         }
     mirage = results["mirage"]
     if mirage["truncated_prompts"]:
@@ -265,10 +279,13 @@ def run_check(args) -> int:
         if extra:
             print(f"{side} side only: {json.dumps(extra)}")
     print(assessment)
-    comparison = None
+    comparison = control = None
+    if "control" in results:
+        control = compare(results["stock"], results["control"], engine["dtype"], args.tolerance, top_k)
+        print(format_control(control, runs["control"][1]))
     if "stock" in results:
         comparison = compare(results["stock"], mirage, engine["dtype"], args.tolerance, top_k)
-        print(format_verdict(comparison))
+        print(format_verdict(comparison, controlled=control is not None))
         if comparison["real_mismatches"] and code == EXIT_OK:
             code = EXIT_MISMATCH
     else:
@@ -281,7 +298,9 @@ def run_check(args) -> int:
             for k, v in results.items()
         }
         out.write_text(json_text(
-            {"notes": ctx.notes, "mirage_assessment": assessment, "comparison": comparison, "sides": sides_raw}
+            {"notes": ctx.notes, "mirage_assessment": assessment, "comparison": comparison,
+             **({"control": {"engine_args": runs["control"][1], "comparison": control}} if control else {}),
+             "sides": sides_raw}
         ))
         print(f"Wrote {out}")
     if code not in (EXIT_OK, EXIT_MISMATCH):

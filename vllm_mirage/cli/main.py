@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine arguments for the stock side only, e.g. "
                             "'{\"tensor_parallel_size\": 1}' to hold Mirage at TP=2 against stock at TP=1")
     check.add_argument("--mirage-args", metavar="JSON", help="engine arguments for the Mirage side only")
+    check.add_argument("--control", metavar="JSON",
+                       help="also run stock with these engine arguments (e.g. '{\"max_num_seqs\": 8}': other "
+                            "batches) and report it against stock beside Mirage: the differences rounding alone "
+                            "makes on this model")
     check.set_defaults(func="check")
 
     bench = sub.add_parser("bench", parents=[common], help="measure stock vLLM and Mirage speed",
