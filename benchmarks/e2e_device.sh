@@ -5,6 +5,7 @@
 #   MODE=megakernel bash benchmarks/e2e_device.sh check qwen3-0.6b OUTDIR   (the Mirage side's --mode)
 #   MODE="fused megakernel" bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR   (bench: both, one stock)
 #   MODE=multi-token TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR   (tokens per step)
+#   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
 #     (engine starts per side, interleaved: host-bound models vary from one start to the next)
 # Only the batch sizes we report are captured as CUDA graphs (both sides alike): it shortens engine start.
@@ -20,7 +21,8 @@ baselines=('{}' '{"async_scheduling": true}')
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 case "$what" in
     check)
-        vllm-mirage check "${mode[@]}" --model "$model" --max-tokens 64 --engine-args "$engine" --output "$out" ;;
+        vllm-mirage check "${mode[@]}" --model "$model" --max-tokens 64 --engine-args "$engine" \
+            ${CONTROL:+--control "$CONTROL"} --output "$out" ;;
     bench)
         # Stock twice (default, async scheduling: the faster is "stock"); Mirage with async scheduling.
         vllm-mirage bench "${mode[@]}" --model "$model" --batch-sizes ${BATCHES:-1 8 64} --max-tokens 128 \

@@ -59,17 +59,18 @@ class Result:
     def link(self) -> str:
         return f"[{self.name}]({_rel(self.path if '/' in self.name else self.folder)})"
 
+    def _command_lines(self) -> list[str]:
+        given = self.folder / "command.txt"
+        return given.read_text().replace("\\\n", " ").splitlines() if given.is_file() else []
+
     def command_note(self) -> str:
         """The "#" lines of command.txt (what a plan file or a variable holds), after the command."""
-        given = self.folder / "command.txt"
-        notes = [x.lstrip("# ").strip() for x in given.read_text().splitlines() if x.startswith("#")] if given.is_file() else []
-        return "".join(f" {n}" for n in notes)
+        return "".join(f" {x.lstrip('# ').strip()}" for x in self._command_lines() if x.startswith("#"))
 
     def command(self) -> str:
-        given = self.folder / "command.txt"
-        if given.is_file():
+        lines = self._command_lines()
+        if lines:
             # One line in the page: shell line continuations and indentation fold away; "#" lines are notes.
-            lines = given.read_text().replace("\\\n", " ").splitlines()
             return " ".join(" ".join(x for x in lines if not x.startswith("#")).split())
         meta = self.data.get("meta", self.data)
         # Where the run wrote its files says nothing about the result; OUT is what a reader would pass.
