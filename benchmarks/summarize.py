@@ -133,6 +133,16 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "n/a"
 
 
+def _grouped_tables(results: list[Result], heading, header: tuple[str, ...], rows, level: str = "###",
+                    caption: str = "Commands:", extra=lambda r: "") -> list[str]:
+    """Per heading (GPU, versions): a table of every result's rows, then the commands behind them."""
+    lines = []
+    for title, group in _groups(results, heading):
+        lines += [f"{level} {title}", "", *_table(header, [row for r in group for row in rows(r)]), "", caption, ""]
+        lines += _commands(group, extra) + [""]
+    return lines
+
+
 def _commands(results: list[Result], extra=lambda r: "") -> list[str]:
     return [f"- {r.link} ({r.date}){extra(r)}: `{r.command()}`{r.command_note()}" for r in results]
 
@@ -189,13 +199,9 @@ def bench_section(results: list[Result]) -> list[str]:
         "at each batch size. Models are the real Qwen3 configs with dummy weights, bf16, 128 new tokens.",
         "",
     ]
-    for heading, group in _groups(results, _vllm_heading):
-        rows = [row for r in group for row in bench_rows(r)]
-        lines += [f"### {heading}", "", *_table(BENCH_HEADER, rows), "", "Commands and plots:", ""]
-        lines += _commands(group, lambda r: f", [plot]({_rel(r.folder / 'plot.png')})"
-                           if (r.folder / "plot.png").is_file() else "")
-        lines.append("")
-    return lines
+    return lines + _grouped_tables(results, _vllm_heading, BENCH_HEADER, bench_rows, caption="Commands and plots:",
+                                   extra=lambda r: f", [plot]({_rel(r.folder / 'plot.png')})"
+                                   if (r.folder / "plot.png").is_file() else "")
 
 
 def _vllm_heading(r: Result) -> str:
@@ -250,10 +256,7 @@ def check_section(results: list[Result]) -> list[str]:
         "tokens were within the tolerance; the logprob difference is over the tokens both sides chose.",
         "",
     ]
-    for heading, group in _groups(results, _vllm_heading):
-        lines += [f"### {heading}", "", *_table(CHECK_HEADER, [check_row(r) for r in group]), "", "Commands:", ""]
-        lines += _commands(group) + [""]
-    return lines
+    return lines + _grouped_tables(results, _vllm_heading, CHECK_HEADER, lambda r: [check_row(r)])
 
 
 # --- serving soak --------------------------------------------------------------------------------
@@ -292,11 +295,7 @@ def soak_section(results: list[Result]) -> list[str]:
         "so compare each mode with stock's own agreement between its two bursts.",
         "",
     ]
-    for heading, group in _groups(results, _vllm_heading):
-        rows = [row for r in group for row in soak_rows(r)]
-        lines += [f"### {heading}", "", *_table(SOAK_HEADER, rows), "", "Commands:", ""]
-        lines += _commands(group) + [""]
-    return lines
+    return lines + _grouped_tables(results, _vllm_heading, SOAK_HEADER, soak_rows)
 
 
 # --- kernels alone -------------------------------------------------------------------------------
@@ -355,10 +354,7 @@ def kernels_section(megakernel: list[Result], ops: list[Result]) -> list[str]:
         "same run. Rows of one file ran side by side in one process; compare rows within a file.",
         "",
     ]
-    for heading, group in _groups(megakernel, _torch_heading):
-        rows = [row for r in group for row in megakernel_rows(r)]
-        lines += [f"#### {heading}", "", *_table(MEGAKERNEL_HEADER, rows), "", "Commands:", ""]
-        lines += _commands(group) + [""]
+    lines += _grouped_tables(megakernel, _torch_heading, MEGAKERNEL_HEADER, megakernel_rows, level="####")
     lines += [
         "### Fused ops (`benchmarks/bench_ops.py`)",
         "",
