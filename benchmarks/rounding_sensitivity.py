@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_mirage.cli.models import qwen3_preset_config  # noqa: E402
-from vllm_mirage.random_model import draw, tensor_specs  # noqa: E402
+from vllm_mirage.random_model import seeded_tensor, tensor_specs  # noqa: E402
 
 VARIANTS = ("rounded-sum", "split-k", "silu-unrounded", "rounded-sum+split-k")
 BF16 = torch.bfloat16
@@ -44,8 +44,7 @@ class Qwen3Numerics:
 
     def __init__(self, config: dict, seed: int):
         self.c = config
-        self.w = {name: draw(shape, init, torch.Generator().manual_seed(seed * 1_000_003 + i), "cpu")
-                  for i, (name, shape, init) in enumerate(tensor_specs(config))}
+        self.w = {spec[0]: seeded_tensor(spec, i, seed, "cpu") for i, spec in enumerate(tensor_specs(config))}
         self.w.setdefault("lm_head.weight", self.w["model.embed_tokens.weight"])
         self.changes: set[str] = set()
 

@@ -63,8 +63,15 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
-def draw(shape: tuple[int, ...], init: str, generator, device):
-    """One bfloat16 tensor of ``shape`` drawn as ``init`` ("proj", "norm", "qk_norm" or "embed") says."""
+def seeded_tensor(spec: tuple[str, tuple[int, ...], str], index: int, seed: int, device):
+    """Tensor ``index`` of :func:`tensor_specs` as the checkpoint of ``seed`` holds it, from its own generator."""
+    import torch
+
+    _, shape, init = spec
+    return _draw(shape, init, torch.Generator(device).manual_seed(seed * 1_000_003 + index), device)
+
+
+def _draw(shape: tuple[int, ...], init: str, generator, device):
     import torch
 
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
@@ -111,9 +118,8 @@ def write_random_qwen3(config: dict, path: str | Path, *, seed: int = 0, device:
     for file, members in zip(names, shards):
         tensors = {}
         for i in members:
-            name, shape, init = specs[i]
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
-            tensors[name] = draw(shape, init, generator, device).cpu()
+            name, shape, _ = specs[i]
+            tensors[name] = seeded_tensor(specs[i], i, seed, device).cpu()
             weight_map[name] = file
             total += 2 * math.prod(shape)
         save_file(tensors, str(path / file), metadata={"format": "pt"})

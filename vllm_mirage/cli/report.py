@@ -24,7 +24,7 @@ _SCALAR_LIST = re.compile(r"\[\s*(?:-?[\d.eE+-]+|null|true|false)(?:,\s*(?:-?[\d
 
 def json_text(data) -> str:
     """Indented JSON with each list of numbers on one line: a check's token ids and timings stay
-    readable and take a third of the bytes. Only matches that span lines are joined, and JSON strings
+    readable and take about half the bytes. Only matches that span lines are joined, and JSON strings
     never contain a raw newline, so string values are untouched."""
     def one_line(match: re.Match) -> str:
         span = match.group(0)
