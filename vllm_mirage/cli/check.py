@@ -250,14 +250,13 @@ def run_check(args) -> int:
         "stock": parse_json_dict(args.baseline_args, "--baseline-args"),
         "mirage": parse_json_dict(args.mirage_args, "--mirage-args"),
     }
-    # label -> (side, engine arguments): --control is stock again under other engine arguments.
-    runs = {"stock": ("stock", side_args["stock"]), "mirage": ("mirage", side_args["mirage"])}
-    if args.skip_baseline:
-        del runs["stock"]
+    if args.control is not None and args.skip_baseline:
+        raise CliError("--control compares with the stock side: drop --skip-baseline")
+    # label -> (side, engine arguments), in start order: --control is stock again under other arguments.
+    runs = {} if args.skip_baseline else {"stock": ("stock", side_args["stock"])}
     if args.control is not None:
-        if args.skip_baseline:
-            raise CliError("--control compares with the stock side: drop --skip-baseline")
-        runs = {"stock": runs["stock"], "control": ("stock", parse_json_dict(args.control, "--control")), **runs}
+        runs["control"] = ("stock", parse_json_dict(args.control, "--control"))
+    runs["mirage"] = ("mirage", side_args["mirage"])
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         results = {
             label: run_side(
