@@ -8,6 +8,7 @@
 #   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
 #     (engine starts per side, interleaved: host-bound models vary from one start to the next)
+# bench resumes: run the same command again after a stop and it measures only the engine runs still missing.
 # Only the batch sizes we report are captured as CUDA graphs (both sides alike): it shortens engine start.
 set -uo pipefail
 what=$1 model=$2 out=$3
@@ -28,5 +29,5 @@ case "$what" in
         vllm-mirage bench "${mode[@]}" --model "$model" --batch-sizes ${BATCHES:-1 8 64} --max-tokens 128 \
             --num-warmup 2 --num-iterations ${ITERS:-5} --starts ${STARTS:-1} --engine-args "$engine" \
             --baseline-args "${baselines[@]}" --mirage-args '{"async_scheduling": true}' \
-            --profile-gpu --output "$out" ;;
+            --profile-gpu --resume --output "$out" ;;
 esac

@@ -58,3 +58,26 @@ def test_busiest_gpu_kernel_seconds(tmp_path):
     # Kernels only (no CPU ops or copies); two tensor-parallel ranks run in parallel: the busier one counts.
     assert busiest_gpu_kernel_seconds([rank1, rank0]) * 1e6 == 20.0
     assert busiest_gpu_kernel_seconds([rank1]) * 1e6 == 12.5
+
+
+def test_a_stopped_side_takes_its_engine_processes_with_it():
+    """The runner starts vLLM's engine processes; stopping a command (Ctrl-C, a timeout) must not leave them
+    holding the GPU. The runner's group is killed whole: here a shell and the sleeper it started."""
+    import os
+    import subprocess
+    import time
+
+    from vllm_mirage.cli.launch import _kill_group
+
+    proc = subprocess.Popen(["bash", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child = int(proc.stdout.readline())
+    _kill_group(proc)
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} outlived its group")

@@ -166,3 +166,22 @@ def test_json_text_puts_lists_of_numbers_on_one_line_and_keeps_the_data():
     assert json.loads(text) == data
     assert '    [1, 2, 3],\n' in text and '"x": [0.5, -1e-05, null, true]' in text
     assert '"text": "a [1,\\n 2] b"' in text  # a string's characters are not touched
+
+
+def test_each_start_is_shown_and_gpu_time_comes_from_the_profiled_start(tmp_path):
+    """bench profiles only a side's first start: the merged GPU time is that start's, and report.md lists
+    each start's own medians so that a reader sees how far one engine is from the next."""
+    def start(step, gpu):
+        timing = {"first_token_s": [0.01, 0.01], "total_s": [0.01 + step * (N - 1)] * 2, "output_tokens": [N, N]}
+        if gpu:
+            timing["gpu_kernel_s"] = {"first_token": 0.001, "total": 0.001 + gpu * (N - 1)}
+        return {**runner_result("stock", step), "timings": {"1": timing}}
+
+    merged = stats.merge_starts([start(0.002, 0.0015), start(0.003, None), start(0.004, None)])
+    assert stats.side_figures(merged, N)[1]["gpu_step_s"] == pytest.approx(0.0015)
+    results = synthetic_results(True)
+    results["settings"]["batch_sizes"] = [1]
+    results["sides"]["stock"] = merged
+    md = write_reports(results, tmp_path) and (tmp_path / "report.md").read_text()
+    assert "| 1 | stock | 2.00 / 3.00 / 4.00 | 10.00 / 10.00 / 10.00 |" in md
+    assert "| 1 | mirage |" not in md.split("## Engine starts")[1]  # started once: nothing to list

@@ -15,6 +15,8 @@ from vllm_mirage.cli.context import Context, defaults, parse_json_dict, prepare,
 from vllm_mirage.cli.errors import EXIT_OK, CliError
 from vllm_mirage.cli.launch import SideRun, file_label, run_side
 from vllm_mirage.cli.report import render_table, write_reports
+from vllm_mirage.cli.runner import nvidia_smi
+from vllm_mirage.cli.saved_runs import SavedRuns
 from vllm_mirage.cli.status import assess_mirage
 
 
@@ -72,11 +74,21 @@ def run_bench(args) -> int:
     runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
     # Several starts run the sides in turn (stock, Mirage, stock, Mirage...): a slow spell of the host lands
     # on both sides, and each side's medians pool every start's iterations.
+    saved = SavedRuns(out_dir / "runs", gpu=nvidia_smi("name") if ctx.on_cuda else None)
     per_start = []
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         for start in range(args.starts):
-            per_start.append([run_side(replace(r, start=start), Path(work), out_dir, ctx.on_cuda, args.verbose)
-                              for r in runs])
+            per_start.append([])
+            for r in runs:
+                run = replace(r, start=start, spec=later_start_spec(r.spec) if start else r.spec)
+                result = saved.load(run) if args.resume else None
+                if result is None:
+                    result = run_side(run, Path(work), out_dir, ctx.on_cuda, args.verbose)
+                    saved.save(run, result)
+                per_start[-1].append(result)
+    if saved.reused:
+        ctx.note(f"--resume: {len(saved.reused)} engine run(s) reused from {saved.directory} "
+                 f"({', '.join(saved.reused)}), measured by an earlier invocation of this command")
     results = [stats.merge_starts(list(side)) for side in zip(*per_start)]
     stock_results, mirage_results = results[: len(baselines)], results[len(baselines):]
 
@@ -115,6 +127,13 @@ def run_bench(args) -> int:
     return failed[0].code if failed else EXIT_OK
 
 
+def later_start_spec(spec: dict) -> dict:
+    """A second or later start of a side: GPU time per step is a property of the kernels and varies
+    within a few percent between starts, while profiled passes cost seconds a batch size (the traces
+    are written and read back), so only the first start profiles; every start is timed."""
+    return {**spec, "profile_gpu": False}
+
+
 def build_results(ctx: Context, args, stock_results, baselines, sides: list[MirageSide], common) -> dict:
     """The results dict of the run. ``rows``, ``mirage_status`` and ``mirage_assessment`` are the first
     --mode's (the whole report with one mode); with several, ``modes`` has each one's."""
@@ -136,7 +155,7 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
             "truncated": first["truncated_prompts"],
         },
         "settings": {"max_tokens": ctx.max_tokens, **common, "engine_args": ctx.engine_args,
-                     "starts": args.starts},
+                     "starts": args.starts, "gpu_profiled_starts": 1 if args.profile_gpu else 0},
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,

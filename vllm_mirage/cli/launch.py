@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,10 +77,15 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     with open(log_path, "w") as log:
         out = None if verbose else log
         env = side_env(run.side, workdir / "vllm-cache", on_cuda, run.spec.get("mirage_switch", SIDES["mirage"]))
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,))
+        # Its own process group: the runner and vLLM's engine processes stop together if this command does.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
-        _follow_progress(read_fd, run)
-        code = proc.wait()
+        try:
+            _follow_progress(read_fd, run)
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
     if not result_path.is_file():
         raise CliError(
             f"{run.label} side exited with code {code} without a result (log: {log_path})",
@@ -96,6 +102,14 @@ def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose:
     result["label"] = run.label
     result["log"] = None if verbose else str(log_path)
     return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _follow_progress(read_fd: int, run: SideRun) -> None:

@@ -12,6 +12,7 @@ through the megakernel); 5 the engine failed (e.g. out of memory).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from vllm_mirage.cli.check import DEFAULT_TOLERANCE, TOP_LOGPROBS
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "iterations of all starts. Use >= 3 where the wall step is host-bound (default 1)")
     bench.add_argument("--output", metavar="DIR",
                        help="results.json, report.md, plot.png and logs (default: ./vllm-mirage-bench-<time>)")
+    bench.add_argument("--resume", action="store_true",
+                       help="reuse the engine runs a stopped bench saved in --output (DIR/runs) where the model, "
+                            "settings, package source, versions and GPU are the same; run only the others")
     bench.add_argument("--baseline-args", nargs="+", metavar="JSON",
                        help="engine arguments for the stock side only; several give several baselines and "
                             "the fastest is reported as stock, e.g. '{}' '{\"async_scheduling\": true}'")
@@ -125,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A timeout's SIGTERM unwinds like Ctrl-C, so the engine being run is stopped with this process.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _check_switch()
         if args.func == "check":
@@ -146,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vllm-mirage: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_switch() -> None:

@@ -97,12 +97,14 @@ def render_markdown(results: dict) -> str:
         if "modes" in results:
             lines += [f"### {label}", ""]
         lines.append(render_table(rows, label))
+    lines += _starts_section(results)
     lines += [
         "## Method",
         "",
         stats.__doc__.split("\n\n", 1)[1].strip(),
         "",
-        "Each side ran in its own fresh process with its own compile cache; prefix caching was off. "
+        "Each side ran in its own fresh process (the engines of one command share a compile cache); "
+        "prefix caching was off. "
         "\"stock\" is the fastest baseline at each batch size; speed-up is Mirage's output tokens/s "
         "over stock's. GPU time/step sums profiled kernel durations (torch profiler through vLLM's "
         "profiler hook) of a max_tokens=N call minus a max_tokens=1 call, over N-1; n/a without "
@@ -112,6 +114,23 @@ def render_markdown(results: dict) -> str:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _starts_section(results: dict) -> list[str]:
+    """Each side's medians start by start, where sides were started several times (--starts)."""
+    sides = {label: stats.start_figures(raw, results["settings"]["max_tokens"])
+             for label, raw in results["sides"].items() if raw.get("starts")}
+    if not sides:
+        return []
+    lines = ["## Engine starts", "",
+             "Medians of each engine start, in start order (the tables above pool every start's iterations).",
+             "", "| batch | side | decode step (ms) | TTFT (ms) |", "|---|---|---|---|"]
+    for bs in sorted(next(iter(sides.values()))[0]):
+        for label, starts in sides.items():
+            step = " / ".join(_ms(s[bs]["decode_step_s"]) for s in starts)
+            ttft = " / ".join(_ms(s[bs]["ttft_s"]) for s in starts)
+            lines.append(f"| {bs} | {label} | {step} | {ttft} |")
+    return lines + [""]
 
 
 def write_plot(sides: list[tuple[str, str, list[dict]]], path: Path, title: str = "") -> None:

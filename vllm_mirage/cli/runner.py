@@ -288,7 +288,7 @@ def system_info() -> dict:
     if torch.cuda.is_available():
         # From nvidia-smi, not torch.cuda: a CUDA context in this process would take GPU memory
         # next to the engine's.
-        info["gpu"], info["driver"] = _nvidia_smi("name"), _nvidia_smi("driver_version")
+        info["gpu"], info["driver"] = nvidia_smi("name"), nvidia_smi("driver_version")
         info["cuda"] = torch.version.cuda
     return info
 
@@ -312,7 +312,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _nvidia_smi(field: str) -> str | None:
+def nvidia_smi(field: str) -> str | None:
     import subprocess
 
     # The first visible GPU is the one the engine uses (tensor parallel size 1).

@@ -45,8 +45,9 @@ def batch_figures(timing: dict, max_tokens: int) -> dict:
 
 def merge_starts(results: list[dict]) -> dict:
     """One side's results from several engine starts as one: per batch size, the timed iterations of
-    every start pooled (so medians are over all of them), GPU time per call the median over starts.
-    The first start's other fields stand for the side; ``starts`` keeps each start's own timings."""
+    every start pooled (so medians are over all of them), GPU time per call the median over the starts
+    that profiled it (bench profiles the first only). The first start's other fields stand for the side;
+    ``starts`` keeps each start's own timings."""
     if len(results) == 1:
         return results[0]
     merged = {**results[0], "timings": {}, "starts": [r["timings"] for r in results]}
@@ -55,8 +56,8 @@ def merge_starts(results: list[dict]) -> dict:
     for bs in results[0]["timings"]:
         per_start = [r["timings"][bs] for r in results]
         timing = {k: [v for t in per_start for v in t[k]] for k in ("first_token_s", "total_s", "output_tokens")}
-        gpu = [t.get("gpu_kernel_s") for t in per_start]
-        if all(g and g.get("total") is not None for g in gpu):
+        gpu = [g for g in (t.get("gpu_kernel_s") for t in per_start) if g and g.get("total") is not None]
+        if gpu:
             timing["gpu_kernel_s"] = {k: median(g[k] for g in gpu) if all(g.get(k) is not None for g in gpu)
                                       else None for k in ("first_token", "total")}
         merged["timings"][bs] = timing
@@ -76,6 +77,13 @@ def acceptance(counts: dict) -> dict:
 
 def side_figures(result: dict, max_tokens: int) -> dict[int, dict]:
     return {int(bs): batch_figures(t, max_tokens) for bs, t in result["timings"].items()}
+
+
+def start_figures(result: dict, max_tokens: int) -> list[dict[int, dict]]:
+    """Each engine start's own figures, batch size -> figures (one entry when the side started once):
+    how far one start is from the next shows how much of a ratio is the engine rather than the code."""
+    starts = result.get("starts") or [result["timings"]]
+    return [{int(bs): batch_figures(t, max_tokens) for bs, t in timings.items()} for timings in starts]
 
 
 def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[dict]:
