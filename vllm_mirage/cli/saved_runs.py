@@ -7,7 +7,7 @@ the runs whose key still matches and starts only the others.
 
 The key is everything that decides what a run measures: the runner's spec (model, prompts, engine
 arguments, batch sizes, iterations), the side and start, this package's source, the installed vLLM,
-torch and Triton, the GPU, and the decode plan forced by ``VLLM_MIRAGE_PLAN``. A run saved under another
+torch and Triton, the GPU and its driver, and the decode plan forced by ``VLLM_MIRAGE_PLAN``. A run saved under another
 key is measured again, never reused.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import vllm_mirage
+from vllm_mirage import tuning
 from vllm_mirage.cli.launch import SideRun, file_label
+from vllm_mirage.tuning.store import PLAN_ENV
 
 # Spec fields that name this invocation's folders, not what is measured.
 _PER_INVOCATION = ("profile_dir",)
@@ -31,8 +32,9 @@ class SavedRuns:
         self.directory = directory
         self._environment = {
             "package": package_source_hash(),
-            "versions": {d: _version(d) for d in ("vllm", "torch", "triton")},
+            "versions": tuning.versions(),
             "gpu": gpu,
+            "driver": tuning.driver_version(),
             "plan": _plan_text(),
         }
         self.reused: list[str] = []
@@ -75,17 +77,10 @@ def package_source_hash() -> str:
 
 
 def _plan_text() -> str | None:
-    path = os.environ.get("VLLM_MIRAGE_PLAN")
+    path = os.environ.get(PLAN_ENV)
     if not path:
         return None
     try:
         return Path(path).read_text()
     except OSError:
         return f"unreadable: {path}"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None

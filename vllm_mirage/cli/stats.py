@@ -76,14 +76,17 @@ def acceptance(counts: dict) -> dict:
 
 
 def side_figures(result: dict, max_tokens: int) -> dict[int, dict]:
-    return {int(bs): batch_figures(t, max_tokens) for bs, t in result["timings"].items()}
+    return _figures(result["timings"], max_tokens)
 
 
 def start_figures(result: dict, max_tokens: int) -> list[dict[int, dict]]:
     """Each engine start's own figures, batch size -> figures (one entry when the side started once):
     how far one start is from the next shows how much of a ratio is the engine rather than the code."""
-    starts = result.get("starts") or [result["timings"]]
-    return [{int(bs): batch_figures(t, max_tokens) for bs, t in timings.items()} for timings in starts]
+    return [_figures(timings, max_tokens) for timings in result.get("starts") or [result["timings"]]]
+
+
+def _figures(timings: dict, max_tokens: int) -> dict[int, dict]:
+    return {int(bs): batch_figures(t, max_tokens) for bs, t in timings.items()}
 
 
 def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[dict]:
