@@ -1,7 +1,7 @@
 """A bench's finished engine runs, kept in its output folder so that a stopped bench can go on (``--resume``).
 
 A bench of a host-bound model needs several engine starts per side, and each start costs a minute or
-more of engine start-up: the whole command can outlast a session on a lent GPU, or the machine itself.
+more of engine start-up: the whole command can outlast a time limit on the GPU machine, or the machine itself.
 Each engine run's result is saved as it finishes; run again with ``--resume``, the same command reuses
 the runs whose key still matches and starts only the others.
 
