@@ -42,19 +42,10 @@ from vllm_mirage.cli.errors import CliError  # noqa: E402
 from vllm_mirage.cli.launch import has_cuda_gpu  # noqa: E402
 from vllm_mirage.cli.models import resolve_model  # noqa: E402
 from vllm_mirage.cli.prompts import load_prompts  # noqa: E402
+from vllm_mirage.cli.runner import nvidia_smi  # noqa: E402
 
 MODES = {"stock": "0", "fused": "1", "megakernel": "megakernel", "multi-token": "megakernel"}  # -> VLLM_USE_MIRAGE
 SERVED_NAME = "soak"
-
-
-def gpu_name() -> str | None:
-    """The GPU the servers run on, for the report (None without one)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def request_plan(prompts: list[str], count: int, max_tokens: list[int]) -> list[dict]:
@@ -349,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     args.log_dir = Path(args.log_dir or out.with_name(f"{out.stem}-logs"))
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    report = {"command": shlex.join(["python", *sys.argv]), "logs": str(args.log_dir), "gpu": gpu_name(),
+    report = {"command": shlex.join(["python", *sys.argv]), "logs": str(args.log_dir), "gpu": nvidia_smi("name"),
               "model": {"name": args.model, **model.to_spec()},
               "prompts_left_out": len(prompts) - len(fitting), "requests": plan, "modes": {}, "summary": {}}
     with tempfile.TemporaryDirectory(prefix="serve-soak-") as work:
