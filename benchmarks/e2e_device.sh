@@ -7,7 +7,9 @@
 #   MODE=multi-token TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR   (tokens per step)
 #   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
-#     (engine starts per side, interleaved: host-bound models vary from one start to the next)
+#     (engine starts per side: host-bound models vary from one start to the next)
+# bench keeps every side's engine alive at once and times them in turn (--interleave): on a host-bound model
+# one engine's wall step moves by a fifth between timed blocks, and the paired ratios cancel that.
 # bench resumes: run the same command again after a stop and it measures only the engine runs still missing.
 # Only the batch sizes we report are captured as CUDA graphs (both sides alike): it shortens engine start.
 set -uo pipefail
@@ -29,5 +31,5 @@ case "$what" in
         vllm-mirage bench "${mode[@]}" --model "$model" --batch-sizes ${BATCHES:-1 8 64} --max-tokens 128 \
             --num-warmup 2 --num-iterations ${ITERS:-5} --starts ${STARTS:-1} --engine-args "$engine" \
             --baseline-args "${baselines[@]}" --mirage-args '{"async_scheduling": true}' \
-            --profile-gpu --resume --output "$out" ;;
+            --profile-gpu --interleave --resume --output "$out" ;;
 esac

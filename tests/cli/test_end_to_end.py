@@ -1,6 +1,7 @@
 """The console script against real vLLM on the tiny Qwen3 (each engine here costs ~15-25 s on CPU)."""
 
 import json
+from statistics import median
 
 import pytest
 
@@ -154,3 +155,42 @@ def test_engine_failure_is_one_classified_line(run_cli, tmp_path):
     last = _clean_error(proc)
     assert last.startswith("vllm-mirage: error: mirage side: engine failed: ") and "nope" in last
     assert "mirage.log" in last
+
+
+def test_interleaved_engine_failure_is_one_classified_line(run_cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
+    proc = run_cli("bench", "--model", str(tmp_path), "--interleave", "--output", str(tmp_path / "out"))
+    assert proc.returncode == EXIT_ENGINE
+    last = _clean_error(proc)
+    assert last.startswith("vllm-mirage: error: stock side: engine failed: ") and "nope" in last
+
+
+def test_bench_interleaved_sides_take_turns(run_cli, cli_cache, tmp_path):
+    iterations = 3
+    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", str(iterations),
+                   "--num-warmup", "1", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
+                   "--mode", "fused", "megakernel", "--interleave")
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["interleaved"]
+    sides = results["sides"]
+    assert set(sides) == {"stock", "mirage[fused]", "mirage[megakernel]"}
+    for bs in ("1", "2"):
+        # Every side's i-th timed pair ran in round i: round by round, the sides' start times interleave.
+        started = {label: side["timings"][bs]["started_s"] for label, side in sides.items()}
+        assert all(len(times) == iterations for times in started.values())
+        for i in range(iterations - 1):
+            assert max(times[i] for times in started.values()) < min(times[i + 1] for times in started.values())
+        assert all(len(side["timings"][bs]["total_s"]) == iterations for side in sides.values())
+    for mode in results["modes"]:
+        for row in mode["rows"]:
+            # Each ratio pairs the two sides' iterations of one round (CPU timings: the values are noise).
+            s, m = (sides[label]["timings"][str(row["batch_size"])] for label in ("stock", mode["label"]))
+            ratios = [(s["total_s"][i] - s["first_token_s"][i]) / (m["total_s"][i] - m["first_token_s"][i])
+                      for i in range(iterations)]
+            ttft = [m["first_token_s"][i] / s["first_token_s"][i] for i in range(iterations)]
+            assert row["paired"] == {"pairs": iterations, "decode_step_speedup": pytest.approx(median(ratios)),
+                                     "ttft_ratio": pytest.approx(median(ttft))}
+    megakernel = results["modes"][1]["mirage_status"]
+    assert megakernel["mode"] == "megakernel" and megakernel["megakernel_steps"] > 0
+    assert "## Paired ratios" in (tmp_path / "report.md").read_text()

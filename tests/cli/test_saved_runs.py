@@ -89,6 +89,27 @@ def test_without_resume_or_with_other_settings_everything_runs_again(bench_cmd):
     assert same.calls == [] and any("4 engine run(s) reused" in n for n in results["notes"])
 
 
+def test_an_interleaved_start_is_reused_whole_or_measured_again(bench_cmd, monkeypatch, tmp_path):
+    """Sides timed in turn are compared pair by pair: a start saved in part is measured again, all sides."""
+    engines = Engines()
+
+    def interleaved(runs, workdir, log_dir, on_cuda, verbose, *timing):
+        assert all(run.spec["interleave"] for run in runs)
+        return [dict(engines(run, workdir, log_dir, on_cuda, verbose), interleaved_with=[r.label for r in runs])
+                for run in runs]
+
+    monkeypatch.setattr(bench, "run_interleaved", interleaved)
+    bench_cmd(Engines(), "--interleave")
+    assert engines.calls == [("stock", 0, False), ("mirage", 0, False), ("stock", 1, False), ("mirage", 1, False)]
+    engines.calls.clear()
+    (tmp_path / "out" / "runs" / "mirage-start2.json").unlink()
+    results = bench_cmd(Engines(), "--interleave", "--resume")
+    assert engines.calls == [("stock", 1, False), ("mirage", 1, False)]
+    assert any("2 engine run(s) reused" in n and "(stock-start1.json, mirage-start1.json)" in n
+               for n in results["notes"])
+    assert results["rows"][0]["paired"]["pairs"] == 4
+
+
 def _run(spec_extra=None, start=0) -> SideRun:
     spec = {"mode": "bench", "side": "mirage", "max_tokens": 4, "profile_gpu": True, "profile_dir": "/tmp/a",
             **(spec_extra or {})}
@@ -132,3 +153,23 @@ def test_a_corrupt_or_foreign_file_is_not_reused(tmp_path):
     assert saved.load(run) is None
     saved.path(run).write_text(json.dumps({"key": "another", "result": {"timings": {}}}))
     assert saved.load(run) is None
+
+
+def test_interleaved_engines_share_the_gpu_memory(cli_cache, tmp_path, monkeypatch):
+    """On a GPU every side's engine is alive at once: each asks for its share of --gpu-memory-utilization."""
+    monkeypatch.setattr(context, "has_cuda_gpu", lambda: True)
+    monkeypatch.setattr(bench, "nvidia_smi", lambda what: "NVIDIA H200")
+    engines, specs = Engines(), []
+
+    def interleaved(runs, workdir, log_dir, on_cuda, verbose, *timing):
+        specs.extend(run.spec for run in runs)
+        return [dict(engines(run, workdir, log_dir, on_cuda, verbose), interleaved_with=[]) for run in runs]
+
+    monkeypatch.setattr(bench, "run_interleaved", interleaved)
+    args = build_parser().parse_args(
+        ["bench", "--cache-dir", str(cli_cache), "--model", "tiny", "--batch-sizes", "1", "--max-tokens", "4",
+         "--num-warmup", "0", "--num-iterations", "1", "--baseline-args", "{}", '{"async_scheduling": true}',
+         "--interleave",
+         "--output", str(tmp_path / "out")])
+    assert bench.run_bench(args) == 0
+    assert [s["engine_args"]["gpu_memory_utilization"] for s in specs] == [round(0.85 / 3, 3)] * 3

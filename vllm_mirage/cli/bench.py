@@ -13,6 +13,7 @@ from pathlib import Path
 from vllm_mirage.cli import stats
 from vllm_mirage.cli.context import Context, defaults, parse_json_dict, prepare, runner_spec
 from vllm_mirage.cli.errors import EXIT_OK, CliError
+from vllm_mirage.cli.interleave import run_interleaved
 from vllm_mirage.cli.launch import SideRun, file_label, run_side
 from vllm_mirage.cli.report import render_table, write_reports
 from vllm_mirage.cli.runner import nvidia_smi
@@ -63,12 +64,19 @@ def run_bench(args) -> int:
         profile_gpu=bool(args.profile_gpu),
     )
 
+    several = len(baselines) > 1
+    engines = len(baselines) + len(ctx.modes)
+    if args.interleave and "gpu_memory_utilization" in ctx.engine_args:
+        # Every side's engine holds the GPU at once: each gets its share of what one engine would have.
+        ctx.engine_args["gpu_memory_utilization"] = round(ctx.engine_args["gpu_memory_utilization"] / engines, 3)
+
     def side_run(side: str, label: str, extra: dict, mirage_mode: str | None = None) -> SideRun:
         spec = runner_spec(ctx, "bench", side, extra, mirage_mode=mirage_mode,
                            profile_dir=str(out_dir / f"profile-{file_label(label)}"), **common)
+        if args.interleave:
+            spec["interleave"] = True
         return SideRun(side, label, spec, steps)
 
-    several = len(baselines) > 1
     runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
     labels = {mode: "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]" for mode in ctx.modes}
     runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
@@ -78,9 +86,20 @@ def run_bench(args) -> int:
     per_start = []
     with tempfile.TemporaryDirectory(prefix="vllm-mirage-") as work:
         for start in range(args.starts):
+            this_start = [replace(r, start=start, spec=later_start_spec(r.spec) if start else r.spec) for r in runs]
+            if args.interleave:
+                # The sides of one start are timed together: reuse a start only if all of it was saved.
+                results = [saved.load(run) for run in this_start] if args.resume else [None]
+                if None in results:
+                    saved.forget_reused(this_start)
+                    results = run_interleaved(this_start, Path(work), out_dir, ctx.on_cuda, args.verbose,
+                                              batch_sizes, warmup, iterations)
+                    for run, result in zip(this_start, results):
+                        saved.save(run, result)
+                per_start.append(results)
+                continue
             per_start.append([])
-            for r in runs:
-                run = replace(r, start=start, spec=later_start_spec(r.spec) if start else r.spec)
+            for run in this_start:
                 result = saved.load(run) if args.resume else None
                 if result is None:
                     result = run_side(run, Path(work), out_dir, ctx.on_cuda, args.verbose)
@@ -155,7 +174,8 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
             "truncated": first["truncated_prompts"],
         },
         "settings": {"max_tokens": ctx.max_tokens, **common, "engine_args": ctx.engine_args,
-                     "starts": args.starts, "gpu_profiled_starts": 1 if args.profile_gpu else 0},
+                     "starts": args.starts, "gpu_profiled_starts": 1 if args.profile_gpu else 0,
+                     "interleaved": bool(args.interleave)},
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,
@@ -170,5 +190,6 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
 
 
 def _raw(result: dict) -> dict:
-    keep = ("side", "label", "system", "engine", "mirage_status", "speculative", "timings", "starts", "log")
+    keep = ("side", "label", "system", "engine", "mirage_status", "speculative", "timings", "starts", "log",
+            "interleaved_with")
     return {k: result.get(k) for k in keep}

@@ -68,40 +68,83 @@ class SideRun:
 
 def run_side(run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose: bool) -> dict:
     """Run one side; return its result dict or raise CliError with a one-line diagnosis."""
-    side_dir = Path(tempfile.mkdtemp(prefix=f"{run.side}-", dir=workdir))
-    spec_path, result_path = side_dir / "spec.json", side_dir / "result.json"
-    spec_path.write_text(json.dumps(run.spec))
-    log_path = log_dir / f"{file_label(run.label)}{f'-start{run.start + 1}' if run.start else ''}.log"
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(result_path), str(write_fd)]
-    with open(log_path, "w") as log:
-        out = None if verbose else log
+    runner = RunnerProcess(run, workdir, log_dir, on_cuda, verbose)
+    try:
+        _follow_progress(runner.lines, run)
+        code = runner.proc.wait()
+    except BaseException:
+        runner.kill()
+        raise
+    return runner.result(code)
+
+
+class RunnerProcess:
+    """One side's runner process: its own process group, a log file, a progress pipe and, for a runner
+    driven command by command (``bench --interleave``), its stdin."""
+
+    def __init__(self, run: SideRun, workdir: Path, log_dir: Path, on_cuda: bool, verbose: bool,
+                 commands: bool = False):
+        self.run, self.verbose = run, verbose
+        side_dir = Path(tempfile.mkdtemp(prefix=f"{run.side}-", dir=workdir))
+        spec_path, self.result_path = side_dir / "spec.json", side_dir / "result.json"
+        spec_path.write_text(json.dumps(run.spec))
+        self.log_path = log_dir / f"{file_label(run.label)}{f'-start{run.start + 1}' if run.start else ''}.log"
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "vllm_mirage.cli.runner", str(spec_path), str(self.result_path), str(write_fd)]
         env = side_env(run.side, workdir / "vllm-cache", on_cuda, run.spec.get("mirage_switch", SIDES["mirage"]))
-        # Its own process group: the runner and vLLM's engine processes stop together if this command does.
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,), start_new_session=True)
+        with open(self.log_path, "w") as log:
+            out = None if verbose else log
+            # Its own process group: the runner and vLLM's engine processes stop together if this command does.
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(write_fd,),
+                                         stdin=subprocess.PIPE if commands else subprocess.DEVNULL,
+                                         start_new_session=True, text=True)
         os.close(write_fd)
+        self.lines = os.fdopen(read_fd)
+
+    def next_step(self) -> str:
+        """The runner's next progress line; a runner that exits instead is reported with its diagnosis."""
+        line = self.lines.readline()
+        if not line:
+            self.result(self.proc.wait())  # raises: a runner that stopped early has no good result
+            raise CliError(f"{self.run.label} side stopped before its work was done (log: {self.log_path})",
+                           EXIT_ENGINE)
+        return line.strip()
+
+    def command(self, op: str, batch: int | None = None) -> str:
+        """Send one command and wait until the runner has carried it out."""
         try:
-            _follow_progress(read_fd, run)
-            code = proc.wait()
-        except BaseException:
-            _kill_group(proc)
-            raise
-    if not result_path.is_file():
-        raise CliError(
-            f"{run.label} side exited with code {code} without a result (log: {log_path})",
-            EXIT_ENGINE,
-            details="" if verbose else _tail(log_path),
-        )
-    result = json.loads(result_path.read_text())
-    if not result.get("ok"):
-        raise CliError(
-            f"{run.label} side: {result['diagnosis']} (log: {log_path})",
-            EXIT_ENGINE,
-            details="" if verbose else _tail(log_path),
-        )
-    result["label"] = run.label
-    result["log"] = None if verbose else str(log_path)
-    return result
+            self.proc.stdin.write(json.dumps({"op": op, "batch": batch}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the runner is gone: next_step reports why
+        return self.next_step()
+
+    def finish(self) -> dict:
+        self.proc.stdin.close()  # end of commands: the runner writes its result and exits
+        for _ in self.lines:
+            pass
+        return self.result(self.proc.wait())
+
+    def kill(self) -> None:
+        _kill_group(self.proc)
+
+    def result(self, code: int) -> dict:
+        if not self.result_path.is_file():
+            raise CliError(
+                f"{self.run.label} side exited with code {code} without a result (log: {self.log_path})",
+                EXIT_ENGINE,
+                details="" if self.verbose else _tail(self.log_path),
+            )
+        result = json.loads(self.result_path.read_text())
+        if not result.get("ok"):
+            raise CliError(
+                f"{self.run.label} side: {result['diagnosis']} (log: {self.log_path})",
+                EXIT_ENGINE,
+                details="" if self.verbose else _tail(self.log_path),
+            )
+        result["label"] = self.run.label
+        result["log"] = None if self.verbose else str(self.log_path)
+        return result
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -112,9 +155,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _follow_progress(read_fd: int, run: SideRun) -> None:
+def _follow_progress(lines, run: SideRun) -> None:
     bar = tqdm(total=run.steps, desc=f"{run.label:>8}", unit="step", file=sys.stderr, leave=True)
-    with os.fdopen(read_fd) as lines:
+    with lines:
         for line in lines:  # ends when the runner exits (or closes the pipe)
             bar.set_postfix_str(line.strip(), refresh=False)
             bar.update(1)

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--starts", type=int, default=1, metavar="S",
                        help="engine starts per side, interleaved (stock, Mirage, stock, ...); medians pool the "
                             "iterations of all starts. Use >= 3 where the wall step is host-bound (default 1)")
+    bench.add_argument("--interleave", action="store_true",
+                       help="keep every side's engine alive at once (each in its own process) and time one "
+                            "iteration of each in turn, so a slow spell of the host lands on all sides; reports "
+                            "the median of the paired ratios beside the medians. GPU memory is split between them")
     bench.add_argument("--output", metavar="DIR",
                        help="results.json, report.md, plot.png and logs (default: ./vllm-mirage-bench-<time>)")
     bench.add_argument("--resume", action="store_true",

@@ -97,6 +97,7 @@ def render_markdown(results: dict) -> str:
         if "modes" in results:
             lines += [f"### {label}", ""]
         lines.append(render_table(rows, label))
+    lines += _paired_section(results)
     lines += _starts_section(results)
     lines += [
         "## Method",
@@ -114,6 +115,22 @@ def render_markdown(results: dict) -> str:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _paired_section(results: dict) -> list[str]:
+    """Medians of per-iteration ratios, where the sides were timed in turn (--interleave)."""
+    rows = [(label, r) for label, _, mode_rows in _mode_rows(results) for r in mode_rows if r.get("paired")]
+    if not rows:
+        return []
+    lines = ["## Paired ratios", "",
+             "The sides' engines ran at once and were timed in turn: the i-th iterations of stock and Mirage "
+             "ran seconds apart. Medians over iterations of the ratio of each such pair.", "",
+             "| batch | side | pairs | decode step speed-up | TTFT, Mirage / stock |", "|---|---|---|---|---|"]
+    for label, r in sorted(rows, key=lambda lr: lr[1]["batch_size"]):
+        p = r["paired"]
+        step = "n/a" if p["decode_step_speedup"] is None else f"{p['decode_step_speedup']:.2f}x"
+        lines.append(f"| {r['batch_size']} | {label} | {p['pairs']} | {step} | {p['ttft_ratio']:.2f} |")
+    return lines + [""]
 
 
 def _starts_section(results: dict) -> list[str]:

@@ -105,10 +105,13 @@ def run(spec: dict, progress: _Progress) -> dict:
     else:
         one = SamplingParams(max_tokens=1, **common)
         full = SamplingParams(max_tokens=spec["max_tokens"], **common)
-        result["timings"] = {
-            str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir)
-            for bs in spec["batch_sizes"]
-        }
+        if spec.get("interleave"):
+            result["timings"] = _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, sys.stdin)
+        else:
+            result["timings"] = {
+                str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir)
+                for bs in spec["batch_sizes"]
+            }
     # Read after the run: its counters (megakernel steps) then count what the run did.
     statuses, status_error = _read_status(llm)
     status = statuses[0] if statuses else None
@@ -151,25 +154,64 @@ def _read_status(llm) -> tuple[list | None, str | None]:
 
 def _time_batch(llm, batch, one, full, spec, progress, profile_dir) -> dict:
     """Warm-ups, then timed pairs: max_tokens=1 (prefill + first token) and max_tokens=N."""
+    _warm_up(llm, batch, one, full, spec, progress)
+    timing = _new_timing()
+    for _ in range(spec["num_iterations"]):
+        _timed_pair(llm, batch, one, full, timing)
+        progress.step("iteration")
+    if profile_dir is not None:
+        timing["gpu_kernel_s"] = _profiled_pair(llm, batch, one, full, profile_dir)
+    return timing
+
+
+def _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, commands) -> dict:
+    """``bench --interleave``: the parent sends one JSON command per line (``warmup``, ``pair`` or
+    ``profile`` at a batch size) and waits for this side's progress line before it gives another side its
+    turn, so the sides' timed pairs alternate in time and a slow spell of the host lands on all of them.
+    The end of the commands (stdin closed) ends the run."""
+    timings: dict[str, dict] = {}
+    for line in iter(commands.readline, ""):
+        command = json.loads(line)
+        batch_size = command["batch"]
+        batch = take_batch(inputs, batch_size)
+        timing = timings.setdefault(str(batch_size), _new_timing())
+        if command["op"] == "warmup":
+            _warm_up(llm, batch, one, full, spec, None)
+        elif command["op"] == "pair":
+            _timed_pair(llm, batch, one, full, timing)
+        elif command["op"] == "profile" and profile_dir is not None:
+            timing["gpu_kernel_s"] = _profiled_pair(llm, batch, one, full, profile_dir)
+        progress.step(f"{command['op']} {batch_size}")
+    return timings
+
+
+def _new_timing() -> dict:
+    # started_s: when each timed pair began (wall clock), so interleaved sides can be told apart in time.
+    return {"first_token_s": [], "total_s": [], "output_tokens": [], "started_s": []}
+
+
+def _warm_up(llm, batch, one, full, spec, progress) -> None:
     for _ in range(spec["num_warmup"]):
         llm.generate(batch, one, use_tqdm=False)
         llm.generate(batch, full, use_tqdm=False)
-        progress.step("warm-up")
-    first, total, out_tokens = [], [], []
-    for _ in range(spec["num_iterations"]):
-        t1, _ = _timed(llm, batch, one)
-        tn, outs = _timed(llm, batch, full)
-        first.append(t1)
-        total.append(tn)
-        out_tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
-        progress.step("iteration")
-    timing = {"first_token_s": first, "total_s": total, "output_tokens": out_tokens}
-    if profile_dir is not None:
-        timing["gpu_kernel_s"] = {
-            "first_token": _profiled_kernel_seconds(llm, batch, one, profile_dir),
-            "total": _profiled_kernel_seconds(llm, batch, full, profile_dir),
-        }
-    return timing
+        if progress is not None:
+            progress.step("warm-up")
+
+
+def _timed_pair(llm, batch, one, full, timing: dict) -> None:
+    timing["started_s"].append(time.time())
+    t1, _ = _timed(llm, batch, one)
+    tn, outs = _timed(llm, batch, full)
+    timing["first_token_s"].append(t1)
+    timing["total_s"].append(tn)
+    timing["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
+
+
+def _profiled_pair(llm, batch, one, full, profile_dir: Path) -> dict:
+    return {
+        "first_token": _profiled_kernel_seconds(llm, batch, one, profile_dir),
+        "total": _profiled_kernel_seconds(llm, batch, full, profile_dir),
+    }
 
 
 def _timed(llm, batch, params):

@@ -58,6 +58,11 @@ class SavedRuns:
         self.reused.append(self.path(run).name)
         return saved["result"]
 
+    def forget_reused(self, runs: list[SideRun]) -> None:
+        """These runs were loaded but are measured again after all (an interleaved start saved in part)."""
+        names = {self.path(run).name for run in runs}
+        self.reused = [name for name in self.reused if name not in names]
+
     def save(self, run: SideRun, result: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(run)

@@ -92,13 +92,14 @@ def _figures(timings: dict, max_tokens: int) -> dict[int, dict]:
 def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[dict]:
     """One row per batch size. With several baselines, "stock" is the fastest of them at that
     batch size (by output tokens/s): the speed-up is never measured against a weak baseline."""
-    stock_figs = [(r["label"], side_figures(r, max_tokens)) for r in stock_results]
+    stock_figs = [(r, side_figures(r, max_tokens)) for r in stock_results]
     mirage_figs = side_figures(mirage, max_tokens)
     rows = []
     for bs in sorted(mirage_figs):
-        label, stock = max(
-            ((lbl, figs[bs]) for lbl, figs in stock_figs), key=lambda lf: lf[1]["output_tokens_per_s"]
+        stock_result, stock = max(
+            ((r, figs[bs]) for r, figs in stock_figs), key=lambda rf: rf[1]["output_tokens_per_s"]
         )
+        label = stock_result["label"]
         m = mirage_figs[bs]
         rows.append({
             "batch_size": bs,
@@ -110,8 +111,28 @@ def summarize(stock_results: list[dict], mirage: dict, max_tokens: int) -> list[
                 stock["decode_step_s"] / m["decode_step_s"]
                 if stock["decode_step_s"] and m["decode_step_s"] else None
             ),
+            "paired": paired_ratios(stock_result, mirage, bs, max_tokens),
         })
     return rows
+
+
+def paired_ratios(stock: dict, mirage: dict, batch_size: int, max_tokens: int) -> dict | None:
+    """Medians of per-iteration ratios, for sides timed in turn (``bench --interleave``): the i-th timed
+    pairs of two such sides ran seconds apart, so a slow spell of the host is in both and cancels in
+    their ratio, where it stays in a ratio of two medians. None for sides that were not interleaved."""
+    if not (stock.get("interleaved_with") and mirage.get("interleaved_with")):
+        return None
+    s, m = stock["timings"][str(batch_size)], mirage["timings"][str(batch_size)]
+    if len(s["total_s"]) != len(m["total_s"]) or not s["total_s"]:
+        return None
+    steps = max_tokens - 1
+    step = (lambda t, i: (t["total_s"][i] - t["first_token_s"][i]) / steps) if steps else None
+    pairs = range(len(s["total_s"]))
+    return {
+        "pairs": len(pairs),
+        "decode_step_speedup": median(step(s, i) / step(m, i) for i in pairs) if steps else None,
+        "ttft_ratio": median(m["first_token_s"][i] / s["first_token_s"][i] for i in pairs),
+    }
 
 
 # A side whose wall time per decode step exceeds its GPU time by this factor is paced by vLLM's host
