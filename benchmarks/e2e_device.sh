@@ -4,7 +4,8 @@
 #   bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR
 #   MODE=megakernel bash benchmarks/e2e_device.sh check qwen3-0.6b OUTDIR   (the Mirage side's --mode)
 #   MODE="fused megakernel" bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR   (bench: both, one stock)
-#   MODE=multi-token TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR   (tokens per step)
+#   MODE="multi-token multi-token-eagle" TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR
+#     (tokens per step; the self-draft through vLLM's draft_model and EAGLE routes)
 #   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
 #     (engine starts per side: host-bound models vary from one start to the next)

@@ -46,5 +46,6 @@ def test_plugin_registers_qwen3_and_rejects_bad_switch(monkeypatch):
     monkeypatch.setenv("VLLM_USE_MIRAGE", "0")
     register()
     assert ModelRegistry._try_load_model_cls("Qwen3ForCausalLM").__name__ == "MirageQwen3ForCausalLM"
+    assert ModelRegistry._try_load_model_cls("EagleQwen3ForCausalLM").__name__ == "MirageQwen3SelfDraft"
     # Other architectures, the MoE Qwen3 among them, keep vLLM's classes.
     assert ModelRegistry._try_load_model_cls("Qwen3MoeForCausalLM").__name__ == "Qwen3MoeForCausalLM"

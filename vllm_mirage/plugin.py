@@ -33,6 +33,8 @@ def register() -> None:
     # set_use_mirage() still works in a process that loaded plugins earlier (in-process engines).
     # A string keeps CUDA uninitialised until vLLM imports the class in the worker.
     ModelRegistry.register_model("Qwen3ForCausalLM", "vllm_mirage.models.qwen3:MirageQwen3ForCausalLM")
+    # The model as its own EAGLE draft (vLLM names that architecture but ships no class for it).
+    ModelRegistry.register_model("EagleQwen3ForCausalLM", "vllm_mirage.models.self_draft:MirageQwen3SelfDraft")
 
 
 def _vllm_build() -> str | None:

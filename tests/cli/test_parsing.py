@@ -52,6 +52,9 @@ def test_multi_token_mode_drafts_with_the_model_itself(cli_cache):
         "method": "draft_model", "model": ctx.model.model, "num_speculative_tokens": 4}
     assert "speculative_config" not in stock["engine_args"]  # stock decodes one token per step
     assert build_parser().parse_args(["bench", "--mode", "megakernel", "multi-token"]).tokens_per_step == 4
+    eagle = runner_spec(ctx, "check", "mirage", mirage_mode="multi-token-eagle")
+    assert eagle["mirage_switch"] == "megakernel" and eagle["engine_args"]["speculative_config"] == {
+        "method": "eagle", "model": ctx.model.model, "num_speculative_tokens": 4}
 
 
 @pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],

@@ -38,3 +38,22 @@ def test_multi_token_drafts_on_the_megakernel_and_keeps_stock_tokens(tiny_qwen3,
     # Draft and target are the same float32 model: every draft is accepted, so engine steps yield 4 tokens.
     spec = multi["speculative"]
     assert spec["num_draft_tokens"] > 0 and spec["num_accepted_tokens"] == spec["num_draft_tokens"], spec
+
+
+def test_self_draft_through_eagle_keeps_stock_tokens(tiny_qwen3, run_engine):
+    """The model as its own EAGLE draft (models/self_draft.py): vLLM resolves ``method: eagle`` on a plain Qwen3
+    checkpoint to EagleQwen3ForCausalLM, which the plugin registers. The draft's one-token steps run the
+    megakernel; the target's verify passes decide every token, so greedy output equals stock's. The draft
+    never sees a sequence's first token (EAGLE's input shift), so it is accepted often but not always."""
+    speculative = {"method": "eagle", "model": str(tiny_qwen3), "num_speculative_tokens": 3}
+    stock = run_engine(_spec(tiny_qwen3), env={"VLLM_USE_MIRAGE": "0"})
+    eagle = run_engine(_spec(tiny_qwen3, engine_args={"speculative_config": speculative, "disable_log_stats": False}),
+                       env={"VLLM_USE_MIRAGE": "megakernel"})
+    assert eagle["token_ids"] == stock["token_ids"]
+    target = eagle["model"]["mirage_status"]
+    assert target["role"] == "target" and "speculative decoding (eagle)" in target["megakernel_reason"]
+    draft = target["draft"]
+    assert draft["role"] == "draft" and draft["mode"] == "megakernel" and draft["megakernel_steps"] > 0, draft
+    spec = eagle["speculative"]
+    # Chance agreement over the tiny vocabulary is well under 1%: a draft that ran wrong would be rejected.
+    assert spec["num_draft_tokens"] > 0 and 0.1 < spec["num_accepted_tokens"] / spec["num_draft_tokens"] <= 1, spec

@@ -123,6 +123,8 @@ def test_draft_model_drafts_on_the_megakernel():
     eagle = _megakernel_config(speculative=SimpleNamespace(method="eagle", draft_model_config=draft_model_config))
     eagle.model_config = draft_model_config
     assert not support.is_draft_model(eagle)
+    # The self-draft class (models/self_draft.py) knows it is a draft, whatever config vLLM hands it.
+    assert support.megakernel_unsupported_reason(eagle, draft=True) is None
 
 
 def test_megakernel_reasons_are_all_named():

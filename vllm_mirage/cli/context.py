@@ -45,18 +45,20 @@ class Context:
 
 def switch_for(mode: str) -> str:
     """VLLM_USE_MIRAGE for a Mirage side run in ``mode`` ("stock": check's control run)."""
-    return {"megakernel": "megakernel", "multi-token": "megakernel", "stock": "0"}.get(mode, "1")
+    return {"megakernel": "megakernel", "multi-token": "megakernel", "multi-token-eagle": "megakernel",
+            "stock": "0"}.get(mode, "1")
 
 
 def mode_engine_args(mode: str, model: str, tokens_per_step: int) -> dict:
     """Engine arguments a mode needs. multi-token is vLLM's draft-model speculative decoding with the model
     as its own draft: the Mirage draft model's decode steps take the megakernel where the plan says, the
     target's verify pass (stock's forward) decides every token, and vLLM's scheduler, rejection sampler and
-    stop checks stay in charge."""
-    if mode != "multi-token":
+    stop checks stay in charge. multi-token-eagle drafts with the same model through vLLM's EAGLE speculator
+    (``models/self_draft.py``)."""
+    method = {"multi-token": "draft_model", "multi-token-eagle": "eagle"}.get(mode)
+    if method is None:
         return {}
-    return {"speculative_config": {"method": "draft_model", "model": model,
-                                   "num_speculative_tokens": tokens_per_step - 1}}
+    return {"speculative_config": {"method": method, "model": model, "num_speculative_tokens": tokens_per_step - 1}}
 
 
 def defaults(on_cuda: bool) -> dict:

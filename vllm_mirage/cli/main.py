@@ -30,10 +30,11 @@ _MODEL_HELP = (
 )
 
 
-MODES = ["fused", "megakernel", "multi-token"]
+MODES = ["fused", "megakernel", "multi-token", "multi-token-eagle"]
 _MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1), fused layers plus megakernel decode "
               "steps (VLLM_USE_MIRAGE=megakernel), or multi-token: megakernel mode with the model as its own "
-              "draft model, so each engine step yields up to --tokens-per-step tokens")
+              "draft model, so each engine step yields up to --tokens-per-step tokens (multi-token-eagle: "
+              "the same draft through vLLM's EAGLE speculator)")
 
 
 def build_parser() -> argparse.ArgumentParser:

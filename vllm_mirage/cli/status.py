@@ -11,8 +11,8 @@ def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
     engine = result.get("engine", {})
     archs = engine.get("architectures") or []
     is_qwen3 = "Qwen3ForCausalLM" in archs and engine.get("model_type") == "qwen3"
-    if status and wanted_mode == "multi-token":
-        return _assess_multi_token(result, status)
+    if status and wanted_mode.startswith("multi-token"):
+        return _assess_multi_token(result, status, wanted_mode)
     if status and status.get("mode") not in (None, "off") and status.get("fused_layers", 0) > 0:
         text = f"Mirage applied: {status['mode']}, {status['fused_layers']} fused decoder layers"
         if status.get("mode") == "megakernel":
@@ -42,14 +42,14 @@ def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
     return EXIT_NOT_APPLIED, f"Mirage was requested but not applied: {reason}"
 
 
-def _assess_multi_token(result: dict, status: dict) -> tuple[int, str]:
-    """multi-token: the draft model's decode steps must have run the megakernel; the target's steps are
-    vLLM's verify passes (stock's forward)."""
+def _assess_multi_token(result: dict, status: dict, mode: str) -> tuple[int, str]:
+    """multi-token(-eagle): the draft model's decode steps must have run the megakernel; the target's steps
+    are vLLM's verify passes."""
     draft = status.get("draft")
     if not draft:
-        return EXIT_NOT_APPLIED, ("multi-token was requested but no Mirage draft model was built (is "
-                                  "speculative_config's method draft_model, with a Qwen3 draft?)")
-    text = f"Mirage applied: multi-token, draft model {draft.get('mode')}"
+        return EXIT_NOT_APPLIED, (f"{mode} was requested but no Mirage draft model was built (is "
+                                  "speculative_config's method draft_model or eagle, with a Qwen3 draft?)")
+    text = f"Mirage applied: {mode}, draft model {draft.get('mode')}"
     steps = draft.get("megakernel_steps", 0)
     if draft.get("mode") != "megakernel" or steps == 0:
         why = draft.get("megakernel_reason") or draft.get("reason") or _listed(draft.get("megakernel_declined") or [])

@@ -108,6 +108,9 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     follow the same plan, without the fused layers on a GPU (``_draft_plan``).
     """
 
+    # Set by a class that vLLM only ever builds as a speculative draft (models/self_draft.py).
+    drafts_for_target = False
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         mode = mirage_mode()
@@ -119,9 +122,9 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             self.mirage_status["reason"] = reason
             _log_rank0(logging.WARNING, "vllm-mirage: using the stock Qwen3 path because %s", reason)
             return
-        megakernel_reason = megakernel_unsupported_reason(vllm_config) if mode == "megakernel" else None
+        draft = self.drafts_for_target or is_draft_model(vllm_config)
+        megakernel_reason = megakernel_unsupported_reason(vllm_config, draft) if mode == "megakernel" else None
         plan = self._decode_plan(vllm_config)
-        draft = is_draft_model(vllm_config)
         if draft:
             plan = self._draft_plan(plan)
             register_draft(self)

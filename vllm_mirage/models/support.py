@@ -79,7 +79,7 @@ def layer_unsupported_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def megakernel_unsupported_reason(vllm_config) -> str | None:
+def megakernel_unsupported_reason(vllm_config, draft: bool = False) -> str | None:
     """Checks for the megakernel decode path, on top of the fused path's: every reason that applies,
     joined by "; ". Called once the model's layers exist: attention windows are read from the layers
     vLLM built.
@@ -104,7 +104,7 @@ def megakernel_unsupported_reason(vllm_config) -> str | None:
     if window is not None:
         reasons.append(f"sliding-window attention (window {window}): the megakernel attends over the whole context")
     speculative = getattr(vllm_config, "speculative_config", None)
-    if speculative is not None and not is_draft_model(vllm_config):
+    if speculative is not None and not (draft or is_draft_model(vllm_config)):
         method = getattr(speculative, "method", None) or "draft model"
         if method == "draft_model":
             reasons.append("speculative decoding (draft_model): the target's steps are verify passes of several "
