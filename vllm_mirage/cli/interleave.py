@@ -4,7 +4,7 @@ On a host-bound model one engine's wall time per decode step moves by a fifth fr
 next (docs/design.md, "Where a small model's step goes"): sides timed one after another see different
 spells of the host. Here the parent asks each engine for one timed pair at a time, rotating which side goes
 first, so neighbouring pairs of different sides share a spell and their ratio cancels it
-(``stats.paired_speedup``). Engines start one at a time, each sizing its memory while the others already
+(``stats.paired_ratios``). Engines start one at a time, each sizing its memory while the others already
 hold theirs.
 """
 

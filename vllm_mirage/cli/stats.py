@@ -125,12 +125,14 @@ def paired_ratios(stock: dict, mirage: dict, batch_size: int, max_tokens: int) -
     s, m = stock["timings"][str(batch_size)], mirage["timings"][str(batch_size)]
     if len(s["total_s"]) != len(m["total_s"]) or not s["total_s"]:
         return None
-    steps = max_tokens - 1
-    step = (lambda t, i: (t["total_s"][i] - t["first_token_s"][i]) / steps) if steps else None
     pairs = range(len(s["total_s"]))
+
+    def decode(t: dict, i: int) -> float:  # the decode steps' share of a pair; N - 1 cancels in the ratio
+        return t["total_s"][i] - t["first_token_s"][i]
+
     return {
         "pairs": len(pairs),
-        "decode_step_speedup": median(step(s, i) / step(m, i) for i in pairs) if steps else None,
+        "decode_step_speedup": median(decode(s, i) / decode(m, i) for i in pairs) if max_tokens > 1 else None,
         "ttft_ratio": median(m["first_token_s"][i] / s["first_token_s"][i] for i in pairs),
     }
 

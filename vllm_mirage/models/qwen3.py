@@ -195,9 +195,10 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
 
     @staticmethod
     def _draft_plan(plan: DecodePlan) -> DecodePlan:
-        """A draft model's steps on a GPU: vLLM runs its drafter under piecewise CUDA graphs only, so the fused
-        layers' host code is never paid back there (stock's pieces run instead). The megakernel keeps the
-        plan's limit, the batch sizes where it was measured faster than stock."""
+        """A draft model's steps on a GPU: vLLM 0.26 runs a draft_model drafter under piecewise CUDA graphs
+        only, so the fused layers' host code is never paid back there (stock's pieces run instead); the
+        EAGLE route's full-graph draft steps keep the same plan until they are timed. The megakernel keeps
+        the plan's limit, the batch sizes where it was measured faster than stock."""
         if platform_name() != "cuda":
             return plan
         return dataclasses.replace(plan, fused_max_tokens=0, source=plan.source + " (draft model: no fused layers)")
