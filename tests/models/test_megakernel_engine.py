@@ -57,3 +57,5 @@ def test_self_draft_through_eagle_keeps_stock_tokens(tiny_qwen3, run_engine):
     spec = eagle["speculative"]
     # Chance agreement over the tiny vocabulary is well under 1%: a draft that ran wrong would be rejected.
     assert spec["num_draft_tokens"] > 0 and 0.1 < spec["num_accepted_tokens"] / spec["num_draft_tokens"] <= 1, spec
+    # The first-token loss is the user's to weigh: the draft says so when it is built.
+    assert any("never shows the draft a sequence's first token" in line for line in eagle["mirage_log"])

@@ -120,7 +120,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         reason = model_unsupported_reason(vllm_config) or self._layers_unsupported_reason()
         if reason is not None:
             self.mirage_status["reason"] = reason
-            _log_rank0(logging.WARNING, "vllm-mirage: using the stock Qwen3 path because %s", reason)
+            log_rank0(logging.WARNING, "vllm-mirage: using the stock Qwen3 path because %s", reason)
             return
         draft = self.drafts_for_target or is_draft_model(vllm_config)
         megakernel_reason = megakernel_unsupported_reason(vllm_config, draft) if mode == "megakernel" else None
@@ -134,7 +134,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         if megakernel_reason is not None:
             mode = "fused"
             self.mirage_status["megakernel_reason"] = megakernel_reason
-            _log_rank0(logging.WARNING, "vllm-mirage: megakernel decode off (fused layers only) because %s",
+            log_rank0(logging.WARNING, "vllm-mirage: megakernel decode off (fused layers only) because %s",
                        megakernel_reason)
         stock = self._stock_layers()
         _keep_cpu_weights(stock, keep_all=mode == "megakernel")
@@ -150,7 +150,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
-        _log_rank0(
+        log_rank0(
             logging.INFO,
             "vllm-mirage: fused %d Qwen3 decoder layers on %s (input_layernorm+qkv_proj, q/k norm+rope, "
             "post_attention_layernorm+gate_up_proj+SiLU) for %s%s; other steps run stock vLLM's layers (%s)",
@@ -248,7 +248,7 @@ def _keep_cpu_weights(layers: list[tuple[int, Qwen3DecoderLayer]], keep_all: boo
             linear._cpu_skip_gemm_dispatch = True
 
 
-def _log_rank0(level: int, msg: str, *args) -> None:
+def log_rank0(level: int, msg: str, *args) -> None:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     if get_tensor_model_parallel_rank() == 0:
