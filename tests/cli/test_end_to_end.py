@@ -203,8 +203,12 @@ def test_bench_interleaved_sides_take_turns(run_cli, cli_cache, tmp_path):
             ratios = [(s["total_s"][i] - s["first_token_s"][i]) / (m["total_s"][i] - m["first_token_s"][i])
                       for i in range(iterations)]
             ttft = [m["first_token_s"][i] / s["first_token_s"][i] for i in range(iterations)]
-            assert row["paired"] == {"pairs": iterations, "decode_step_speedup": pytest.approx(median(ratios)),
-                                     "ttft_ratio": pytest.approx(median(ttft))}
+            p = row["paired"]
+            assert p["pairs"] == iterations and p["decode_step_speedup"] == pytest.approx(median(ratios))
+            assert p["ttft_ratio"] == pytest.approx(median(ttft))
+            # With as many pairs as these the interval is the range of the ratios.
+            assert (p["decode_step_interval"]["low"], p["decode_step_interval"]["high"]) == (
+                pytest.approx(min(ratios)), pytest.approx(max(ratios)))
     megakernel = results["modes"][1]["mirage_status"]
     assert megakernel["mode"] == "megakernel" and megakernel["megakernel_steps"] > 0
     assert "## Paired ratios" in (tmp_path / "report.md").read_text()

@@ -50,6 +50,18 @@ def test_host_bound_needs_both_times_and_a_wide_gap():
     assert not stats.host_bound({"decode_step_s": None, "gpu_step_s": 1.0e-3})
 
 
+def test_median_interval_takes_order_statistics_with_binomial_coverage():
+    # 15 pairs: the 4th smallest and 4th largest hold the median 96.5% of the time (1 - 2 * 576 / 2**15).
+    values = [1.0 + i / 100 for i in (7, 3, 11, 0, 14, 5, 9, 1, 12, 6, 2, 13, 8, 4, 10)]
+    interval = stats.median_interval(values)
+    assert (interval["low"], interval["high"]) == (1.03, 1.11)
+    assert interval["coverage"] == pytest.approx(1 - 2 * (1 + 15 + 105 + 455) / 2**15)
+    # The next pair inwards would cover less than 95%.
+    assert 1 - 2 * (1 + 15 + 105 + 455 + 1365) / 2**15 < 0.95
+    # Too few values for 95%: the range, with the coverage it has.
+    assert stats.median_interval([2.0, 1.0, 3.0]) == {"low": 1.0, "high": 3.0, "coverage": 0.75}
+
+
 def test_stronger_baseline_is_reported_as_stock():
     slow, fast = runner_result("stock[0]", 0.004), runner_result("stock[1]", 0.002)
     mirage = runner_result("mirage", 0.001)

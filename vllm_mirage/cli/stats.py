@@ -11,6 +11,7 @@ does not move them); the mean decode step is kept beside them. vLLM's per-reques
 
 from __future__ import annotations
 
+from math import comb
 from statistics import fmean, median, quantiles
 
 
@@ -130,11 +131,32 @@ def paired_ratios(stock: dict, mirage: dict, batch_size: int, max_tokens: int) -
     def decode(t: dict, i: int) -> float:  # the decode steps' share of a pair; N - 1 cancels in the ratio
         return t["total_s"][i] - t["first_token_s"][i]
 
+    steps = [decode(s, i) / decode(m, i) for i in pairs] if max_tokens > 1 else None
+    ttft = [m["first_token_s"][i] / s["first_token_s"][i] for i in pairs]
     return {
         "pairs": len(pairs),
-        "decode_step_speedup": median(decode(s, i) / decode(m, i) for i in pairs) if max_tokens > 1 else None,
-        "ttft_ratio": median(m["first_token_s"][i] / s["first_token_s"][i] for i in pairs),
+        "decode_step_speedup": median(steps) if steps else None,
+        "decode_step_interval": median_interval(steps) if steps else None,
+        "ttft_ratio": median(ttft),
+        "ttft_interval": median_interval(ttft),
     }
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> dict:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest value, with the
+    largest k whose coverage ``1 - 2 P(Binomial(n, 1/2) < k)`` still reaches ``confidence``. Paired ratios
+    of a host-bound model are far from normal, hence order statistics. Below 6 values no pair of ranks
+    reaches 95%: the interval is then the range, with the coverage it has."""
+    ordered, n = sorted(values), len(values)
+    k = 1
+    while k < n // 2 and _median_coverage(n, k + 1) >= confidence:
+        k += 1
+    return {"low": ordered[k - 1], "high": ordered[n - k], "coverage": _median_coverage(n, k)}
+
+
+def _median_coverage(n: int, k: int) -> float:
+    """P(the k-th smallest of n values <= the median <= the k-th largest), any continuous distribution."""
+    return 1 - 2 * sum(comb(n, i) for i in range(k)) / 2 ** n
 
 
 # A side whose wall time per decode step exceeds its GPU time by this factor is paced by vLLM's host
