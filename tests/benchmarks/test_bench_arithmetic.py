@@ -1,29 +1,21 @@
 """The arithmetic of the GPU benchmark tools, on CPU: floors, copy counts, the critical path."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmarks import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "h100"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("model", ["qwen3-0.6b", "qwen3-8b"])
 def test_megakernel_floor_is_the_committed_one(model):
     # The floor a committed run reports is the step's bytes over the copy bandwidth it measured.
-    bench = _load("bench_megakernel")
+    bench = load_script("bench_megakernel")
     run = json.loads((RESULTS / "2026-11-24-megakernel-weight-streams" / f"stream_res_{model}_b1.json").read_text())
     row = run["rows"][0]
     nbytes = bench.step_bytes(bench.SHAPES[model], row["batch"], row["context"], row["lm_head"])
@@ -32,7 +24,7 @@ def test_megakernel_floor_is_the_committed_one(model):
 
 
 def test_megakernel_step_bytes_count_weights_and_cache():
-    bench = _load("bench_megakernel")
+    bench = load_script("bench_megakernel")
     cfg = dict(hidden=8, inter=16, hq=2, hkv=1, d=4, layers=3, vocab=100)
     qkv, o, mlp, norms = (2 + 2 * 1) * 4 * 8, 8 * 2 * 4, 3 * 16 * 8, 2 * 8 + 2 * 4
     weights = 3 * (qkv + o + mlp + norms) * 2  # bf16
@@ -42,7 +34,7 @@ def test_megakernel_step_bytes_count_weights_and_cache():
 
 
 def test_critical_path_adds_up_to_the_step():
-    bench = _load("bench_megakernel")
+    bench = load_script("bench_megakernel")
     Task = bench.Task
     # Columns: start, end of wait, end of compute, 3, 4, stamp 5, stamp 6, stamp 7 (µs).
     t = torch.zeros(3, 8, dtype=torch.float64)

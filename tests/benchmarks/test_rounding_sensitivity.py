@@ -1,26 +1,13 @@
 """benchmarks/rounding_sensitivity.py: every variant changes the rounding it names, and nothing else."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
+from tests.benchmarks import load_script
 from vllm_mirage.cli.models import qwen3_preset_config
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("rounding_sensitivity", ROOT / "benchmarks" / "rounding_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_variant_moves_the_logprobs_and_the_reference_is_deterministic():
-    m = _module()
+    m = load_script("rounding_sensitivity")
     config = {**qwen3_preset_config("qwen3-0.6b"), "hidden_size": 512, "intermediate_size": 1536,
               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
     model = m.Qwen3Numerics(config, seed=0)

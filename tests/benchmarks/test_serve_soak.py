@@ -1,6 +1,5 @@
 """benchmarks/serve_soak.py: its arithmetic on synthetic bursts, and one short soak of a real server on CPU."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,19 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_script
 from tests.conftest import subprocess_env
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_soak.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("serve_soak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load()
+soak = load_script("serve_soak")
 
 
 def test_request_plan_mixes_kinds_prompts_and_lengths():

@@ -1,30 +1,22 @@
 """BENCHMARKS.md is generated from the committed result files, and reads new result folders."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
+
+from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _summarize():
-    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmarks_md_is_what_the_result_files_give():
-    assert _summarize().render() == (ROOT / "BENCHMARKS.md").read_text(), (
+    assert load_script("summarize").render() == (ROOT / "BENCHMARKS.md").read_text(), (
         "BENCHMARKS.md is stale: run python benchmarks/summarize.py"
     )
 
 
 def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypatch):
-    s = _summarize()
+    s = load_script("summarize")
     results = tmp_path / "benchmarks" / "results"
     old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
     new = results / "h200" / "2026-12-02-bench-8b-b1-megakernel"
@@ -55,7 +47,7 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
 
 
 def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp_path, monkeypatch):
-    s = _summarize()
+    s = load_script("summarize")
     folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-serve-soak-tiny"
     folder.mkdir(parents=True)
     mode = {"requests_per_burst": 4, "errors": 0, "ttft_median_s": 0.02, "tpot_median_s": 0.005,
@@ -80,7 +72,7 @@ def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp
 
 
 def test_a_check_with_a_control_shows_it_beside_mirage(tmp_path, monkeypatch):
-    s = _summarize()
+    s = load_script("summarize")
     old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-02-check-random-0.6b-fused" / "check.json"
     folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-check-controlled"
     folder.mkdir(parents=True)
