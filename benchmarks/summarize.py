@@ -163,10 +163,8 @@ def bench_rows(r: Result) -> list[tuple]:
             s, m = row["stock"], row["mirage"]
             paired = (row.get("paired") or {}).get("decode_step_speedup")
             interval = (row.get("paired") or {}).get("decode_step_interval")
-            if paired and interval:
-                paired_text = f" (paired {paired:.2f}×, {interval['low']:.2f}–{interval['high']:.2f})"
-            else:
-                paired_text = f" (paired {paired:.2f}×)" if paired else ""
+            spread = f", {interval['low']:.2f}–{interval['high']:.2f}" if interval else ""
+            paired_text = f" (paired {paired:.2f}×{spread})" if paired else ""
             rows.append((
                 r.date, r.link, label, d["model"]["name"], row["batch_size"],
                 f"{_ms(s['decode_step_s'])} / {_ms(m['decode_step_s'])}",
@@ -203,7 +201,8 @@ def bench_section(results: list[Result]) -> list[str]:
         "well above the GPU step, vLLM's host loop sets the pace and the wall ratio says little about the "
         "kernels; \"paired\" is the median ratio of iterations timed in turn with every side's engine alive "
         "(`--interleave`), which cancels the host's slow spells, followed by the interval that holds that "
-        "median with about 95% coverage (order statistics; with 5 pairs the range, 94%). TTFT: the median latency of one token. "
+        "median with about 95% coverage (order statistics; with 5 pairs the range, 94%). "
+        "TTFT: the median latency of one token. "
         "\"stock\" is the fastest of the stock settings run at each batch size. Models are the real Qwen3 "
         "configs with dummy weights, bf16, 128 new tokens.",
         "",

@@ -135,7 +135,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             mode = "fused"
             self.mirage_status["megakernel_reason"] = megakernel_reason
             log_rank0(logging.WARNING, "vllm-mirage: megakernel decode off (fused layers only) because %s",
-                       megakernel_reason)
+                      megakernel_reason)
         stock = self._stock_layers()
         _keep_cpu_weights(stock, keep_all=mode == "megakernel")
         object.__setattr__(self, "_fused", FusedQwen3Decoder(self.model, [layer for _, layer in stock]))
