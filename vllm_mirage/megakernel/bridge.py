@@ -20,6 +20,7 @@ import logging
 import torch
 
 from vllm_mirage.megakernel import kernel, prologue, reference
+from vllm_mirage.megakernel.draft_rows import DraftRows
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.models.step import step_attention_metadata
@@ -30,6 +31,9 @@ logger = logging.getLogger(f"vllm.{__name__}")
 # Larger decode batches take the fused layers: past one 16-token block the kernel's tiles run slower
 # than stock vLLM (H100, docs/design.md), and its buffers (kept per batch size) grow with the batch.
 MAX_BATCH = 16
+# A self-draft step's rows (draft_step): the kernel runs any batch (token blocks of up to 64), and a draft has
+# no stock path to lose to; a verify pass of k + 1 tokens for each of 16 requests at k = 3 is 64 rows.
+MAX_DRAFT_ROWS = 64
 
 
 def decode_weights(model) -> DecodeWeights:
@@ -81,6 +85,7 @@ class MegakernelDecoder:
         self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
         self._refused: dict[int, str] = {}  # batch size -> why the kernel cannot run it
+        self._draft_rows: dict[tuple[int, bool], DraftRows] = {}  # (rows, last only) -> their tensors
         # Steps run through the graph, counted on the device so that CUDA-graph replays count too.
         self._steps = torch.zeros((), dtype=torch.int64, device=self.weights.qkv[0].device)
 
@@ -187,32 +192,90 @@ class MegakernelDecoder:
         if n > self.max_batch:
             self._decline(f"decode batch of {n} > {self.max_batch}")
             return None
+        entry = self._graph_for(n, batch, positions.device)
+        if entry is None:
+            return None
+        return self._run(entry, batch, input_ids).clone()  # the buffers are reused by the next step
+
+    def draft_step(self, input_ids: torch.Tensor, positions: torch.Tensor, max_query_len: int) -> torch.Tensor | None:
+        """The final-normed hidden states [T, H] of a self-draft step whose layers share the target's KV
+        cache: each token one position ahead of EAGLE's (``draft_rows``), every token of the step when no
+        request brings more than ``max_query_len``, else each request's last. Rows it does not compute are
+        zero. None where it cannot run the step (no metadata, no GPU cache views, too many rows)."""
+        from vllm.forward_context import get_forward_context
+
+        attn = self.attn_layers[0]
+        # The catch-up step runs on the target's metadata, which may be keyed by the target's layers only.
+        meta = step_attention_metadata(attn.layer_name) or step_attention_metadata(
+            getattr(attn, "kv_sharing_target_layer_name", None) or attn.layer_name)
+        qsl, table = getattr(meta, "query_start_loc", None), getattr(meta, "block_table", None)
+        if meta is None or not positions.is_cuda:
+            return None
+        if qsl is None or table is None:
+            self._decline(f"attention metadata {type(meta).__name__} has no query start locations or block table")
+            return None
+        tokens, requests = positions.shape[0], qsl.shape[0] - 1
+        last_only = not (getattr(meta, "max_query_len", tokens) <= max_query_len and tokens <= MAX_DRAFT_ROWS)
+        n = requests if last_only else tokens
+        if max(n, requests) > MAX_DRAFT_ROWS:
+            self._decline(f"draft step of {n} rows among {requests} requests > {MAX_DRAFT_ROWS}")
+            return None
+        fill_args = (qsl, table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
+        if (n, last_only) not in self._draft_rows:
+            if torch.cuda.is_current_stream_capturing():
+                self._decline(f"draft step of {n} rows first seen inside a CUDA-graph capture")
+                return None
+            if self._kv_views is None:
+                self._kv_views = self._split_kv_caches(get_forward_context())
+                if self._kv_views is None:
+                    return None
+            if not self._draft_rows:
+                # vLLM's warm-up runs draft steps of every row kind but the prefill catch-up's (last tokens
+                # only): compile that one now rather than at the first request's prefill.
+                for kind in (False, True):
+                    DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
+                        input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=kind)
+            self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
+        rows = self._draft_rows[(n, last_only)]
+        rows.fill(input_ids, positions, *fill_args, last_only=last_only)
+        batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
+        entry = self._graph_for(n, batch, positions.device)
+        if entry is None:
+            return None
+        hidden = self._run(entry, batch, rows.ids)
+        if not last_only:
+            return hidden.clone()
+        out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # padding rows land in the extra row
+        return out.index_copy_(0, rows.rows, hidden)[:tokens]
+
+    def _graph_for(self, n: int, batch: DecodeBatch, device: torch.device) -> tuple | None:
         if n not in self._graphs and n not in self._refused:
-            if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # Building a graph copies tables to the device, which a CUDA-graph capture forbids. vLLM runs
                 # each size eagerly before capturing it, so this only happens to a size it never warmed up.
                 self._decline(f"batch size {n} first seen inside a CUDA-graph capture")
                 return None
-            self._build(n, batch, positions.device)
+            self._build(n, batch, device)
         if n in self._refused:
             self._decline(self._refused[n])
             return None
-        graph, buffers, program = self._graphs[n]
+        return self._graphs[n]
+
+    def _run(self, entry: tuple, batch: DecodeBatch, input_ids: torch.Tensor) -> torch.Tensor:
+        graph, buffers, program = entry
         embedding = self.model.model.embed_tokens.weight  # tensor-parallel size 1 (support.py): all rows
-        if positions.is_cuda:
+        if input_ids.is_cuda:
             if self._kvtab is None:
                 self._kvtab = kernel.kv_pointer_table(batch)
                 self._down_ptrs = kernel.down_pointer_table(self.weights)
             prologue.load_step_input(buffers, input_ids, embedding, self._steps)
-            out = kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab,
-                                     down_ptrs=self._down_ptrs, zero_sync=False)
-        else:
-            # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
-            # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
-            # (norms, GEMV tiles, counters, final norm) is the graph's.
-            prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
-            out = reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
-        return out.clone()  # the buffers are reused by the next step
+            return kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab,
+                                      down_ptrs=self._down_ptrs, zero_sync=False)
+        # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
+        # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
+        # (norms, GEMV tiles, counters, final norm) is the graph's.
+        prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
+        return reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
 
 
 def _layer_kv_cache(attn, ctx) -> torch.Tensor:

@@ -3,34 +3,41 @@
 vLLM resolves ``speculative_config: {"method": "eagle", "model": <a plain Qwen3 checkpoint>}`` to the
 architecture ``EagleQwen3ForCausalLM``, which vLLM itself does not provide; the plugin registers this class
 under that name. The draft is the whole model (the target's own weights, loaded a second time), so it
-ignores the target's hidden states that EAGLE heads take, and its one-token draft steps follow the decode
-plan like any Qwen3 step (the megakernel, in mode ``megakernel``). vLLM's EAGLE path runs later draft steps
-as full CUDA graphs with on-GPU sampling between them, where ``draft_model`` runs piecewise graphs.
+ignores the target's hidden states that EAGLE heads take. vLLM's EAGLE path runs draft steps as full CUDA
+graphs with on-GPU sampling between them, where ``draft_model`` runs piecewise graphs.
 
 EAGLE's convention shifts the draft's inputs one token left at unchanged positions: the draft is handed
-token ``i + 1`` at position ``i``, for its catch-up over the target's tokens and its draft steps alike.
-Every token the draft sees, and every key in its own KV cache, is thus one position early; rotary attention
-depends only on the distance between positions, so that changes nothing but one thing: the draft never
-sees a sequence's first token. That lowers acceptance, never correctness: the target's verify pass
-decides every token. How much it lowers it depends on the model: ``benchmarks/first_token_dependence.py``
-measures the ceiling (the share of positions whose greedy token survives dropping the first one), and on
-a scaled random Qwen3-0.6B it is about nil, so the class warns when it is built.
+token ``i + 1`` at position ``i``. Run as given, over a KV cache of its own, the draft never sees a
+sequence's first token, and where the model depends on that token most drafts are rejected
+(``benchmarks/first_token_dependence.py``).
+
+In mode ``megakernel`` on a GPU the draft is exact instead: its attention layers share the target's KV
+cache (vLLM's cross-model KV sharing, as Gemma 4's MTP draft does), and every draft token runs as a
+megakernel decode row at its true position ``i + 1`` over the target's cache
+(``megakernel/draft_rows.py``), so a draft token is what a one-token megakernel step of the target would
+give. The catch-up over a verify pass runs every verify token as a row (the model is not told which one
+was accepted last), up to ``bridge.MAX_DRAFT_ROWS``; past that, each request's last token, which is right
+where every draft was accepted. Steps it cannot take at all leave zero hidden states. A wrong draft is
+only a rejected one: the target's verify pass decides every token.
+Elsewhere (fused mode, CPU) the draft runs as given, with its own cache, and warns.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from vllm.config import VllmConfig
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
 from vllm_mirage.models.qwen3 import MirageQwen3ForCausalLM, log_rank0
+from vllm_mirage.models.support import platform_name
 
 FIRST_TOKEN_WARNING = (
     "vllm-mirage: the model drafts for itself through vLLM's EAGLE speculator, which never shows the draft a "
     "sequence's first token; where the model depends on that token most drafts are rejected and the step costs "
     "more than a plain decode (benchmarks/first_token_dependence.py measures it). Output is unchanged; "
-    '"method": "draft_model" gives the draft every token'
+    'VLLM_USE_MIRAGE=megakernel on a GPU drafts exactly'
 )
 
 
@@ -40,9 +47,45 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         # Attention layers register by name: the draft's must not collide with the target's.
         super().__init__(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "draft"))
-        log_rank0(logging.WARNING, FIRST_TOKEN_WARNING)
+        self._tokens_per_request = vllm_config.speculative_config.num_speculative_tokens + 1
+        exact = self.mirage_status["mode"] == "megakernel" and platform_name() == "cuda"
+        targets = _target_attention_layers(vllm_config, self) if exact else None
+        self.mirage_status["draft_reads_target_cache"] = targets is not None
+        if targets is None:
+            if exact:
+                log_rank0(logging.WARNING, "vllm-mirage: the draft's attention layers do not pair one to one with "
+                          "the target's; it keeps a KV cache of its own")
+            log_rank0(logging.WARNING, FIRST_TOKEN_WARNING)
+            return
+        for layer, target in zip(self.model.layers, targets):
+            # Read at KV-cache set-up, after loading: the layer gets the target's cache and never writes it
+            # through vLLM's attention (only the megakernel's rows store, one position ahead).
+            layer.self_attn.attn.kv_sharing_target_layer_name = target
 
     def forward(self, input_ids, positions, hidden_states=None, inputs_embeds=None, **kwargs):
-        hidden = super().forward(input_ids, positions, inputs_embeds=inputs_embeds, **kwargs)
+        if self.mirage_status["draft_reads_target_cache"]:
+            hidden = self._draft_ahead(input_ids, positions)
+        else:
+            hidden = super().forward(input_ids, positions, inputs_embeds=inputs_embeds, **kwargs)
         # EAGLE heads return (states for the logits, states fed to the next draft step); this one reads none.
         return hidden, hidden
+
+    def _draft_ahead(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self._megakernel is None:
+            from vllm_mirage.megakernel.bridge import MegakernelDecoder
+
+            self._megakernel = MegakernelDecoder(self)  # draft steps: bridge.MAX_DRAFT_ROWS, not the plan's limit
+        hidden = self._megakernel.draft_step(input_ids, positions, self._tokens_per_request)
+        if hidden is None:
+            weight = self.model.embed_tokens.weight
+            hidden = weight.new_zeros(positions.shape[0], weight.shape[1])
+        return hidden
+
+
+def _target_attention_layers(vllm_config: VllmConfig, draft: MirageQwen3SelfDraft) -> list[str] | None:
+    """The target's attention layer names in layer order, one per draft layer, or None if the counts differ."""
+    own = {layer.self_attn.attn.layer_name for layer in draft.model.layers}
+    names = [name for name in vllm_config.compilation_config.static_forward_context
+             if name not in own and name.endswith(".self_attn.attn")]
+    names.sort(key=extract_layer_index)
+    return names if len(names) == len(own) else None
