@@ -22,7 +22,9 @@ read -r -a modes <<< "${MODE:-fused}"
 mode=(--mode "${modes[@]}" ${TOKENS:+--tokens-per-step "$TOKENS"})
 baselines=('{}' '{"async_scheduling": true}')
 [ -n "${BASELINE:-}" ] && baselines=("$BASELINE")  # one stock setting only
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# check and bench sample greedily, which never takes FlashInfer's sampler; left on, each engine's warm-up
+# builds its JIT module first (2-3 minutes on a machine without FlashInfer's cache).
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 case "$what" in
     check)
         vllm-mirage check "${mode[@]}" --model "$model" --max-tokens 64 --engine-args "$engine" \

@@ -173,6 +173,10 @@ def test_assess_multi_token():
     assert code == EXIT_OK and msg == ("Mirage applied: multi-token, draft model megakernel, 24 draft steps through "
                                        "the megakernel task graph, 75.0% of draft tokens accepted "
                                        "(3.25 tokens per engine step)")
+    for reads, says in ((True, "exact (the target's KV cache"), (False, "with its own KV cache (EAGLE's shift")):
+        eagle = {**draft, "draft_reads_target_cache": reads}
+        code, msg = assess_mirage(result({**target, "draft": eagle}), "multi-token-eagle")
+        assert code == EXIT_OK and says in msg, msg
     idle = {**draft, "megakernel_steps": 0, "megakernel_declined": ["decode batch of 32 > 16"]}
     code, msg = assess_mirage(result({**target, "draft": idle}), "multi-token")
     assert code == EXIT_NOT_APPLIED and msg.endswith("drafted no step (decode batch of 32 > 16)")

@@ -55,6 +55,9 @@ def _assess_multi_token(result: dict, status: dict, mode: str) -> tuple[int, str
         why = draft.get("megakernel_reason") or draft.get("reason") or _listed(draft.get("megakernel_declined") or [])
         return EXIT_NOT_APPLIED, f"{text}: the megakernel drafted no step ({why or 'no decode step reached it'})"
     text += f", {steps} draft steps through the megakernel task graph"
+    if "draft_reads_target_cache" in draft:  # the EAGLE self-draft (models/self_draft.py)
+        text += (", exact (the target's KV cache, one position ahead)" if draft["draft_reads_target_cache"]
+                 else ", with its own KV cache (EAGLE's shift hides each sequence's first token)")
     spec = result.get("speculative") or {}
     if spec.get("acceptance_rate") is not None:
         text += (f", {100 * spec['acceptance_rate']:.1f}% of draft tokens accepted "

@@ -176,6 +176,8 @@ class MegakernelDecoder:
         """Tokens per KV-cache block, read from the cache tensor the step attends over: dimension 2 in each
         layout vLLM uses here (FlashAttention's ``[blocks, Hkv, block_size, 2 D]`` and
         ``[2, blocks, block_size, Hkv, D]``, the CPU backend's ``[blocks, Hkv, block_size, 2 D]``)."""
+        if self._kv_views is not None:  # [blocks, block_size, Hkv, D]
+            return self._kv_views[0][0].shape[1]
         from vllm.forward_context import get_forward_context
 
         return _layer_kv_cache(self.attn_layers[0], get_forward_context()).shape[2]
@@ -201,15 +203,17 @@ class MegakernelDecoder:
         """The final-normed hidden states [T, H] of a self-draft step whose layers share the target's KV
         cache: each token one position ahead of EAGLE's (``draft_rows``), every token of the step when no
         request brings more than ``max_query_len``, else each request's last. Rows it does not compute are
-        zero. None where it cannot run the step (no metadata, no GPU cache views, too many rows)."""
-        from vllm.forward_context import get_forward_context
+        zero. None where it cannot run the step (no metadata, no cache views, too many rows).
 
+        The rows need the cache as strided views: on a GPU the bridge splits vLLM's; vLLM's CPU cache packs
+        block interiors, so on CPU only views set beforehand serve (tests), and the CPU executor runs the
+        graph with its own attention."""
         attn = self.attn_layers[0]
         # The catch-up step runs on the target's metadata, which may be keyed by the target's layers only.
         meta = step_attention_metadata(attn.layer_name) or step_attention_metadata(
             getattr(attn, "kv_sharing_target_layer_name", None) or attn.layer_name)
         qsl, table = getattr(meta, "query_start_loc", None), getattr(meta, "block_table", None)
-        if meta is None or not positions.is_cuda:
+        if meta is None or (self._kv_views is None and not positions.is_cuda):
             return None
         if qsl is None or table is None:
             self._decline(f"attention metadata {type(meta).__name__} has no query start locations or block table")
@@ -220,12 +224,14 @@ class MegakernelDecoder:
         if max(n, requests) > MAX_DRAFT_ROWS:
             self._decline(f"draft step of {n} rows among {requests} requests > {MAX_DRAFT_ROWS}")
             return None
-        fill_args = (qsl, table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
+        fill_args = (table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
         if (n, last_only) not in self._draft_rows:
-            if torch.cuda.is_current_stream_capturing():
+            if positions.is_cuda and torch.cuda.is_current_stream_capturing():
                 self._decline(f"draft step of {n} rows first seen inside a CUDA-graph capture")
                 return None
             if self._kv_views is None:
+                from vllm.forward_context import get_forward_context
+
                 self._kv_views = self._split_kv_caches(get_forward_context())
                 if self._kv_views is None:
                     return None
@@ -237,12 +243,12 @@ class MegakernelDecoder:
                         input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=kind)
             self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[(n, last_only)]
-        rows.fill(input_ids, positions, *fill_args, last_only=last_only)
+        rows.fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
         batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
         entry = self._graph_for(n, batch, positions.device)
         if entry is None:
             return None
-        hidden = self._run(entry, batch, rows.ids)
+        hidden = self._run(entry, batch, rows.ids, vllm_attention=False)
         if not last_only:
             return hidden.clone()
         out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # padding rows land in the extra row
@@ -261,7 +267,8 @@ class MegakernelDecoder:
             return None
         return self._graphs[n]
 
-    def _run(self, entry: tuple, batch: DecodeBatch, input_ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, entry: tuple, batch: DecodeBatch, input_ids: torch.Tensor,
+             vllm_attention: bool = True) -> torch.Tensor:
         graph, buffers, program = entry
         embedding = self.model.model.embed_tokens.weight  # tensor-parallel size 1 (support.py): all rows
         if input_ids.is_cuda:
@@ -275,7 +282,8 @@ class MegakernelDecoder:
         # vLLM's own attention layer (cache append included) in the ATTN stage; everything else
         # (norms, GEMV tiles, counters, final norm) is the graph's.
         prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
-        return reference.run_graph(graph, self.weights, batch, buffers, attention=self._vllm_attention)
+        attention = self._vllm_attention if vllm_attention else None
+        return reference.run_graph(graph, self.weights, batch, buffers, attention=attention)
 
 
 def _layer_kv_cache(attn, ctx) -> torch.Tensor:

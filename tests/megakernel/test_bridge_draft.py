@@ -1,0 +1,113 @@
+"""``MegakernelDecoder.draft_step``, the bridge's self-draft glue, on the CPU executor: vLLM's attention
+metadata in, rows one position ahead through the task graph, hidden states out where the step's tokens are.
+The caches are handed in (on a real CPU engine vLLM's cache is packed, and the bridge declines)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.megakernel.conftest import TINY, random_weights
+from vllm_mirage.megakernel import bridge, reference
+from vllm_mirage.megakernel.state import DecodeBatch
+
+BLOCK = 16
+
+
+def _model(weights):
+    """The attributes of a vLLM Qwen3 model that the bridge reads, over ``weights``."""
+    ns = SimpleNamespace
+    d = weights.q_norm[0].shape[0]
+    layers = [
+        ns(input_layernorm=ns(weight=weights.input_norm[i], variance_epsilon=weights.eps),
+           post_attention_layernorm=ns(weight=weights.post_norm[i]),
+           self_attn=ns(qkv_proj=ns(weight=weights.qkv[i]), q_norm=ns(weight=weights.q_norm[i]),
+                        k_norm=ns(weight=weights.k_norm[i]), o_proj=ns(weight=weights.o[i]),
+                        rotary_emb=ns(cos_sin_cache=weights.cos_sin_cache),
+                        attn=ns(num_kv_heads=TINY["hkv"], head_size=d, layer_name=f"draft.{i}.attn")),
+           mlp=ns(gate_up_proj=ns(weight=weights.gate_up[i]), down_proj=ns(weight=weights.down[i])))
+        for i in range(weights.num_layers)
+    ]
+    return ns(model=ns(layers=layers, norm=ns(weight=weights.final_norm), embed_tokens=ns(weight=weights.lm_head)),
+              lm_head=ns(weight=weights.lm_head))
+
+
+@pytest.fixture
+def setup(monkeypatch):
+    torch.manual_seed(0)
+    weights = random_weights(**TINY, dtype=torch.float32)
+    caches = tuple([torch.zeros(16, BLOCK, TINY["hkv"], TINY["d"]) for _ in range(TINY["layers"])] for _ in range(2))
+    tables = torch.tensor([[3, 9, 1, 0], [7, 12, 4, 2]], dtype=torch.int32)
+    lengths = [22, 35]
+    tokens = [torch.randint(0, TINY["vocab"], (n + 2,)) for n in lengths]  # two more than cached
+    # The target's cache: every request's tokens, one decode step at a time.
+    for r, n in enumerate(lengths):
+        for pos in range(n):
+            _target_step(weights, caches, tables[r : r + 1], pos, tokens[r][pos])
+    decoder = bridge.MegakernelDecoder(_model(weights))
+    decoder._kv_views = caches
+    meta = SimpleNamespace()
+    monkeypatch.setattr(bridge, "step_attention_metadata", lambda name: meta)
+    return SimpleNamespace(weights=weights, caches=caches, tables=tables, lengths=lengths, tokens=tokens,
+                           decoder=decoder, meta=meta)
+
+
+def _target_step(weights, caches, table, pos, token, lm_head=False):
+    slot = int(table[0, pos // BLOCK]) * BLOCK + pos % BLOCK
+    batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), *caches)
+    return reference.decode_step(weights, batch, torch.nn.functional.embedding(token.view(1), weights.lm_head),
+                                 lm_head=lm_head)[0]
+
+
+def _want(s, r, pos):
+    """What the target's own step gives for request ``r``'s token at ``pos``, on copies of the caches."""
+    caches = tuple([c.clone() for c in layer] for layer in s.caches)
+    return _target_step(s.weights, caches, s.tables[r : r + 1], pos, s.tokens[r][pos])
+
+
+def test_catch_up_over_verify_passes_runs_every_token_ahead(setup):
+    s = setup
+    # Verify passes of 3 drafts at the last 4 cached positions of each request, EAGLE-shifted (token i + 1
+    # at position i), then a padded request and a padding token, as a CUDA graph pads them.
+    ids, positions = [], []
+    for r, n in enumerate(s.lengths):
+        positions += list(range(n - 4, n))
+        ids += s.tokens[r][n - 3 : n + 1].tolist()
+    s.meta.query_start_loc = torch.tensor([0, 4, 8, 8], dtype=torch.int32)
+    s.meta.block_table = torch.cat([s.tables, s.tables[:1]])
+    s.meta.max_query_len = 4
+    want = [_want(s, r, pos) for r, n in enumerate(s.lengths) for pos in range(n - 3, n + 1)]
+    hidden = s.decoder.draft_step(torch.tensor(ids + [5], dtype=torch.int32), torch.tensor(positions + [0]), 4)
+    assert hidden.shape == (9, TINY["hidden"])
+    torch.testing.assert_close(hidden[:8], torch.stack(want), rtol=1e-4, atol=1e-4)
+    assert s.decoder.steps() == 1 and s.decoder.declined() == []
+
+
+def test_catch_up_over_prefill_runs_each_last_token(setup):
+    s = setup
+    # Prefill chunks of 9 and 12 tokens ending at the cached length; EAGLE's last id is the sampled token.
+    ids, positions, qsl = [], [], [0]
+    for r, (n, chunk) in enumerate(zip(s.lengths, (9, 12))):
+        positions += list(range(n - chunk, n))
+        ids += s.tokens[r][n - chunk + 1 : n + 1].tolist()
+        qsl.append(len(ids))
+    s.meta.query_start_loc = torch.tensor(qsl, dtype=torch.int32)
+    s.meta.block_table = s.tables
+    s.meta.max_query_len = 12
+    hidden = s.decoder.draft_step(torch.tensor(ids, dtype=torch.int32), torch.tensor(positions), 4)
+    rows = [qsl[1] - 1, qsl[2] - 1]
+    torch.testing.assert_close(hidden[rows], torch.stack([_want(s, r, n) for r, n in enumerate(s.lengths)]),
+                               rtol=1e-4, atol=1e-4)
+    others = torch.ones(len(ids), dtype=torch.bool)
+    others[rows] = False
+    assert torch.count_nonzero(hidden[others]) == 0
+
+
+def test_more_rows_than_the_kernel_takes_are_declined(setup, monkeypatch):
+    s = setup
+    monkeypatch.setattr(bridge, "MAX_DRAFT_ROWS", 1)
+    s.meta.query_start_loc = torch.tensor([0, 1, 2], dtype=torch.int32)
+    s.meta.block_table = s.tables
+    s.meta.max_query_len = 1
+    assert s.decoder.draft_step(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3, 4]), 4) is None
+    assert s.decoder.declined() == ["draft step of 2 rows among 2 requests > 1"]
