@@ -99,3 +99,16 @@ def clone_batch(batch: DecodeBatch, dtype=None) -> DecodeBatch:
 
 # A tiny rank: GQA group 2, sizes that do not divide the tiles (I, V), a 16-token KV block.
 TINY = dict(hidden=128, inter=200, hq=4, hkv=2, d=32, layers=2, vocab=300)
+
+
+def decode_token(weights: DecodeWeights, caches, table, pos: int, token: int, lm_head: bool = True) -> torch.Tensor:
+    """The layerwise reference's one-token step of a request with block ``table`` [1, *]: ``token`` (its
+    embedding row of the lm_head, any [V, H] table serving) at ``pos``, over and into ``caches`` (key and
+    value lists ``[blocks, block_size, Hkv, D]``); its logits, or without ``lm_head`` its final-normed hidden."""
+    from vllm_mirage.megakernel import reference
+
+    block = caches[0][0].shape[1]
+    slot = int(table[0, pos // block]) * block + pos % block
+    batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), *caches)
+    embedded = torch.nn.functional.embedding(torch.tensor([int(token)]), weights.lm_head)
+    return reference.decode_step(weights, batch, embedded, lm_head=lm_head)[0]

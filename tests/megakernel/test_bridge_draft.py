@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, random_weights
-from vllm_mirage.megakernel import bridge, reference
-from vllm_mirage.megakernel.state import DecodeBatch
+from tests.megakernel.conftest import TINY, decode_token, random_weights
+from vllm_mirage.megakernel import bridge
 
 BLOCK = 16
 
@@ -43,7 +42,7 @@ def setup(monkeypatch):
     # The target's cache: every request's tokens, one decode step at a time.
     for r, n in enumerate(lengths):
         for pos in range(n):
-            _target_step(weights, caches, tables[r : r + 1], pos, tokens[r][pos])
+            decode_token(weights, caches, tables[r : r + 1], pos, tokens[r][pos])
     decoder = bridge.MegakernelDecoder(_model(weights))
     decoder._kv_views = caches
     meta = SimpleNamespace()
@@ -52,17 +51,10 @@ def setup(monkeypatch):
                            decoder=decoder, meta=meta)
 
 
-def _target_step(weights, caches, table, pos, token, lm_head=False):
-    slot = int(table[0, pos // BLOCK]) * BLOCK + pos % BLOCK
-    batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), *caches)
-    return reference.decode_step(weights, batch, torch.nn.functional.embedding(token.view(1), weights.lm_head),
-                                 lm_head=lm_head)[0]
-
-
 def _want(s, r, pos):
     """What the target's own step gives for request ``r``'s token at ``pos``, on copies of the caches."""
     caches = tuple([c.clone() for c in layer] for layer in s.caches)
-    return _target_step(s.weights, caches, s.tables[r : r + 1], pos, s.tokens[r][pos])
+    return decode_token(s.weights, caches, s.tables[r : r + 1], pos, s.tokens[r][pos], lm_head=False)
 
 
 def test_catch_up_over_verify_passes_runs_every_token_ahead(setup):

@@ -5,7 +5,7 @@ ahead over a cache of the target's tokens decodes as the target's own one-token 
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, float32_weights, random_weights
+from tests.megakernel.conftest import TINY, decode_token, random_weights
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.draft_rows import DraftRows
 from vllm_mirage.megakernel.state import DecodeBatch
@@ -70,39 +70,28 @@ def test_rows_ahead_decode_as_the_target_does():
     three tokens, EAGLE-shifted, runs as rows ahead: each row's logits are those the target's own step gave
     for the token it holds, and so is a draft step after it, over the key the catch-up stored."""
     torch.manual_seed(0)
-    weights = float32_weights(random_weights(**TINY, dtype=torch.float32))
-    layers, hkv, d = TINY["layers"], TINY["hkv"], TINY["d"]
-    k_caches = [torch.zeros(8, BLOCK, hkv, d) for _ in range(layers)]
-    v_caches = [torch.zeros(8, BLOCK, hkv, d) for _ in range(layers)]
+    weights = random_weights(**TINY, dtype=torch.float32)
+    caches = tuple([torch.zeros(8, BLOCK, TINY["hkv"], TINY["d"]) for _ in range(TINY["layers"])] for _ in range(2))
     table = torch.tensor([[5, 2, 7, 0]], dtype=torch.int32)
     tokens = torch.randint(0, TINY["vocab"], (24,))
-    target_logits = []
-    for pos, token in enumerate(tokens.tolist()):
-        slot = int(table[0, pos // BLOCK]) * BLOCK + pos % BLOCK
-        batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), k_caches, v_caches)
-        target_logits.append(reference.decode_step(weights, batch, _embed(weights, torch.tensor([token]))))
+    target_logits = [decode_token(weights, caches, table, pos, token) for pos, token in enumerate(tokens.tolist())]
     # The verify pass ran positions 20..23 (token 20 and three drafts); EAGLE's catch-up hands the draft
     # tokens 21, 22, 23 and the sampled one at positions 20..23.
     sampled, drafted = 17, 230
-    target_caches = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
-    for pos, token in ((24, sampled), (25, drafted)):
-        slot = int(table[0, pos // BLOCK]) * BLOCK + pos % BLOCK
-        batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), *target_caches)
-        target_logits.append(reference.decode_step(weights, batch, _embed(weights, torch.tensor([token]))))
+    target_caches = tuple([c.clone() for c in layer] for layer in caches)
+    target_logits += [decode_token(weights, target_caches, table, pos, token) for pos, token in ((24, sampled),
+                                                                                              (25, drafted))]
 
     def draft(ids, positions, qsl):
         rows = DraftRows(len(ids), table.shape[1], torch.int32, "cpu")
         rows.fill_reference(torch.tensor(ids, dtype=torch.int32), torch.tensor(positions), torch.tensor(qsl), table,
                             BLOCK, 256, last_only=False)
-        batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, k_caches, v_caches)
-        return reference.decode_step(weights, batch, _embed(weights, rows.ids.long()))
+        batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *caches)
+        embedded = torch.nn.functional.embedding(rows.ids.long(), weights.lm_head)
+        return reference.decode_step(weights, batch, embedded)
 
     logits = draft(tokens[21:24].tolist() + [sampled], [20, 21, 22, 23], [0, 4])
     for r, pos in enumerate(range(21, 25)):
-        torch.testing.assert_close(logits[r], target_logits[pos][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[r], target_logits[pos], rtol=1e-4, atol=1e-4)
     # The next draft step: EAGLE hands the first draft token at position 24.
-    torch.testing.assert_close(draft([drafted], [24], [0, 1])[0], target_logits[25][0], rtol=1e-4, atol=1e-4)
-
-
-def _embed(weights, ids):
-    return torch.nn.functional.embedding(ids, weights.lm_head)  # tied: any [V, H] table serves both sides
+    torch.testing.assert_close(draft([drafted], [24], [0, 1])[0], target_logits[25], rtol=1e-4, atol=1e-4)
