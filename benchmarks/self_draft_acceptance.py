@@ -6,7 +6,9 @@
 
 ``--mode eagle`` runs the model as its own draft through vLLM's EAGLE speculator (k = 3). Prompts are token
 ids, so a checkpoint without a usable tokenizer serves. FlashInfer's sampler is left out (its first use
-builds a JIT module for minutes); greedy sampling does not use it.
+builds a JIT module for minutes); greedy sampling does not use it. The model's status is read through
+``LLM.apply_model``: run the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as the committed
+results were, or allow it to be pickled (``VLLM_ALLOW_INSECURE_SERIALIZATION=1``).
 """
 
 from __future__ import annotations
