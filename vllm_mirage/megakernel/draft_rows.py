@@ -10,8 +10,9 @@ decode token's.
 
 A step's rows, each a request's token: all of them when every request brings at most ``max_query_len``
 tokens (draft steps, and the catch-up over a verify pass: vLLM does not tell the model which of its
-tokens was accepted last), or only each request's last token (the catch-up over prefill chunks). Rows past the step's
-real tokens (CUDA-graph padding) and rows whose position would pass the rotary table store nothing.
+tokens was accepted last), or only each request's last token (the catch-up over prefill chunks). Rows
+past the step's real tokens (CUDA-graph padding) and rows whose position would pass the rotary table
+store nothing.
 """
 
 from __future__ import annotations
