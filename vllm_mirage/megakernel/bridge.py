@@ -238,9 +238,8 @@ class MegakernelDecoder:
             if not self._draft_rows:
                 # vLLM's warm-up runs draft steps of every row kind but the prefill catch-up's (last tokens
                 # only): compile that one now rather than at the first request's prefill.
-                for kind in (False, True):
-                    DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
-                        input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=kind)
+                DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
+                    input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=True)
             self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[(n, last_only)]
         rows.fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
