@@ -103,3 +103,23 @@ def test_more_rows_than_the_kernel_takes_are_declined(setup, monkeypatch):
     s.meta.max_query_len = 1
     assert s.decoder.draft_step(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3, 4]), 4) is None
     assert s.decoder.declined() == ["draft step of 2 rows among 2 requests > 1"]
+
+
+def test_row_counts_are_rounded_up_to_powers_of_two(monkeypatch):
+    assert bridge.draft_row_counts() == [1, 2, 4, 8, 16, 32, 64]
+    assert [bridge.draft_rows_for(n) for n in (1, 3, 13, 52, 64)] == [1, 4, 16, 64, 64]
+    monkeypatch.setattr(bridge, "MAX_DRAFT_ROWS", 48)
+    assert bridge.draft_row_counts()[-2:] == [32, 48] and bridge.draft_rows_for(40) == 48
+
+
+def test_compiling_every_row_count_stores_nothing(setup, monkeypatch):
+    """The warm-up runs each row count's graph on padding rows: the target's cache must come out as it
+    went in (a padding row that stored its key would overwrite a cached token)."""
+    s = setup
+    monkeypatch.setattr(bridge, "MAX_DRAFT_ROWS", 4)
+    before = tuple([c.clone() for c in layer] for layer in s.caches)
+    s.decoder.compile_draft_steps(s.tables.shape[1], torch.int32, "cpu")
+    assert sorted(s.decoder._graphs) == [1, 2, 4] and s.decoder.steps() == 3
+    for got, want in zip(s.caches, before):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)

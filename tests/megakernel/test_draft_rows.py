@@ -28,9 +28,9 @@ def _step(query_lens, padded_requests, device):
     return [t.to(device) for t in (ids, positions, qsl.to(torch.int32), tables)]
 
 
-def _check_rows(query_lens, padded_requests, last_only, max_position, device):
+def _check_rows(query_lens, padded_requests, last_only, max_position, device, extra_rows=0):
     ids, positions, qsl, tables = _step(query_lens, padded_requests, device)
-    n = qsl.shape[0] - 1 if last_only else ids.shape[0]
+    n = (qsl.shape[0] - 1 if last_only else ids.shape[0]) + extra_rows
     got, want = DraftRows(n, tables.shape[1], ids.dtype, device), DraftRows(n, tables.shape[1], ids.dtype, "cpu")
     got.fill(ids, positions, qsl, tables, BLOCK, max_position, last_only)
     want.fill_reference(ids.cpu(), positions.cpu(), qsl.cpu(), tables.cpu(), BLOCK, max_position, last_only)
@@ -39,13 +39,17 @@ def _check_rows(query_lens, padded_requests, last_only, max_position, device):
     return want
 
 
-@pytest.mark.parametrize("query_lens, padded_requests, last_only", [
-    ([4, 4, 4], 1, False),  # a catch-up over verify passes of 3 drafts each, one padded request
-    ([1, 1, 1, 1, 1], 0, False),  # a draft step
-    ([37, 4, 1], 2, True),  # a prefill chunk among decodes: each request's last token
+@pytest.mark.parametrize("query_lens, padded_requests, last_only, extra_rows", [
+    ([4, 4, 4], 1, False, 0),  # a catch-up over verify passes of 3 drafts each, one padded request
+    ([1, 1, 1, 1, 1], 0, False, 0),  # a draft step
+    ([37, 4, 1], 2, True, 0),  # a prefill chunk among decodes: each request's last token
+    ([4, 4, 4], 0, False, 2),  # rounded up to 16 rows (the bridge's row counts are powers of two)
+    ([1, 1, 1, 1, 1], 0, False, 3),
+    ([37, 4, 1], 2, True, 3),
 ])
-def test_rows_kernel_matches_reference(query_lens, padded_requests, last_only):
-    want = _check_rows(query_lens, padded_requests, last_only, max_position=1 << 20, device="cpu")
+def test_rows_kernel_matches_reference(query_lens, padded_requests, last_only, extra_rows):
+    want = _check_rows(query_lens, padded_requests, last_only, max_position=1 << 20, device="cpu",
+                       extra_rows=extra_rows)
     real = want.slots >= 0
     # Every real token is a row, one position ahead; the padding tokens store nothing.
     assert int(real.sum()) == (len(query_lens) if last_only else sum(query_lens))
@@ -63,6 +67,8 @@ def test_rows_past_the_rotary_table_store_nothing():
 def test_rows_kernel_on_gpu():
     _check_rows([4, 4, 4, 4], 3, False, 1 << 20, "cuda")
     _check_rows([100, 4, 1], 1, True, 1 << 20, "cuda")
+    _check_rows([4, 4, 4], 0, False, 1 << 20, "cuda", extra_rows=2)
+    _check_rows([100, 4, 1], 1, True, 1 << 20, "cuda", extra_rows=4)
 
 
 def test_rows_ahead_decode_as_the_target_does():

@@ -36,6 +36,23 @@ MAX_BATCH = 16
 MAX_DRAFT_ROWS = 64
 
 
+def draft_row_counts() -> list[int]:
+    """The row counts a draft step runs at: powers of two, and ``MAX_DRAFT_ROWS``. Each row count is a
+    graph of its own and may be a compile of its own (Triton specialises on 1 and on multiples of 16, the
+    kernel's token block grows with the batch); vLLM's warm-up does not reach every count its steps take
+    later (13 requests of a batch of 16 left, 52 rows), and a compile while serving stalls every request
+    for seconds."""
+    counts = [1]
+    while counts[-1] < MAX_DRAFT_ROWS:
+        counts.append(min(2 * counts[-1], MAX_DRAFT_ROWS))
+    return counts
+
+
+def draft_rows_for(n: int) -> int:
+    """The row count a draft step of ``n`` rows runs at."""
+    return next(c for c in draft_row_counts() if c >= n)
+
+
 def decode_weights(model) -> DecodeWeights:
     """References to a (Mirage) Qwen3 model's parameters, in the megakernel's terms."""
     layers = list(model.model.layers)
@@ -220,10 +237,11 @@ class MegakernelDecoder:
             return None
         tokens, requests = positions.shape[0], qsl.shape[0] - 1
         last_only = not (getattr(meta, "max_query_len", tokens) <= max_query_len and tokens <= MAX_DRAFT_ROWS)
-        n = requests if last_only else tokens
-        if max(n, requests) > MAX_DRAFT_ROWS:
-            self._decline(f"draft step of {n} rows among {requests} requests > {MAX_DRAFT_ROWS}")
+        needed = requests if last_only else tokens
+        if max(needed, requests) > MAX_DRAFT_ROWS:
+            self._decline(f"draft step of {needed} rows among {requests} requests > {MAX_DRAFT_ROWS}")
             return None
+        n = draft_rows_for(needed)
         fill_args = (table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
         if (n, last_only) not in self._draft_rows:
             if positions.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -240,6 +258,8 @@ class MegakernelDecoder:
                 # only): compile that one now rather than at the first request's prefill.
                 DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
                     input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=True)
+                if positions.is_cuda:
+                    self.compile_draft_steps(table.shape[1], input_ids.dtype, positions.device)
             self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[(n, last_only)]
         rows.fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
@@ -249,9 +269,20 @@ class MegakernelDecoder:
             return None
         hidden = self._run(entry, batch, rows.ids, vllm_attention=False)
         if not last_only:
-            return hidden.clone()
+            return hidden[:tokens].clone()
         out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # padding rows land in the extra row
         return out.index_copy_(0, rows.rows, hidden)[:tokens]
+
+    def compile_draft_steps(self, max_blocks: int, ids_dtype: torch.dtype, device) -> None:
+        """Build and run the graph of every draft row count once, on rows that are all padding (they
+        store nothing), so that no count compiles while serving. Needs the cache views."""
+        device = torch.device(device)
+        for n in draft_row_counts():
+            rows = DraftRows(n, max_blocks, ids_dtype, device)
+            batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
+            entry = self._graph_for(n, batch, device)
+            if entry is not None:
+                self._run(entry, batch, rows.ids, vllm_attention=False)
 
     def _graph_for(self, n: int, batch: DecodeBatch, device: torch.device) -> tuple | None:
         if n not in self._graphs and n not in self._refused:

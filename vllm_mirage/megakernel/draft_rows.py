@@ -10,9 +10,10 @@ decode token's.
 
 A step's rows, each a request's token: all of them when every request brings at most ``max_query_len``
 tokens (draft steps, and the catch-up over a verify pass: vLLM does not tell the model which of its
-tokens was accepted last), or only each request's last token (the catch-up over prefill chunks). Rows
-past the step's real tokens (CUDA-graph padding) and rows whose position would pass the rotary table
-store nothing.
+tokens was accepted last), or only each request's last token (the catch-up over prefill chunks). A step
+may take more rows than it has tokens or requests (the bridge rounds row counts up). Rows past the step's
+real tokens (CUDA-graph padding, rounding) and rows whose position would pass the rotary table store
+nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def _draft_rows_kernel(ids_ptr, pos_ptr, qsl_ptr, bt_ptr, bt_stride, num_reqs, m
     ends = tl.load(qsl_ptr + 1 + reqs, mask=reqs < num_reqs, other=2**30)
     total = tl.load(qsl_ptr + num_reqs)  # real tokens: padded requests end where the last real one does
     if LAST_ONLY:
-        req = r
-        t = tl.load(qsl_ptr + r + 1) - 1
-        real = (t >= tl.load(qsl_ptr + r)) & (r < num_reqs)
+        req = tl.minimum(r, num_reqs - 1)
+        t = tl.load(qsl_ptr + req + 1) - 1
+        real = (t >= tl.load(qsl_ptr + req)) & (r < num_reqs)
     else:
         t = r
         req = tl.sum((ends <= t).to(tl.int32))
         real = t < total
-    t = tl.maximum(t, 0)
+    t = tl.minimum(tl.maximum(t, 0), trash_row - 1)  # rows past the step's tokens read its last one
     pos = tl.load(pos_ptr + t).to(tl.int64) + 1
     real = real & (pos < max_position)
     pos = tl.where(real, pos, 0)  # a padding row attends to itself only
@@ -80,7 +81,7 @@ class DraftRows:
         """Rows of the step whose tokens are ``input_ids``/``positions`` [T] (EAGLE's), requests
         ``query_start_loc`` [R + 1] (padded requests repeat the last end) with tables ``block_table`` [R, *]."""
         n, num_reqs = self.ids.shape[0], query_start_loc.shape[0] - 1
-        assert n == (num_reqs if last_only else positions.shape[0]) and num_reqs <= MAX_REQUESTS
+        assert n >= (num_reqs if last_only else positions.shape[0]) and num_reqs <= MAX_REQUESTS
         _draft_rows_kernel[(n,)](
             input_ids, positions, query_start_loc, block_table, block_table.stride(0), num_reqs, max_position,
             self.ids, self.positions, self.slots, self.block_tables, self.block_tables.stride(0), self.rows,
@@ -93,14 +94,16 @@ class DraftRows:
         """What :meth:`fill` computes, in PyTorch (host loops: for tests)."""
         qsl = query_start_loc.tolist()
         total = qsl[-1]
+        num_reqs, tokens = len(qsl) - 1, positions.shape[0]
         for r in range(self.ids.shape[0]):
             if last_only:
-                req, t = r, qsl[r + 1] - 1
-                real = t >= qsl[r]
+                req = min(r, num_reqs - 1)
+                t = qsl[req + 1] - 1
+                real = t >= qsl[req] and r < num_reqs
             else:
                 t = r
                 req, real = sum(end <= t for end in qsl[1:]), t < total
-            t = max(t, 0)
+            t = min(max(t, 0), tokens - 1)
             pos = int(positions[t]) + 1
             real = real and pos < max_position
             pos = pos if real else 0
