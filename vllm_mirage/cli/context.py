@@ -54,7 +54,7 @@ def mode_engine_args(mode: str, model: str, tokens_per_step: int) -> dict:
     as its own draft: the Mirage draft model's decode steps take the megakernel where the plan says, the
     target's verify pass (stock's forward) decides every token, and vLLM's scheduler, rejection sampler and
     stop checks stay in charge. multi-token-eagle drafts with the same model through vLLM's EAGLE speculator
-    (``models/self_draft.py``: on a GPU over the target's KV cache, one position ahead of EAGLE's inputs)."""
+    (``models/self_draft.py``: over the target's KV cache, one position ahead of EAGLE's inputs)."""
     method = {"multi-token": "draft_model", "multi-token-eagle": "eagle"}.get(mode)
     if method is None:
         return {}

@@ -34,7 +34,7 @@ MODES = ["fused", "megakernel", "multi-token", "multi-token-eagle"]
 _MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1), fused layers plus megakernel decode "
               "steps (VLLM_USE_MIRAGE=megakernel), or multi-token: megakernel mode with the model as its own "
               "draft model, so each engine step yields up to --tokens-per-step tokens (multi-token-eagle: "
-              "the same draft through vLLM's EAGLE speculator, exact on a GPU: it reads the target's KV cache)")
+              "the same draft through vLLM's EAGLE speculator, exact: it reads the target's KV cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ table, query lengths; the slot mapping; each layer's KV-cache tensor) and, when 
 exactly one token, runs the step's layers and final norm through the graph; vLLM's lm_head and
 logits processor stay in charge. On a GPU the persistent kernel runs it (FlashAttention's cache
 layout); on CPU the graph's executor does, with vLLM's attention layer in the ATTN stage, because the
-CPU backend's cache is not a strided view. Prefill, mixed batches, profiling runs and anything it does not
+CPU backend's cache is a strided view only for some of its attention kernels (self-draft rows, which
+cannot use vLLM's attention, read those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs and anything it does not
 recognise return ``None``: the caller takes the fused-layer path, which shares the same KV cache. So do
 steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache block size it does not
 handle): the bridge asks before building a graph, on CPU too, and logs the reason once.
@@ -24,6 +25,7 @@ from vllm_mirage.megakernel.draft_rows import DraftRows
 from vllm_mirage.megakernel.graph import build_task_graph
 from vllm_mirage.megakernel.state import DecodeBatch, DecodeBuffers, DecodeWeights
 from vllm_mirage.models.step import step_attention_metadata
+from vllm_mirage.ops._dispatch import use_triton
 
 # Under vLLM's logger tree (see plugin.py), without importing vLLM: the GPU kernel tests import this module.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -75,7 +77,7 @@ def decode_weights(model) -> DecodeWeights:
 
 def split_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Key and value views ``[blocks, block_size, Hkv, D]`` of one layer's vLLM KV cache on a GPU, or None
-    for a layout the kernel does not know. (Not for vLLM's CPU backend: it packs block interiors per ISA.)"""
+    for a layout the kernel does not know. (vLLM's CPU backend: :func:`split_cpu_kv_cache`.)"""
     if kv.dim() == 4 and kv.shape[1] == num_kv_heads and kv.shape[3] == 2 * head_dim:
         # FlashAttention in vLLM 0.26: logical [blocks, Hkv, block_size, 2 D], each token's key then value
         # in the last dim (physically NHD or HND; the strides say which). vLLM splits it the same way.
@@ -83,6 +85,28 @@ def split_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[
     if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[3:] == (num_kv_heads, head_dim):
         return kv[0], kv[1]  # older FlashAttention layout: [2, blocks, block_size, Hkv, D]
     return None
+
+
+# The CPU backend's cache layouts that are strided views: its "vec" and "vec16" attention kernels keep, per
+# block and KV head, the keys transposed ([D, block_size]) and then the values ([block_size, D]). Its AMX,
+# NEON and other kernels pack block interiors in tiles.
+CPU_STRIDED_ISAS = ("vec", "vec16")
+
+
+def split_cpu_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int,
+                       isa: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Key and value views ``[blocks, block_size, Hkv, D]`` of one layer's cache in vLLM's CPU backend
+    (``[blocks, Hkv, block_size, 2 D]``, written by attention kernels of ``isa``), or None where that
+    kernel's layout is not a strided view."""
+    if isa not in CPU_STRIDED_ISAS or kv.dim() != 4 or not kv.is_contiguous():
+        return None
+    blocks, heads, block_size, width = kv.shape
+    if heads != num_kv_heads or width != 2 * head_dim:
+        return None
+    per_head = kv.view(blocks, heads, 2 * block_size * head_dim)
+    keys = per_head[..., : block_size * head_dim].unflatten(-1, (head_dim, block_size)).permute(0, 3, 1, 2)
+    values = per_head[..., block_size * head_dim :].unflatten(-1, (block_size, head_dim)).permute(0, 2, 1, 3)
+    return keys, values
 
 
 class MegakernelDecoder:
@@ -154,7 +178,10 @@ class MegakernelDecoder:
         k_caches, v_caches = [], []
         for attn in self.attn_layers:
             kv = _layer_kv_cache(attn, ctx)
-            views = split_kv_cache(kv, self.num_kv_heads, self.head_dim)
+            if kv.is_cuda:
+                views = split_kv_cache(kv, self.num_kv_heads, self.head_dim)
+            else:
+                views = split_cpu_kv_cache(kv, self.num_kv_heads, self.head_dim, _layer_isa(attn, ctx))
             if views is None or kv.dtype != self.weights.qkv[0].dtype:
                 self._decline(f"KV cache of shape {tuple(kv.shape)} / {kv.dtype} is not a layout it reads")
                 return None
@@ -222,15 +249,14 @@ class MegakernelDecoder:
         request brings more than ``max_query_len``, else each request's last. Rows it does not compute are
         zero. None where it cannot run the step (no metadata, no cache views, too many rows).
 
-        The rows need the cache as strided views: on a GPU the bridge splits vLLM's; vLLM's CPU cache packs
-        block interiors, so on CPU only views set beforehand serve (tests), and the CPU executor runs the
-        graph with its own attention."""
+        The rows need the cache as strided views (:func:`split_kv_cache`, :func:`split_cpu_kv_cache`); on
+        CPU the graph's executor runs them with its own attention over those views."""
         attn = self.attn_layers[0]
         # The catch-up step runs on the target's metadata, which may be keyed by the target's layers only.
         meta = step_attention_metadata(attn.layer_name) or step_attention_metadata(
             getattr(attn, "kv_sharing_target_layer_name", None) or attn.layer_name)
         qsl, table = getattr(meta, "query_start_loc", None), getattr(meta, "block_table", None)
-        if meta is None or (self._kv_views is None and not positions.is_cuda):
+        if meta is None:
             return None
         if qsl is None or table is None:
             self._decline(f"attention metadata {type(meta).__name__} has no query start locations or block table")
@@ -253,16 +279,16 @@ class MegakernelDecoder:
                 self._kv_views = self._split_kv_caches(get_forward_context())
                 if self._kv_views is None:
                     return None
-            if not self._draft_rows:
+            if not self._draft_rows and positions.is_cuda:
                 # vLLM's warm-up runs draft steps of every row kind but the prefill catch-up's (last tokens
                 # only): compile that one now rather than at the first request's prefill.
                 DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
                     input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=True)
-                if positions.is_cuda:
-                    self.compile_draft_steps(table.shape[1], input_ids.dtype, positions.device)
+                self.compile_draft_steps(table.shape[1], input_ids.dtype, positions.device)
             self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[(n, last_only)]
-        rows.fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
+        fill = rows.fill if use_triton(positions) else rows.fill_reference
+        fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
         batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
         entry = self._graph_for(n, batch, positions.device)
         if entry is None:
@@ -314,6 +340,14 @@ class MegakernelDecoder:
         prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
         attention = self._vllm_attention if vllm_attention else None
         return reference.run_graph(graph, self.weights, batch, buffers, attention=attention)
+
+
+def _layer_isa(attn, ctx) -> str | None:
+    """The CPU backend's attention kernel for a layer (it marks the layers of its cache groups; a layer
+    that shares another's cache takes that one's)."""
+    target = getattr(attn, "kv_sharing_target_layer_name", None)
+    owner = ctx.no_compile_layers.get(target, attn) if target else attn
+    return getattr(attn, "isa", None) or getattr(owner, "isa", None)
 
 
 def _layer_kv_cache(attn, ctx) -> torch.Tensor:

@@ -11,7 +11,8 @@ token ``i + 1`` at position ``i``. Run as given, over a KV cache of its own, the
 sequence's first token, and where the model depends on that token most drafts are rejected
 (``benchmarks/first_token_dependence.py``).
 
-In mode ``megakernel`` on a GPU the draft is exact instead: its attention layers share the target's KV
+In mode ``megakernel`` the draft is exact instead (on a GPU, and on CPU where vLLM's attention kernel keeps
+the cache as a strided view): its attention layers share the target's KV
 cache (vLLM's cross-model KV sharing, as Gemma 4's MTP draft does), and every draft token runs as a
 megakernel decode row at its true position ``i + 1`` over the target's cache
 (``megakernel/draft_rows.py``), so a draft token is what a one-token megakernel step of the target would
@@ -19,7 +20,7 @@ give. The catch-up over a verify pass runs every verify token as a row (the mode
 was accepted last), up to ``bridge.MAX_DRAFT_ROWS``; past that, each request's last token, which is right
 where every draft was accepted. Steps it cannot take at all leave zero hidden states. A wrong draft is
 only a rejected one: the target's verify pass decides every token.
-Elsewhere (fused mode, CPU) the draft runs as given, with its own cache, and warns.
+Elsewhere (fused mode, other caches) the draft runs as given, with its own cache, and warns.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ FIRST_TOKEN_WARNING = (
     "vllm-mirage: the model drafts for itself through vLLM's EAGLE speculator, which never shows the draft a "
     "sequence's first token; where the model depends on that token most drafts are rejected and the step costs "
     "more than a plain decode (benchmarks/first_token_dependence.py measures it). Output is unchanged; "
-    'VLLM_USE_MIRAGE=megakernel on a GPU drafts exactly'
+    "VLLM_USE_MIRAGE=megakernel drafts exactly where it reads the KV cache's layout (GPUs; x86 CPUs without AMX)"
 )
 
 
@@ -48,7 +49,7 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
         # Attention layers register by name: the draft's must not collide with the target's.
         super().__init__(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "draft"))
         self._tokens_per_request = vllm_config.speculative_config.num_speculative_tokens + 1
-        exact = self.mirage_status["mode"] == "megakernel" and platform_name() == "cuda"
+        exact = self.mirage_status["mode"] == "megakernel" and _cache_is_strided(vllm_config, self)
         targets = _target_attention_layers(vllm_config, self) if exact else None
         self.mirage_status["draft_reads_target_cache"] = targets is not None
         if targets is None:
@@ -80,6 +81,26 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
             weight = self.model.embed_tokens.weight
             hidden = weight.new_zeros(positions.shape[0], weight.shape[1])
         return hidden
+
+
+def _cache_is_strided(vllm_config: VllmConfig, draft: MirageQwen3SelfDraft) -> bool:
+    """Whether the rows can read the KV cache this platform's attention writes: FlashAttention's on a GPU,
+    the CPU backend's where it picks an attention kernel whose layout is a strided view."""
+    platform = platform_name()
+    if platform == "cuda":
+        return True
+    if platform != "cpu":
+        return False
+    try:  # the kernel vLLM's CPU backend will pick for these layers (its metadata builder asks the same)
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:
+        return False
+    from vllm_mirage.megakernel.bridge import CPU_STRIDED_ISAS
+
+    cache = vllm_config.cache_config
+    isa = _get_attn_isa(vllm_config.model_config.dtype, cache.block_size,
+                        draft.model.layers[0].self_attn.attn.head_size, cache.cache_dtype)
+    return isa in CPU_STRIDED_ISAS
 
 
 def _target_attention_layers(vllm_config: VllmConfig, draft: MirageQwen3SelfDraft) -> list[str] | None:
