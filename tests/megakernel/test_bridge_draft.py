@@ -51,42 +51,56 @@ def setup(monkeypatch):
                            decoder=decoder, meta=meta)
 
 
-def _want(s, r, pos):
-    """What the target's own step gives for request ``r``'s token at ``pos``, on copies of the caches."""
+def _want(s, r, pos, token=None):
+    """What the target's own step gives for request ``r``'s token at ``pos`` (or ``token`` there), on copies
+    of the caches."""
     caches = tuple([c.clone() for c in layer] for layer in s.caches)
-    return decode_token(s.weights, caches, s.tables[r : r + 1], pos, s.tokens[r][pos], lm_head=False)
+    token = s.tokens[r][pos] if token is None else token
+    return decode_token(s.weights, caches, s.tables[r : r + 1], pos, token, lm_head=False)
 
 
-def test_catch_up_over_verify_passes_runs_every_token_ahead(setup):
+def test_catch_up_over_verify_passes_runs_each_last_real_token_ahead(setup):
     s = setup
     # Verify passes of 3 drafts at the last 4 cached positions of each request, EAGLE-shifted (token i + 1
-    # at position i), then a padded request and a padding token, as a CUDA graph pads them.
-    ids, positions = [], []
-    for r, n in enumerate(s.lengths):
-        positions += list(range(n - 4, n))
-        ids += s.tokens[r][n - 3 : n + 1].tolist()
+    # at position i) up to the sampled token: request 0 had every draft accepted, request 1 one draft, and
+    # its last two entries are stale (an earlier step's tokens and positions). Then a padded request and
+    # a padding token, as a CUDA graph pads them.
+    sampled = 7
+    n0, n1 = s.lengths
+    target = torch.cat([s.tokens[0][n0 - 4 : n0], s.tokens[1][n1 - 4 : n1], torch.tensor([5])]).to(torch.int32)
+    ids = s.tokens[0][n0 - 3 : n0 + 1].tolist() + [int(s.tokens[1][n1 - 3]), sampled, 11, 12]
+    positions = list(range(n0 - 4, n0)) + [n1 - 4, n1 - 3, 3, 4]
     s.meta.query_start_loc = torch.tensor([0, 4, 8, 8], dtype=torch.int32)
     s.meta.block_table = torch.cat([s.tables, s.tables[:1]])
-    s.meta.max_query_len = 4
-    want = [_want(s, r, pos) for r, n in enumerate(s.lengths) for pos in range(n - 3, n + 1)]
-    hidden = s.decoder.draft_step(torch.tensor(ids + [5], dtype=torch.int32), torch.tensor(positions + [0]), 4)
+    before = tuple([c.clone() for c in layer] for layer in s.caches)
+    want = [_want(s, 0, n0), _want(s, 1, n1 - 2, sampled)]
+    hidden = s.decoder.draft_step(torch.tensor(ids + [5], dtype=torch.int32), torch.tensor(positions + [0]), target)
     assert hidden.shape == (9, TINY["hidden"])
-    torch.testing.assert_close(hidden[:8], torch.stack(want), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden[[3, 5]], torch.stack(want), rtol=1e-4, atol=1e-4)
+    others = torch.ones(9, dtype=torch.bool)
+    others[[3, 5]] = False
+    assert torch.count_nonzero(hidden[others]) == 0
     assert s.decoder.steps() == 1 and s.decoder.declined() == []
+    # The stale entries stored nothing: request 1's cached positions 4 and 5 are as they were.
+    block = int(s.tables[1, 0])
+    for got, was in zip(s.caches, before):
+        for g, w in zip(got, was):
+            assert torch.equal(g[block, 4:6], w[block, 4:6])
 
 
 def test_catch_up_over_prefill_runs_each_last_token(setup):
     s = setup
     # Prefill chunks of 9 and 12 tokens ending at the cached length; EAGLE's last id is the sampled token.
-    ids, positions, qsl = [], [], [0]
+    ids, positions, target, qsl = [], [], [], [0]
     for r, (n, chunk) in enumerate(zip(s.lengths, (9, 12))):
         positions += list(range(n - chunk, n))
         ids += s.tokens[r][n - chunk + 1 : n + 1].tolist()
+        target += s.tokens[r][n - chunk : n].tolist()
         qsl.append(len(ids))
     s.meta.query_start_loc = torch.tensor(qsl, dtype=torch.int32)
     s.meta.block_table = s.tables
-    s.meta.max_query_len = 12
-    hidden = s.decoder.draft_step(torch.tensor(ids, dtype=torch.int32), torch.tensor(positions), 4)
+    hidden = s.decoder.draft_step(torch.tensor(ids, dtype=torch.int32), torch.tensor(positions),
+                                  torch.tensor(target, dtype=torch.int32))
     rows = [qsl[1] - 1, qsl[2] - 1]
     torch.testing.assert_close(hidden[rows], torch.stack([_want(s, r, n) for r, n in enumerate(s.lengths)]),
                                rtol=1e-4, atol=1e-4)
@@ -95,14 +109,15 @@ def test_catch_up_over_prefill_runs_each_last_token(setup):
     assert torch.count_nonzero(hidden[others]) == 0
 
 
-def test_more_rows_than_the_kernel_takes_are_declined(setup, monkeypatch):
+def test_more_requests_than_the_kernel_takes_are_declined(setup, monkeypatch):
     s = setup
     monkeypatch.setattr(bridge, "MAX_DRAFT_ROWS", 1)
     s.meta.query_start_loc = torch.tensor([0, 1, 2], dtype=torch.int32)
     s.meta.block_table = s.tables
-    s.meta.max_query_len = 1
-    assert s.decoder.draft_step(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3, 4]), 4) is None
-    assert s.decoder.declined() == ["draft step of 2 rows among 2 requests > 1"]
+    ids = torch.tensor([1, 2], dtype=torch.int32)
+    assert s.decoder.draft_step(ids, torch.tensor([3, 4]), ids) is None
+    assert s.decoder.draft_step(ids, torch.tensor([3, 4]), None) is None
+    assert s.decoder.declined() == ["draft step of 2 requests > 1", "the target's input ids of the step were not recorded"]
 
 
 def test_row_counts_are_rounded_up_to_powers_of_two(monkeypatch):

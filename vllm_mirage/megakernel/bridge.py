@@ -33,8 +33,8 @@ logger = logging.getLogger(f"vllm.{__name__}")
 # Larger decode batches take the fused layers: past one 16-token block the kernel's tiles run slower
 # than stock vLLM (H100, docs/design.md), and its buffers (kept per batch size) grow with the batch.
 MAX_BATCH = 16
-# A self-draft step's rows (draft_step): the kernel runs any batch (token blocks of up to 64), and a draft has
-# no stock path to lose to; a verify pass of k + 1 tokens for each of 16 requests at k = 3 is 64 rows.
+# A self-draft step's rows (draft_step), one per request: the kernel runs any batch (token blocks of up to
+# 64), and a draft has no stock path to lose to.
 MAX_DRAFT_ROWS = 64
 
 
@@ -42,8 +42,7 @@ def draft_row_counts() -> list[int]:
     """The row counts a draft step runs at: powers of two, and ``MAX_DRAFT_ROWS``. Each row count is a
     graph of its own and may be a compile of its own (Triton specialises on 1 and on multiples of 16, the
     kernel's token block grows with the batch); vLLM's warm-up does not reach every count its steps take
-    later (13 requests of a batch of 16 left, 52 rows), and a compile while serving stalls every request
-    for seconds."""
+    later (13 of 16 requests left), and a compile while serving stalls every request for seconds."""
     counts = [1]
     while counts[-1] < MAX_DRAFT_ROWS:
         counts.append(min(2 * counts[-1], MAX_DRAFT_ROWS))
@@ -126,7 +125,7 @@ class MegakernelDecoder:
         self._kv_views: tuple[list, list] | None = None  # per-layer key/value views, for the same reason
         self._declined: set[str] = set()
         self._refused: dict[int, str] = {}  # batch size -> why the kernel cannot run it
-        self._draft_rows: dict[tuple[int, bool], DraftRows] = {}  # (rows, last only) -> their tensors
+        self._draft_rows: dict[int, DraftRows] = {}  # rows -> their tensors
         # Steps run through the graph, counted on the device so that CUDA-graph replays count too.
         self._steps = torch.zeros((), dtype=torch.int64, device=self.weights.qkv[0].device)
 
@@ -243,11 +242,13 @@ class MegakernelDecoder:
             return None
         return self._run(entry, batch, input_ids).clone()  # the buffers are reused by the next step
 
-    def draft_step(self, input_ids: torch.Tensor, positions: torch.Tensor, max_query_len: int) -> torch.Tensor | None:
+    def draft_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                   target_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The final-normed hidden states [T, H] of a self-draft step whose layers share the target's KV
-        cache: each token one position ahead of EAGLE's (``draft_rows``), every token of the step when no
-        request brings more than ``max_query_len``, else each request's last. Rows it does not compute are
-        zero. None where it cannot run the step (no metadata, no cache views, too many rows).
+        cache: one row per request, its last real token run one position ahead of EAGLE's
+        (``draft_rows``; ``target_ids``: the target's input ids of the step, which tell that token apart).
+        Other rows are zero. None where it cannot run the step (no metadata, no cache views, no target ids,
+        too many requests).
 
         The rows need the cache as strided views (:func:`split_kv_cache`, :func:`split_cpu_kv_cache`); on
         CPU the graph's executor runs them with its own attention over those views."""
@@ -262,14 +263,14 @@ class MegakernelDecoder:
             self._decline(f"attention metadata {type(meta).__name__} has no query start locations or block table")
             return None
         tokens, requests = positions.shape[0], qsl.shape[0] - 1
-        last_only = not (getattr(meta, "max_query_len", tokens) <= max_query_len and tokens <= MAX_DRAFT_ROWS)
-        needed = requests if last_only else tokens
-        if max(needed, requests) > MAX_DRAFT_ROWS:
-            self._decline(f"draft step of {needed} rows among {requests} requests > {MAX_DRAFT_ROWS}")
+        if target_ids is None or target_ids.shape[0] < tokens:
+            self._decline("the target's input ids of the step were not recorded")
             return None
-        n = draft_rows_for(needed)
-        fill_args = (table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
-        if (n, last_only) not in self._draft_rows:
+        if requests > MAX_DRAFT_ROWS:
+            self._decline(f"draft step of {requests} requests > {MAX_DRAFT_ROWS}")
+            return None
+        n = draft_rows_for(requests)
+        if n not in self._draft_rows:
             if positions.is_cuda and torch.cuda.is_current_stream_capturing():
                 self._decline(f"draft step of {n} rows first seen inside a CUDA-graph capture")
                 return None
@@ -280,23 +281,17 @@ class MegakernelDecoder:
                 if self._kv_views is None:
                     return None
             if not self._draft_rows and positions.is_cuda:
-                # vLLM's warm-up runs draft steps of every row kind but the prefill catch-up's (last tokens
-                # only): compile that one now rather than at the first request's prefill.
-                DraftRows(1, table.shape[1], input_ids.dtype, positions.device).fill(
-                    input_ids[:1], positions[:1], qsl[:2], *fill_args, last_only=True)
                 self.compile_draft_steps(table.shape[1], input_ids.dtype, positions.device)
-            self._draft_rows[(n, last_only)] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
-        rows = self._draft_rows[(n, last_only)]
+            self._draft_rows[n] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
+        rows = self._draft_rows[n]
         fill = rows.fill if use_triton(positions) else rows.fill_reference
-        fill(input_ids, positions, qsl, *fill_args, last_only=last_only)
+        fill(input_ids, target_ids, positions, qsl, table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
         batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
         entry = self._graph_for(n, batch, positions.device)
         if entry is None:
             return None
         hidden = self._run(entry, batch, rows.ids, vllm_attention=False)
-        if not last_only:
-            return hidden[:tokens].clone()
-        out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # padding rows land in the extra row
+        out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # rows that store nothing land in the extra row
         return out.index_copy_(0, rows.rows, hidden)[:tokens]
 
     def compile_draft_steps(self, max_blocks: int, ids_dtype: torch.dtype, device) -> None:

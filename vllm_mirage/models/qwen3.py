@@ -94,6 +94,12 @@ class FusedQwen3Decoder(nn.Module):
         return ops.add_rms_norm(hidden_states, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
 
+# The input ids of each target model's latest step, by its first attention layer's name: a self-draft that
+# shares the target's KV cache tells the tokens EAGLE hands it apart with them (models/self_draft.py).
+# vLLM passes the target a view of its persistent input buffer, so CUDA graphs that read it stay current.
+TARGET_INPUT_IDS: dict[str, torch.Tensor] = {}
+
+
 class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     """vLLM's Qwen3ForCausalLM, with fused decoder layers when Mirage is on and the model allows it.
 
@@ -110,6 +116,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
 
     # Set by a class that vLLM only ever builds as a speculative draft (models/self_draft.py).
     drafts_for_target = False
+    _records_inputs = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -150,6 +157,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
+        speculative = vllm_config.speculative_config
+        self._records_inputs = not draft and getattr(speculative, "method", None) == "eagle"
         log_rank0(
             logging.INFO,
             "vllm-mirage: fused %d Qwen3 decoder layers on %s (input_layernorm+qkv_proj, q/k norm+rope, "
@@ -164,6 +173,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         )
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self._records_inputs:
+            TARGET_INPUT_IDS[self._attn_name] = input_ids
         path = "stock"
         if self.mirage_status["fused_layers"] and intermediate_tensors is None and inputs_embeds is None:
             path = self._step_path(positions.shape[0])

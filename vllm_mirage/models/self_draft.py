@@ -12,14 +12,13 @@ sequence's first token, and where the model depends on that token most drafts ar
 (``benchmarks/first_token_dependence.py``).
 
 In mode ``megakernel`` the draft is exact instead (on a GPU, and on CPU where vLLM's attention kernel keeps
-the cache as a strided view): its attention layers share the target's KV
-cache (vLLM's cross-model KV sharing, as Gemma 4's MTP draft does), and every draft token runs as a
-megakernel decode row at its true position ``i + 1`` over the target's cache
-(``megakernel/draft_rows.py``), so a draft token is what a one-token megakernel step of the target would
-give. The catch-up over a verify pass runs every verify token as a row (the model is not told which one
-was accepted last), up to ``bridge.MAX_DRAFT_ROWS``; past that, each request's last token, which is right
-where every draft was accepted. Steps it cannot take at all leave zero hidden states. A wrong draft is
-only a rejected one: the target's verify pass decides every token.
+the cache as a strided view): its attention layers share the target's KV cache (vLLM's cross-model KV
+sharing, as Gemma 4's MTP draft does), and each request's last real token of a step runs as a megakernel
+decode row at its true position ``i + 1`` over the target's cache (``megakernel/draft_rows.py``), so a draft
+token is what a one-token megakernel step of the target would give. The model is not told which token that
+is after a verify pass; the target's input ids of the step tell (the target records them,
+``qwen3.TARGET_INPUT_IDS``). Up to ``bridge.MAX_DRAFT_ROWS`` requests; steps it cannot take leave zero
+hidden states. A wrong draft is only a rejected one: the target's verify pass decides every token.
 Elsewhere (fused mode, other caches) the draft runs as given, with its own cache, and warns.
 """
 
@@ -31,7 +30,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
-from vllm_mirage.models.qwen3 import MirageQwen3ForCausalLM, log_rank0
+from vllm_mirage.models.qwen3 import TARGET_INPUT_IDS, MirageQwen3ForCausalLM, log_rank0
 from vllm_mirage.models.support import platform_name
 
 FIRST_TOKEN_WARNING = (
@@ -58,6 +57,7 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
                           "the target's; it keeps a KV cache of its own")
             log_rank0(logging.WARNING, FIRST_TOKEN_WARNING)
             return
+        self._target_key = targets[0]  # where the target records its input ids (models/qwen3.py)
         for layer, target in zip(self.model.layers, targets):
             # Read at KV-cache set-up, after loading: the layer gets the target's cache and never writes it
             # through vLLM's attention (only the megakernel's rows store, one position ahead).
@@ -71,16 +71,27 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
         # EAGLE heads return (states for the logits, states fed to the next draft step); this one reads none.
         return hidden, hidden
 
+    def _target_ids(self, n: int) -> torch.Tensor | None:
+        return _buffer_view(TARGET_INPUT_IDS.get(self._target_key), n)
+
     def _draft_ahead(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self._megakernel is None:
             from vllm_mirage.megakernel.bridge import MegakernelDecoder
 
             self._megakernel = MegakernelDecoder(self)  # draft steps: bridge.MAX_DRAFT_ROWS, not the plan's limit
-        hidden = self._megakernel.draft_step(input_ids, positions, self._tokens_per_request)
+        hidden = self._megakernel.draft_step(input_ids, positions, self._target_ids(positions.shape[0]))
         if hidden is None:
             weight = self.model.embed_tokens.weight
             hidden = weight.new_zeros(positions.shape[0], weight.shape[1])
         return hidden
+
+
+def _buffer_view(ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The first ``n`` entries of the buffer ``ids`` views (the target's view may be of another step's
+    length), or None where its storage is shorter."""
+    if ids is None or ids.untyped_storage().nbytes() // ids.element_size() - ids.storage_offset() < n:
+        return None
+    return ids.as_strided((n,), (1,))
 
 
 def _cache_is_strided(vllm_config: VllmConfig, draft: MirageQwen3SelfDraft) -> bool:
