@@ -117,7 +117,8 @@ def test_more_requests_than_the_kernel_takes_are_declined(setup, monkeypatch):
     ids = torch.tensor([1, 2], dtype=torch.int32)
     assert s.decoder.draft_step(ids, torch.tensor([3, 4]), ids) is None
     assert s.decoder.draft_step(ids, torch.tensor([3, 4]), None) is None
-    assert s.decoder.declined() == ["draft step of 2 requests > 1", "the target's input ids of the step were not recorded"]
+    assert s.decoder.declined() == ["draft step of 2 requests > 1",
+                                    "the target's input ids of the step were not recorded"]
 
 
 def test_row_counts_are_rounded_up_to_powers_of_two(monkeypatch):

@@ -6,10 +6,11 @@ exactly one token, runs the step's layers and final norm through the graph; vLLM
 logits processor stay in charge. On a GPU the persistent kernel runs it (FlashAttention's cache
 layout); on CPU the graph's executor does, with vLLM's attention layer in the ATTN stage, because the
 CPU backend's cache is a strided view only for some of its attention kernels (self-draft rows, which
-cannot use vLLM's attention, read those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs and anything it does not
-recognise return ``None``: the caller takes the fused-layer path, which shares the same KV cache. So do
-steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache block size it does not
-handle): the bridge asks before building a graph, on CPU too, and logs the reason once.
+cannot use vLLM's attention, read those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs
+and anything it does not recognise return ``None``: the caller takes the fused-layer path, which shares
+the same KV cache. So do steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache
+block size it does not handle): the bridge asks before building a graph, on CPU too, and logs the reason
+once.
 
 The graph ends with the final norm, so the model's output is what ``Qwen3Model`` returns.
 """
@@ -50,7 +51,7 @@ def draft_row_counts() -> list[int]:
 
 
 def draft_rows_for(n: int) -> int:
-    """The row count a draft step of ``n`` rows runs at."""
+    """The row count a draft step of ``n`` requests runs at."""
     return next(c for c in draft_row_counts() if c >= n)
 
 
@@ -285,7 +286,8 @@ class MegakernelDecoder:
             self._draft_rows[n] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[n]
         fill = rows.fill if use_triton(positions) else rows.fill_reference
-        fill(input_ids, target_ids, positions, qsl, table, self._cache_block_size(), self.weights.cos_sin_cache.shape[0])
+        fill(input_ids, target_ids, positions, qsl, table, self._cache_block_size(),
+             self.weights.cos_sin_cache.shape[0])
         batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
         entry = self._graph_for(n, batch, positions.device)
         if entry is None:
