@@ -283,29 +283,33 @@ class MegakernelDecoder:
                     return None
             if not self._draft_rows and positions.is_cuda:
                 self.compile_draft_steps(table.shape[1], input_ids.dtype, positions.device)
-            self._draft_rows[n] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
+            if n not in self._draft_rows:
+                self._draft_rows[n] = DraftRows(n, table.shape[1], input_ids.dtype, positions.device)
         rows = self._draft_rows[n]
         fill = rows.fill if use_triton(positions) else rows.fill_reference
         fill(input_ids, target_ids, positions, qsl, table, self._cache_block_size(),
              self.weights.cos_sin_cache.shape[0])
-        batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
-        entry = self._graph_for(n, batch, positions.device)
-        if entry is None:
+        hidden = self._run_rows(rows, positions.device)
+        if hidden is None:
             return None
-        hidden = self._run(entry, batch, rows.ids, vllm_attention=False)
         out = hidden.new_zeros(tokens + 1, hidden.shape[1])  # rows that store nothing land in the extra row
         return out.index_copy_(0, rows.rows, hidden)[:tokens]
 
     def compile_draft_steps(self, max_blocks: int, ids_dtype: torch.dtype, device) -> None:
         """Build and run the graph of every draft row count once, on rows that are all padding (they
-        store nothing), so that no count compiles while serving. Needs the cache views."""
+        store nothing), so that no count compiles while serving; the rows are kept for the steps. Needs the
+        cache views."""
         device = torch.device(device)
         for n in draft_row_counts():
-            rows = DraftRows(n, max_blocks, ids_dtype, device)
-            batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
-            entry = self._graph_for(n, batch, device)
-            if entry is not None:
-                self._run(entry, batch, rows.ids, vllm_attention=False)
+            self._draft_rows[n] = DraftRows(n, max_blocks, ids_dtype, device)
+            self._run_rows(self._draft_rows[n], device)
+
+    def _run_rows(self, rows: DraftRows, device: torch.device) -> torch.Tensor | None:
+        """The rows' final-normed hidden states through the graph of their count, or None where the kernel
+        cannot run it."""
+        batch = DecodeBatch(rows.positions, rows.block_tables, rows.slots, *self._kv_views)
+        entry = self._graph_for(rows.ids.shape[0], batch, device)
+        return None if entry is None else self._run(entry, batch, rows.ids, vllm_attention=False)
 
     def _graph_for(self, n: int, batch: DecodeBatch, device: torch.device) -> tuple | None:
         if n not in self._graphs and n not in self._refused:

@@ -47,7 +47,6 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         # Attention layers register by name: the draft's must not collide with the target's.
         super().__init__(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "draft"))
-        self._tokens_per_request = vllm_config.speculative_config.num_speculative_tokens + 1
         exact = self.mirage_status["mode"] == "megakernel" and _cache_is_strided(vllm_config, self)
         targets = _target_attention_layers(vllm_config, self) if exact else None
         self.mirage_status["draft_reads_target_cache"] = targets is not None
