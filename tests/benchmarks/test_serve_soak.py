@@ -105,4 +105,4 @@ def test_soak_of_a_megakernel_server(tmp_path):
     first = report["modes"]["megakernel"]["bursts"][0]["records"]
     assert all(r["text"] for r in first) and {r["tokens"] for r in first} <= {4, 12}
     log = (tmp_path / "server-megakernel.log").read_text()
-    assert "pure-decode steps as one megakernel task graph" in log
+    assert "decode and verify steps as one megakernel task graph" in log

@@ -90,7 +90,7 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, hidden: int = 4096, stag
     act = f"*{dtype}"
     ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
-    sig.update({name: "*i32" for name in ("queue_offsets", "counters", "block_tables", "arrivals")})
+    sig.update({name: "*i32" for name in ("queue_offsets", "counters", "block_tables", "first_rows", "arrivals")})
     sig.update({name: "*i64" for name in ("program", "trace", "kvtab", "positions", "slot_mapping", "down_ptrs",
                                           "down_acc")})
     sig.update({name: act for name in ("res", "qkv_buf", "attn_buf", "act_buf", "final_out")})

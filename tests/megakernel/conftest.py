@@ -94,7 +94,7 @@ def clone_batch(batch: DecodeBatch, dtype=None) -> DecodeBatch:
     """The same batch over copies of its caches (optionally cast), for a reference run."""
     cast = (lambda t: t.clone()) if dtype is None else (lambda t: t.to(dtype, copy=True))  # noqa: E731
     return DecodeBatch(batch.positions, batch.block_tables, batch.slot_mapping,
-                       [cast(k) for k in batch.k_caches], [cast(v) for v in batch.v_caches])
+                       [cast(k) for k in batch.k_caches], [cast(v) for v in batch.v_caches], batch.first_rows)
 
 
 # A tiny rank: GQA group 2, sizes that do not divide the tiles (I, V), a 16-token KV block.
@@ -112,3 +112,57 @@ def decode_token(weights: DecodeWeights, caches, table, pos: int, token: int, lm
     batch = DecodeBatch(torch.tensor([pos]), table, torch.tensor([slot]), *caches)
     embedded = torch.nn.functional.embedding(torch.tensor([int(token)]), weights.lm_head)
     return reference.decode_step(weights, batch, embedded, lm_head=lm_head)[0]
+
+
+def request_rows_batch(requests, *, layers, hkv, d, dtype, num_blocks=32, layout="flash", device="cpu",
+                       seed=1) -> DecodeBatch:
+    """Rows of several new tokens a request, as a verify pass has them: ``requests`` lists (tokens cached,
+    new tokens) per request; each request's rows are adjacent, at consecutive positions, over the request's
+    blocks (:func:`random_batch`'s caches), with ``first_rows`` saying where each request starts."""
+    last = [cached + new - 1 for cached, new in requests]
+    per_request = random_batch(last, layers=layers, hkv=hkv, d=d, dtype=dtype, num_blocks=num_blocks, layout=layout,
+                               device=device, seed=seed)
+    positions, request, first = [], [], []
+    for r, (cached, new) in enumerate(requests):
+        first += [len(positions)] * new
+        positions += range(cached, cached + new)
+        request += [r] * new
+    tables = per_request.block_tables[torch.tensor(request, device=device)]
+    block = per_request.block_size
+    slots = [int(tables[i, p // block]) * block + p % block for i, p in enumerate(positions)]
+    return DecodeBatch(torch.tensor(positions, dtype=torch.int64, device=device), tables,
+                       torch.tensor(slots, dtype=torch.int64, device=device), per_request.k_caches,
+                       per_request.v_caches, torch.tensor(first, dtype=torch.int32, device=device))
+
+
+def row_by_row(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor, lm_head: bool = True) -> torch.Tensor:
+    """The layerwise reference's one-token steps of ``batch``'s rows, one after another, appending to its
+    caches: what a step of several rows a request must equal."""
+    from vllm_mirage.megakernel import reference
+
+    out = []
+    for i in range(hidden.shape[0]):
+        row = DecodeBatch(batch.positions[i : i + 1], batch.block_tables[i : i + 1], batch.slot_mapping[i : i + 1],
+                          batch.k_caches, batch.v_caches)
+        out.append(reference.decode_step(weights, row, hidden[i : i + 1], lm_head)[0])
+    return torch.stack(out)
+
+
+def vllm_model(weights: DecodeWeights):
+    """The attributes of a vLLM Qwen3 model that the bridge reads, over ``weights``."""
+    from types import SimpleNamespace as ns
+
+    d = weights.q_norm[0].shape[0]
+    layers = [
+        ns(input_layernorm=ns(weight=weights.input_norm[i], variance_epsilon=weights.eps),
+           post_attention_layernorm=ns(weight=weights.post_norm[i]),
+           self_attn=ns(qkv_proj=ns(weight=weights.qkv[i]), q_norm=ns(weight=weights.q_norm[i]),
+                        k_norm=ns(weight=weights.k_norm[i]), o_proj=ns(weight=weights.o[i]),
+                        rotary_emb=ns(cos_sin_cache=weights.cos_sin_cache),
+                        attn=ns(num_kv_heads=weights.shape(batch=1).num_kv_heads, head_size=d,
+                                layer_name=f"draft.{i}.attn")),
+           mlp=ns(gate_up_proj=ns(weight=weights.gate_up[i]), down_proj=ns(weight=weights.down[i])))
+        for i in range(weights.num_layers)
+    ]
+    return ns(model=ns(layers=layers, norm=ns(weight=weights.final_norm), embed_tokens=ns(weight=weights.lm_head)),
+              lm_head=ns(weight=weights.lm_head))

@@ -7,28 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, decode_token, random_weights
+from tests.megakernel.conftest import TINY, decode_token, random_weights, vllm_model
 from vllm_mirage.megakernel import bridge
 
 BLOCK = 16
-
-
-def _model(weights):
-    """The attributes of a vLLM Qwen3 model that the bridge reads, over ``weights``."""
-    ns = SimpleNamespace
-    d = weights.q_norm[0].shape[0]
-    layers = [
-        ns(input_layernorm=ns(weight=weights.input_norm[i], variance_epsilon=weights.eps),
-           post_attention_layernorm=ns(weight=weights.post_norm[i]),
-           self_attn=ns(qkv_proj=ns(weight=weights.qkv[i]), q_norm=ns(weight=weights.q_norm[i]),
-                        k_norm=ns(weight=weights.k_norm[i]), o_proj=ns(weight=weights.o[i]),
-                        rotary_emb=ns(cos_sin_cache=weights.cos_sin_cache),
-                        attn=ns(num_kv_heads=TINY["hkv"], head_size=d, layer_name=f"draft.{i}.attn")),
-           mlp=ns(gate_up_proj=ns(weight=weights.gate_up[i]), down_proj=ns(weight=weights.down[i])))
-        for i in range(weights.num_layers)
-    ]
-    return ns(model=ns(layers=layers, norm=ns(weight=weights.final_norm), embed_tokens=ns(weight=weights.lm_head)),
-              lm_head=ns(weight=weights.lm_head))
 
 
 @pytest.fixture
@@ -43,7 +25,7 @@ def setup(monkeypatch):
     for r, n in enumerate(lengths):
         for pos in range(n):
             decode_token(weights, caches, tables[r : r + 1], pos, tokens[r][pos])
-    decoder = bridge.MegakernelDecoder(_model(weights))
+    decoder = bridge.MegakernelDecoder(vllm_model(weights))
     decoder._kv_views = caches
     meta = SimpleNamespace()
     monkeypatch.setattr(bridge, "step_attention_metadata", lambda name: meta)

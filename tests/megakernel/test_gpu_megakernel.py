@@ -8,7 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.megakernel.conftest import clone_batch, float32_weights, random_batch, random_weights
+from tests.megakernel.conftest import (
+    clone_batch, float32_weights, random_batch, random_weights, request_rows_batch, row_by_row,
+)
 from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.kernel import LaunchConfig
@@ -59,6 +61,26 @@ def test_fused_down_either_way_matches_reference(positions, config, fused_down):
     # DOWN's weights in the GU tasks, their integer atomics summed (bit-equal again below), or not:
     # DecodeShape.for_workers picks one by batch size, and both must hold at any.
     _check_all_sms(QWEN3_06B, positions, config, fused_down=fused_down)
+
+
+@pytest.mark.parametrize("requests", [[(130, 4)], [(0, 4), (77, 4), (300, 4), (5, 4)], [(1000, 4), (3, 1)]])
+def test_verify_rows_match_successive_steps(requests):
+    # Rows of one request (a verify pass) on every SM: each row attends to its request's earlier rows of
+    # the step while other workers store them; what it must equal is one-token steps one after another.
+    model, dev, dtype = QWEN3_06B, "cuda", torch.bfloat16
+    top = max(cached + new for cached, new in requests)
+    weights = random_weights(**model, dtype=dtype, device=dev, max_positions=top)
+    batch = request_rows_batch(requests, layers=model["layers"], hkv=model["hkv"], d=model["d"], dtype=dtype,
+                               num_blocks=len(requests) * (top // 16 + 1) + 16, layout="fa_packed", device=dev)
+    rows = batch.positions.shape[0]
+    hidden = torch.randn(rows, model["hidden"], device=dev).to(dtype)
+    want = row_by_row(float32_weights(weights), clone_batch(batch, torch.float32), hidden.float())
+    workers = torch.cuda.get_device_properties(0).multi_processor_count
+    shape = weights.shape(batch=rows).for_workers(workers)
+    buffers = DecodeBuffers(shape, dtype, dev)
+    buffers.load_input(hidden)
+    got = kernel.decode_step(build_task_graph(shape, workers).to(dev), weights, batch, buffers)
+    assert rel_err(got, want) <= 2e-2, rel_err(got, want)
 
 
 def _check_all_sms(model, positions, config, **shape_fields):

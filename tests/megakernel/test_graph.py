@@ -3,10 +3,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights
+from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights, request_rows_batch, row_by_row
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.graph import (
-    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
+    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, TaskGraph,
+    build_task_graph,
 )
 from vllm_mirage.megakernel.state import DecodeBuffers
 
@@ -63,6 +64,33 @@ def test_graph_executes_to_the_layerwise_step(workers, lm_head, block_n_out, blo
     for got, want in zip(batch.k_caches + batch.v_caches, expected_batch.k_caches + expected_batch.v_caches):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert buffers.counters.tolist() == graph.stage_counts.tolist()
+
+
+@pytest.mark.parametrize("workers, attn_splits, reverse", [(1, 1, True), (5, 1, False), (3, 4, False), (1, 2, True)])
+def test_rows_of_one_request_are_its_successive_decode_steps(workers, attn_splits, reverse):
+    # A verify pass: 4 new tokens of a request with 37 cached (the cache holds none of the 4), 1 of one with
+    # 5, 3 of one with nothing cached. Each row must see its request's earlier rows of the step, which no
+    # cache slot holds before their own ATTN tasks run: with ``reverse`` every layer's ATTN tasks run last
+    # row first, so a row that read them from the cache (or dropped them) would give other logits.
+    weights = random_weights(**TINY, dtype=torch.float32)
+    batch = request_rows_batch([(37, 4), (5, 1), (0, 3)], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"],
+                               dtype=torch.float32)
+    hidden = torch.randn(8, TINY["hidden"])
+    expected_batch = clone_batch(batch)
+    want = row_by_row(weights, expected_batch, hidden)
+    shape = weights.shape(batch=8, attn_splits=attn_splits)
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.load_input(hidden)
+    graph = build_task_graph(shape, workers)
+    if reverse:  # one worker: its queue is every task in stage order
+        stages = graph.tasks[:, SIGNAL_STAGE].tolist()
+        queue = sorted(graph.queue.tolist(), key=lambda t: (stages[t], -t if graph.tasks[t, TYPE] == Task.ATTN else t))
+        graph = TaskGraph(shape, graph.tasks, torch.tensor(queue, dtype=torch.int32), graph.queue_offsets,
+                          graph.stage_counts)
+    logits = reference.run_graph(graph, weights, batch, buffers)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(batch.k_caches + batch.v_caches, expected_batch.k_caches + expected_batch.v_caches):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_queue_out_of_stage_order_is_a_deadlock():

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, clone_batch, float32_weights, random_batch, random_weights
+from tests.megakernel.conftest import (
+    TINY, clone_batch, float32_weights, random_batch, random_weights, request_rows_batch, row_by_row,
+)
 from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
 from vllm_mirage.megakernel.graph import build_task_graph
@@ -81,6 +83,35 @@ def test_kernel_matches_reference(positions, lm_head, layout, block_n_out, block
         changed = (got != old).any(dim=(2, 3)).nonzero().tolist()
         assert {tuple(c) for c in changed} <= {(int(batch.block_tables[b, p // 16]), p % 16)
                                                for b, p in enumerate(positions)}
+
+
+@pytest.mark.parametrize("attn_splits", [1, 2])
+def test_rows_of_one_request_attend_causally(attn_splits):
+    # A verify pass (graph.py's executor checks the same): rows of one request see the request's earlier
+    # rows of the step from the q|k|v buffer, since their cache slots are stored by other ATTN tasks of
+    # the same stage. The queue runs each layer's ATTN tasks last row first, so a row that read them from
+    # the cache would read what the slots held before.
+    from vllm_mirage.megakernel.graph import SIGNAL_STAGE, TYPE, Task, TaskGraph
+
+    weights = random_weights(**TINY, dtype=torch.float32)
+    batch = request_rows_batch([(37, 4), (0, 3), (5, 1)], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"],
+                               dtype=torch.float32, layout="fa_packed")
+    hidden = torch.randn(8, TINY["hidden"])
+    expected_batch = clone_batch(batch)
+    want = row_by_row(weights, expected_batch, hidden)
+    shape = weights.shape(batch=8, attn_splits=attn_splits)
+    graph = build_task_graph(shape, 1)
+    stages = graph.tasks[:, SIGNAL_STAGE].tolist()
+    queue = sorted(graph.queue.tolist(), key=lambda t: (stages[t], -t if graph.tasks[t, TYPE] == Task.ATTN else t))
+    graph = TaskGraph(shape, graph.tasks, torch.tensor(queue, dtype=torch.int32), graph.queue_offsets,
+                      graph.stage_counts)
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    _poison(buffers)
+    buffers.load_input(hidden)
+    out = kernel.decode_step(graph, weights, batch, buffers)
+    assert rel_err(out, want) <= TOLERANCE[torch.float32], rel_err(out, want)
+    for got, ref in zip(batch.k_caches + batch.v_caches, expected_batch.k_caches + expected_batch.v_caches):
+        assert rel_err(got, ref) <= TOLERANCE[torch.float32]
 
 
 def test_empty_slices_do_not_wait():

@@ -127,6 +127,22 @@ def test_draft_model_drafts_on_the_megakernel():
     assert support.megakernel_unsupported_reason(eagle, draft=True) is None
 
 
+def test_the_self_draft_target_verifies_on_the_megakernel():
+    """The model drafting for itself through EAGLE: its target takes the megakernel for verify passes; an
+    EAGLE head of another checkpoint keeps the target off it."""
+    target = _megakernel_config()
+    target.model_config.model = "/models/qwen3"
+
+    def with_draft(checkpoint):
+        draft = SimpleNamespace(model=checkpoint, hf_config=SimpleNamespace(model_type="qwen3", head_dim=64))
+        target.speculative_config = SimpleNamespace(method="eagle", draft_model_config=draft)
+        return support.megakernel_unsupported_reason(target)
+
+    assert with_draft("/models/qwen3") is None and support.is_self_draft(target)
+    assert "speculative decoding (eagle)" in with_draft("/models/qwen3-eagle-head")
+    assert not support.is_self_draft(target)
+
+
 def test_megakernel_reasons_are_all_named():
     reason = support.megakernel_unsupported_reason(_megakernel_config(tp=2, head_dim=96, windows=(8, 8)))
     assert reason.count("; ") == 2 and "head_dim 96" in reason and "window 8" in reason, reason

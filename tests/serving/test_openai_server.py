@@ -158,7 +158,7 @@ def test_mirage_server_answers_like_stock(servers, stock_answers, name):
     assert "fused 2 Qwen3 decoder layers" in log
     if name.startswith("multi-token"):
         # The draft model's decode steps ran the megakernel; the target's are verify passes.
-        assert "pure-decode steps as one megakernel task graph up to batch 16" in log
+        assert "decode and verify steps as one megakernel task graph up to 16 tokens" in log
         assert ("speculative decoding (eagle)" if name.endswith("eagle") else "speculative decoding (draft_model)") in log
     if name == "multi-token-eagle":  # the exact form: the draft reads the target's cache, no shift to warn of
         assert "never shows the draft a sequence's first token" not in log

@@ -44,7 +44,7 @@ def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
 
 def _assess_multi_token(result: dict, status: dict, mode: str) -> tuple[int, str]:
     """multi-token(-eagle): the draft model's decode steps must have run the megakernel; the target's steps
-    are vLLM's verify passes."""
+    are vLLM's verify passes (on the megakernel too for the EAGLE self-draft, up to the plan's limit)."""
     draft = status.get("draft")
     if not draft:
         return EXIT_NOT_APPLIED, (f"{mode} was requested but no Mirage draft model was built (is "
@@ -55,6 +55,8 @@ def _assess_multi_token(result: dict, status: dict, mode: str) -> tuple[int, str
         why = draft.get("megakernel_reason") or draft.get("reason") or _listed(draft.get("megakernel_declined") or [])
         return EXIT_NOT_APPLIED, f"{text}: the megakernel drafted no step ({why or 'no decode step reached it'})"
     text += f", {steps} draft steps through the megakernel task graph"
+    if status.get("mode") == "megakernel":  # the self-draft's target verifies there too (support.is_self_draft)
+        text += f", {status.get('megakernel_steps', 0)} of the target's steps (verify passes)"
     if "draft_reads_target_cache" in draft:  # the EAGLE self-draft (models/self_draft.py)
         text += (", exact (the target's KV cache, one position ahead)" if draft["draft_reads_target_cache"]
                  else ", with its own KV cache (EAGLE's shift hides each sequence's first token)")

@@ -1,14 +1,15 @@
-"""The megakernel inside vLLM: pure-decode steps of a Mirage Qwen3 model run as one task graph.
+"""The megakernel inside vLLM: decode steps of a Mirage Qwen3 model run as one task graph.
 
 ``MegakernelDecoder`` reads what vLLM's forward context holds for the step (attention metadata: block
-table, query lengths; the slot mapping; each layer's KV-cache tensor) and, when every request adds
-exactly one token, runs the step's layers and final norm through the graph; vLLM's lm_head and
-logits processor stay in charge. On a GPU the persistent kernel runs it (FlashAttention's cache
-layout); on CPU the graph's executor does, with vLLM's attention layer in the ATTN stage, because the
+table, query lengths; the slot mapping; each layer's KV-cache tensor) and, when every request adds at most
+``max_query`` tokens (a decode; or a self-draft's verify pass of a few tokens a request), runs the step's
+layers and final norm through the graph, one row per token; vLLM's lm_head and logits processor stay in
+charge. On a GPU the persistent kernel runs it (FlashAttention's cache layout); on CPU the graph's
+executor does, with vLLM's attention layer in the ATTN stage, because the
 CPU backend's cache is a strided view only for some of its attention kernels (self-draft rows, which
 cannot use vLLM's attention, read those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs
-and anything it does not recognise return ``None``: the caller takes the fused-layer path, which shares
-the same KV cache. So do steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache
+and anything it does not recognise return ``None``: the caller takes the fused-layer path (a pure decode)
+or stock's, which share the same KV cache. So do steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache
 block size it does not handle): the bridge asks before building a graph, on CPU too, and logs the reason
 once.
 
@@ -37,6 +38,9 @@ MAX_BATCH = 16
 # A self-draft step's rows (draft_step), one per request: the kernel runs any batch (token blocks of up to
 # 64), and a draft has no stock path to lose to.
 MAX_DRAFT_ROWS = 64
+# New tokens a request may add in a step the graph runs (a verify pass: the k drafts and one more): each
+# row's attention task walks the request's earlier rows of the step one at a time.
+MAX_QUERY_ROWS = 8
 
 
 def draft_row_counts() -> list[int]:
@@ -110,9 +114,10 @@ def split_cpu_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int,
 
 
 class MegakernelDecoder:
-    def __init__(self, model, max_batch: int = MAX_BATCH):
+    def __init__(self, model, max_batch: int = MAX_BATCH, max_query: int = 1):
         self.model = model
         self.max_batch = min(max_batch, MAX_BATCH)  # the plan's limit for this GPU, within the kernel's
+        self.max_query = min(max_query, MAX_QUERY_ROWS)  # new tokens a request: > 1 for verify passes
         self.weights = decode_weights(model)
         self.attn_layers = [layer.self_attn.attn for layer in model.model.layers]
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
@@ -149,11 +154,17 @@ class MegakernelDecoder:
         meta = step_attention_metadata(name)
         if meta is None:  # profiling and warm-up runs
             return None
-        if getattr(meta, "max_query_len", None) != 1:
+        query = getattr(meta, "max_query_len", None)
+        if query is None or not 1 <= query <= self.max_query:
             return None  # prefill or mixed batch: not the megakernel's
         ctx = get_forward_context()
         if getattr(meta, "num_actual_tokens", positions.shape[0]) != positions.shape[0]:
             self._decline("padded batch (CUDA-graph sizes are not supported yet)")
+            return None
+        n = positions.shape[0]
+        if n > self.max_batch:  # before anything runs on the device: a CUDA graph would keep it
+            self._decline(f"decode batch of {n} > {self.max_batch}" if query == 1 else
+                          f"verify pass of {n} tokens > {self.max_batch}")
             return None
         slots = getattr(ctx, "slot_mapping", None)
         slots = slots[0] if isinstance(slots, list) else slots
@@ -171,8 +182,14 @@ class MegakernelDecoder:
                 return None
         # On CPU vLLM's attention layer reads and appends the cache (see __call__): no views needed.
         k_caches, v_caches = self._kv_views if positions.is_cuda else ([], [])
-        n = positions.shape[0]
-        return DecodeBatch(positions, block_table[:n], slot_mapping[:n], k_caches, v_caches)
+        if query == 1:
+            return DecodeBatch(positions, block_table[:n], slot_mapping[:n], k_caches, v_caches)
+        qsl = getattr(meta, "query_start_loc", None)
+        if qsl is None:
+            self._decline(f"attention metadata {type(meta).__name__} has no query start locations")
+            return None
+        request, first_rows = request_rows(qsl, n)
+        return DecodeBatch(positions, block_table[request], slot_mapping[:n], k_caches, v_caches, first_rows)
 
     def _split_kv_caches(self, ctx) -> tuple[list, list] | None:
         k_caches, v_caches = [], []
@@ -230,14 +247,12 @@ class MegakernelDecoder:
         return self.attn_layers[layer](q, k, v)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The final-normed hidden states [B, H] of a pure-decode step, or None (use the fused path)."""
+        """The final-normed hidden states [T, H] of a decode step (or a verify pass), or None (use the fused
+        path for a pure decode, stock's otherwise)."""
         batch = self.decode_batch(positions)
         if batch is None:
             return None
         n = positions.shape[0]
-        if n > self.max_batch:
-            self._decline(f"decode batch of {n} > {self.max_batch}")
-            return None
         entry = self._graph_for(n, batch, positions.device)
         if entry is None:
             return None
@@ -341,6 +356,14 @@ class MegakernelDecoder:
         prologue.load_step_input_reference(buffers, input_ids, embedding, self._steps)
         attention = self._vllm_attention if vllm_attention else None
         return reference.run_graph(graph, self.weights, batch, buffers, attention=attention)
+
+
+def request_rows(query_start_loc: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of a step's first ``n`` tokens, its request and the row of that request's first token,
+    from vLLM's query start locations (on the device: no host sync, nothing a CUDA graph cannot replay)."""
+    rows = torch.arange(n, dtype=query_start_loc.dtype, device=query_start_loc.device)
+    request = torch.searchsorted(query_start_loc[1:], rows, right=True).clamp_(max=query_start_loc.shape[0] - 2)
+    return request, query_start_loc[request].to(torch.int32)
 
 
 def _layer_isa(attn, ctx) -> str | None:

@@ -413,14 +413,19 @@ def _kv_chunk(k_cache, v_cache, bt_ptr, j, start, end, kvh, stride_blk, stride_t
 
 @triton.jit(noinline=True)  # see _gemv_tile
 def _attention_tile(
-    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, cs_ptr, kvh, split, eps, scale,
+    qkv_ptr, out_ptr, qw_ptr, kw_ptr, k_cache, v_cache, bt_ptr, pos, slot, earlier, cs_ptr, kvh, split, eps, scale,
     stride_blk, stride_tok, stride_head, part_acc, part_ml, arrivals, counters, wait_stage, wait_count, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
     POLLS: tl.constexpr = False,
 ):
-    """One request, one kv head, one of SPLITS slices of the context: q/k norm + rotary, attend over the
+    """One row, one kv head, one of SPLITS slices of the context: q/k norm + rotary, attend over the
     slice's cached tokens; the last slice also stores k/v at ``slot`` and attends to the new token.
+
+    ``earlier`` rows of the same request precede this one in the step, at positions ``pos - earlier`` to
+    ``pos - 1`` (a verify pass: several new tokens a request). The cache holds only the tokens before
+    them; their keys and values are this step's, stored by their own ATTN tasks in this same stage, so the
+    last slice takes them from the q|k|v buffer instead (causal attention within the request).
 
     The cache is paged (``PAGE`` tokens per block); each step of the loop gathers ``BLOCK_S`` tokens
     across pages, one chunk ahead of its use. The first chunk, the rotary row and the q/k norm weights
@@ -439,9 +444,10 @@ def _attention_tile(
     """
     G: tl.constexpr = HQ // HKV
     HALF: tl.constexpr = D // 2
-    per = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK_S) * BLOCK_S
-    start = tl.minimum(split * per, pos)
-    end = tl.minimum(start + per, pos)
+    cached = pos - earlier
+    per = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_S) * BLOCK_S
+    start = tl.minimum(split * per, cached)
+    end = tl.minimum(start + per, cached)
     last = split == SPLITS - 1
     d = tl.arange(0, HALF)
     g = tl.arange(0, BLOCK_G)
@@ -461,9 +467,9 @@ def _attention_tile(
         nws = (tl.load(qw_ptr + d), tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + d), tl.load(kw_ptr + HALF + d))
         _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
         m_i, l_i, acc1, acc2 = _attend_slice(
-            qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, kvh, heads, g_mask, start, end, last,
-            eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row, HQ, HKV, D, PAGE, BLOCK_S,
-            UPCAST, TRACE)
+            qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, earlier, cs_ptr, kvh, heads, g_mask,
+            start, end, last, eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row, HQ, HKV,
+            D, PAGE, BLOCK_S, UPCAST, TRACE)
         if TRACE:
             tl.store(trace_row + 7, tl.extra.cuda.globaltimer() + tl.sum(l_i).to(tl.int64) * 0)
     elif TRACE:
@@ -487,14 +493,15 @@ def _attention_tile(
 
 @triton.jit
 def _attend_slice(
-    qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, kvh, heads, g_mask, start, end, last,
-    eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row,
+    qkv_ptr, kv0, cos, sin, nws, k_cache, v_cache, bt_ptr, pos, slot, earlier, cs_ptr, kvh, heads, g_mask,
+    start, end, last, eps, scale, stride_blk, stride_tok, stride_head, m_i, l_i, acc1, acc2, trace_row,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, TRACE: tl.constexpr,
 ):
     """Online softmax of q heads ``heads`` (rows masked by ``g_mask``) of kv head ``kvh``, from the running
     max ``m_i``, sum ``l_i`` and unnormalised output halves ``acc1``/``acc2`` on, over cached tokens
-    [start, end) and over the new token if ``last`` (which also appends it to the cache); returns them.
+    [start, end) and, if ``last``, over the request's ``earlier`` rows of this step (q|k|v buffer rows
+    before ``qkv_ptr``'s) and the new token (which it also appends to the cache); returns them.
     ``kv0`` is the first chunk (``_kv_chunk``), ``nws`` the two halves of the q and of the k norm weight,
     already loaded (see _attention_tile)."""
     HALF: tl.constexpr = D // 2
@@ -539,6 +546,28 @@ def _attend_slice(
         acc2 = acc2 * alpha[:, None] + _dot(p.to(dtype), vb2, UPCAST)
         m_i = m_new
         kb1, kb2, vb1, vb2, tok_mask = nk1, nk2, nv1, nv2, n_mask
+    if last:  # the request's earlier rows of this step, normed and rotated at their positions here
+        NQKV: tl.constexpr = (HQ + 2 * HKV) * D
+        for e in range(0, earlier):
+            at_pos = pos - earlier + e
+            e_cos = tl.load(cs_ptr + at_pos * D + d).to(tl.float32)[None, :]
+            e_sin = tl.load(cs_ptr + at_pos * D + HALF + d).to(tl.float32)[None, :]
+            e_src = k_src - (earlier - e) * NQKV
+            ek1, ek2 = _norm_rope_heads(tl.load(e_src, cache_modifier=".cg"),
+                                        tl.load(e_src + HALF, cache_modifier=".cg"),
+                                        nws[2], nws[3], e_cos, e_sin, eps, D)
+            ev_src = v_src - (earlier - e) * NQKV
+            ev1 = tl.load(ev_src, cache_modifier=".cg")
+            ev2 = tl.load(ev_src + HALF, cache_modifier=".cg")
+            s_e = (tl.sum(q1.to(tl.float32) * ek1.to(tl.float32), axis=1)
+                   + tl.sum(q2.to(tl.float32) * ek2.to(tl.float32), axis=1)) * scale
+            m_new = tl.maximum(m_i, s_e)
+            alpha = tl.exp(m_i - m_new)
+            p_e = tl.exp(s_e - m_new)
+            l_i = l_i * alpha + p_e
+            acc1 = acc1 * alpha[:, None] + p_e[:, None] * ev1.to(tl.float32)
+            acc2 = acc2 * alpha[:, None] + p_e[:, None] * ev2.to(tl.float32)
+            m_i = m_new
     if last:  # the new token itself, from registers
         s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
                  + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
@@ -580,7 +609,7 @@ def _merge_parts(part_acc, part_ml, out_ptr, kvh, dtype, G: tl.constexpr, D: tl.
 @triton.jit
 def _decode_step_kernel(
     program, queue_offsets, counters, trace,
-    kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt,
+    kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt, first_rows,
     res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals, down_ptrs, down_acc,
     B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -624,7 +653,8 @@ def _decode_step_kernel(
             _attention_tile(qkv_buf + row * NQKV, attn_buf + row * NQ, wt, _address(aux, ptr),
                             _address(tl.load(kvtab + layer * 2), ptr), _address(tl.load(kvtab + layer * 2 + 1), ptr),
                             block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
-                            cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale, stride_blk, stride_tok, stride_head,
+                            b - tl.load(first_rows + b), cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale,
+                            stride_blk, stride_tok, stride_head,
                             attn_acc + row * HQ * ATTN_SPLITS * D, attn_ml + row * HQ * ATTN_SPLITS * 2,
                             arrivals + row * HKV + head % HKV, counters, wait_stage, wait_count, trace_row,
                             HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST, TRACE, POLLS)
@@ -859,7 +889,7 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
     _decode_step_kernel[(graph.num_workers,)](
         program, graph.queue_offsets, buffers.counters, buffers.counters if trace is None else trace,
         kvtab, weights.cos_sin_cache, batch.positions, batch.slot_mapping, batch.block_tables,
-        batch.block_tables.stride(0),
+        batch.block_tables.stride(0), buffers.rows if batch.first_rows is None else batch.first_rows,
         buffers.res, buffers.sumsq, buffers.qkv, buffers.attn, buffers.act, out,
         buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
         *((down_ptrs, buffers.down_acc) if s.fused_down else (kvtab, kvtab)),  # unread without fused_down

@@ -206,11 +206,11 @@ def _add_to_residual(buf: DecodeBuffers, slot: int, tile: int, n: slice, y: torc
 
 def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch: DecodeBatch,
                     buf: DecodeBuffers) -> None:
-    """One (request, kv head, split): its part of the cached tokens; the last split also appends this
-    step's k/v and attends to them. With one split the output goes straight to ``attn``; otherwise the
-    part goes to ``attn_acc``/``attn_ml`` and the head's last arrival merges all parts. Slices here are
-    even; the kernel's are whole chunks (``kernel.ATTN_CHUNK`` tokens). The merge is exact either way: only
-    rounding differs."""
+    """One (row, kv head, split): its part of the cached tokens; the last split also appends this step's
+    k/v and attends to the request's earlier rows of the step (``DecodeBatch.first_rows``) and to its own.
+    With one split the output goes straight to ``attn``; otherwise the part goes to ``attn_acc``/``attn_ml``
+    and the head's last arrival merges all parts. Slices here are even; the kernel's are whole chunks
+    (``kernel.ATTN_CHUNK`` tokens). The merge is exact either way: only rounding differs."""
     b, kvh, split = shape.attn_task(index)
     splits, d, group = shape.attn_splits, shape.head_dim, shape.num_heads // shape.num_kv_heads
     heads = slice(kvh * group * d, (kvh + 1) * group * d)
@@ -222,11 +222,19 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     q, k, v = q.view(group, d), k.view(d), qkv[0, v_col : v_col + d]
     k_cache, v_cache = batch.k_caches[layer][:, :, kvh], batch.v_caches[layer][:, :, kvh]
     position, slot, table = int(batch.positions[b]), int(batch.slot_mapping[b]), batch.block_tables[b]
-    per = -(-position // splits)
-    start, end = min(split * per, position), min((split + 1) * per, position)
+    first = b if batch.first_rows is None else int(batch.first_rows[b])
+    cached = position - (b - first)  # the request's earlier rows of this step are not in the cache yet
+    per = -(-cached // splits)
+    start, end = min(split * per, cached), min((split + 1) * per, cached)
     keys, values = cached_tokens(k_cache, table, start, end), cached_tokens(v_cache, table, start, end)
     if split == splits - 1:
         store_token(k_cache, v_cache, slot, k, v)
+        if first < b:
+            rows = buf.qkv[layer][first:b]
+            _, earlier = ops.qk_norm_rope(rows[:, heads], rows[:, k_col : k_col + d], weights.q_norm[layer],
+                                          weights.k_norm[layer], batch.positions[first:b], weights.cos_sin_cache,
+                                          eps=weights.eps)
+            keys, values = torch.cat([keys, earlier.view(-1, d)]), torch.cat([values, rows[:, v_col : v_col + d]])
         keys, values = torch.cat([keys, k[None]]), torch.cat([values, v[None]])
     m, l, acc = attention_part(q, keys, values)
     if splits == 1:

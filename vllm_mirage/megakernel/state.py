@@ -62,7 +62,8 @@ class DecodeWeights:
 
 @dataclass
 class DecodeBatch:
-    """A pure-decode batch as vLLM's paged attention sees it.
+    """A batch of new tokens, one row each, as vLLM's paged attention sees it: a pure decode (one row per
+    request), or rows of which several belong to one request (a verify pass), given by ``first_rows``.
 
     The caches are per-layer views ``[num_blocks, block_size, Hkv, D]`` of vLLM's own KV-cache tensors,
     with whatever strides the backend's layout gives them (FlashAttention's ``[2, blocks, block_size,
@@ -71,11 +72,14 @@ class DecodeBatch:
     CPU the bridge leaves attention and the cache to vLLM; see ``bridge``.)
     """
 
-    positions: torch.Tensor  # int [B]: position of each request's new token (= tokens already cached)
+    positions: torch.Tensor  # int [B]: position of each row's token (its request's tokens before it)
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     slot_mapping: torch.Tensor  # int [B]: cache slot (block * block_size + offset) of the new token; < 0: padding
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
+    # int32 [B]: the row of each row's request's first new token. A request's rows are adjacent, at
+    # consecutive positions; the cache holds its tokens before the first. None: one row per request.
+    first_rows: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
@@ -108,6 +112,7 @@ class DecodeBuffers:
         self.qkv = new(L, B, shape.qkv_features)
         self.attn = new(L, B, shape.num_heads * shape.head_dim)
         self.act = new(L, B, shape.intermediate)
+        self.rows = torch.arange(B, dtype=torch.int32, device=device)  # first_rows of a pure decode
         self.logits = new(B, shape.vocab) if shape.lm_head else None
         self.hidden_out = None if shape.lm_head else new(B, H)  # final norm output (NORM tasks)
         heads, splits = B * shape.num_kv_heads, shape.attn_splits

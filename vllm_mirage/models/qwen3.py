@@ -28,9 +28,10 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm_mirage import ops
 from vllm_mirage.introspect import register_draft
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
-from vllm_mirage.models.step import full_graph_tokens, is_pure_decode
+from vllm_mirage.models.step import full_graph_tokens, is_pure_decode, max_query_len
 from vllm_mirage.models.support import (
     is_draft_model,
+    is_self_draft,
     layer_unsupported_reason,
     megakernel_unsupported_reason,
     model_unsupported_reason,
@@ -104,10 +105,10 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     """vLLM's Qwen3ForCausalLM, with fused decoder layers when Mirage is on and the model allows it.
 
     Each step takes one of three paths, chosen where it is cheapest on this GPU (``DecodePlan``):
-    pure-decode batches of up to ``megakernel_max_batch`` requests run the megakernel (mode
-    ``megakernel``); pure-decode batches of up to ``fused_max_tokens`` that vLLM replays as full CUDA graphs
-    run the fused layers; everything else (prefill, mixed batches, larger decode batches) runs stock vLLM's
-    compiled layers, at stock's cost.
+    decode steps of up to ``megakernel_max_batch`` tokens run the megakernel (mode ``megakernel``; a
+    self-draft's verify pass of a few tokens a request counts as such a step); pure-decode batches of up
+    to ``fused_max_tokens`` that vLLM replays as full CUDA graphs run the fused layers; everything else
+    (prefill, mixed batches, larger decode batches) runs stock vLLM's compiled layers, at stock's cost.
 
     The same class builds the draft model of vLLM's draft-model speculative decoding when the draft is a
     Qwen3 checkpoint (the target itself, in ``vllm-mirage``'s multi-token mode): its one-token draft steps
@@ -117,6 +118,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     # Set by a class that vLLM only ever builds as a speculative draft (models/self_draft.py).
     drafts_for_target = False
     _records_inputs = False
+    _max_query = 1  # new tokens a request in a megakernel step (see __init__)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -157,6 +159,11 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
+            from vllm_mirage.megakernel.bridge import MAX_QUERY_ROWS
+
+            # A self-draft's target verifies on the megakernel too (a few new tokens a request), so that
+            # draft and verify round alike; other models' multi-token steps stay stock's.
+            self._max_query = MAX_QUERY_ROWS if is_self_draft(vllm_config) and not draft else 1
         speculative = vllm_config.speculative_config
         self._records_inputs = not draft and getattr(speculative, "method", None) == "eagle"
         log_rank0(
@@ -167,7 +174,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             platform_name(),
             "every pure-decode batch" if plan.fused_max_tokens >= UNBOUNDED
             else f"pure-decode batches of up to {plan.fused_max_tokens} tokens",
-            f"; pure-decode steps as one megakernel task graph up to batch {plan.megakernel_max_batch}"
+            f"; decode and verify steps as one megakernel task graph up to {plan.megakernel_max_batch} tokens"
             if mode == "megakernel" else "",
             plan.source,
         )
@@ -182,21 +189,23 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             if self._megakernel is None:
                 from vllm_mirage.megakernel.bridge import MegakernelDecoder
 
-                self._megakernel = MegakernelDecoder(self, max_batch=self._plan.megakernel_max_batch)
+                self._megakernel = MegakernelDecoder(self, max_batch=self._plan.megakernel_max_batch,
+                                                     max_query=self._max_query)
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden
-            path = self._decode_path(positions.shape[0])  # still a pure-decode step
+            path = self._decode_path(positions.shape[0]) if is_pure_decode(self._attn_name) else "stock"
         if path == "fused":
             return self._fused(input_ids, positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def _step_path(self, tokens: int) -> str:
-        if not is_pure_decode(self._attn_name):
-            return "stock"
-        if self.mirage_status["mode"] == "megakernel":
-            return "megakernel"  # the bridge declines (and says why) past the plan's batch limit
-        return self._decode_path(tokens)
+        query = max_query_len(self._attn_name)
+        if self.mirage_status["mode"] == "megakernel" and query is not None and 1 <= query <= self._max_query:
+            # A decode, or a self-draft's verify pass. The bridge declines (and says why) past the plan's
+            # limit, in tokens: rows of one request cost the kernel what rows of several do.
+            return "megakernel"
+        return self._decode_path(tokens) if query == 1 else "stock"
 
     def _decode_path(self, tokens: int) -> str:
         """Fused layers or stock's for a pure-decode step. On a GPU the fused layers' host code is paid back

@@ -18,8 +18,14 @@ def step_attention_metadata(layer_name: str):
 
 def is_pure_decode(layer_name: str) -> bool:
     """Every request in the step adds exactly one token (no prefill, no speculative verify tokens)."""
+    return max_query_len(layer_name) == 1
+
+
+def max_query_len(layer_name: str) -> int | None:
+    """The most tokens any request adds in this step (1: a pure decode; k + 1: a verify pass of k drafts),
+    or None outside a step."""
     meta = step_attention_metadata(layer_name)
-    return meta is not None and getattr(meta, "max_query_len", None) == 1
+    return None if meta is None else getattr(meta, "max_query_len", None)
 
 
 def full_graph_tokens(vllm_config) -> int:

@@ -85,12 +85,14 @@ def megakernel_unsupported_reason(vllm_config, draft: bool = False) -> str | Non
     vLLM built.
 
     Speculative decoding turns the megakernel off for the target model for the whole run rather than step
-    by step. EAGLE's drafter reads the target's hidden states from intermediate layers, which the task graph
-    never hands out; verify steps score several tokens per request, which the graph does not take. n-gram
-    steps that found no draft are pure decode, but sending those to the megakernel and the rest to the
-    fused layers would make a request's rounding depend on whether a draft was found. A draft model
-    (``method: draft_model``) is the exception: its decode steps are plain one-token steps of a Qwen3 model,
-    and the verify pass decides every token the user sees, so which path drafted only moves acceptance."""
+    by step. EAGLE-3 drafters read the target's hidden states from intermediate layers, which the task graph
+    never hands out. n-gram steps that found no draft are pure decode, but sending those to the megakernel
+    and the rest to the fused layers would make a request's rounding depend on whether a draft was found.
+    Two exceptions: a draft model (``method: draft_model``), whose decode steps are plain one-token steps
+    of a Qwen3 model (the verify pass decides every token the user sees, so which path drafted only moves
+    acceptance); and the model drafting for itself through EAGLE (:func:`is_self_draft`), whose target
+    takes the megakernel for its verify passes too (a few rows a request; the draft reads no hidden state),
+    so draft and verify round alike."""
     reasons = []
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
@@ -104,7 +106,7 @@ def megakernel_unsupported_reason(vllm_config, draft: bool = False) -> str | Non
     if window is not None:
         reasons.append(f"sliding-window attention (window {window}): the megakernel attends over the whole context")
     speculative = getattr(vllm_config, "speculative_config", None)
-    if speculative is not None and not (draft or is_draft_model(vllm_config)):
+    if speculative is not None and not (draft or is_draft_model(vllm_config) or is_self_draft(vllm_config)):
         method = getattr(speculative, "method", None) or "draft model"
         if method == "draft_model":
             reasons.append("speculative decoding (draft_model): the target's steps are verify passes of several "
@@ -122,6 +124,16 @@ def attention_window(vllm_config) -> int | None:
     ``use_sliding_window`` / ``layer_types``, model-wide or per layer depending on the vLLM version)."""
     layers = vllm_config.compilation_config.static_forward_context.values()
     return next((w for w in (getattr(layer, "sliding_window", None) for layer in layers) if w), None)
+
+
+def is_self_draft(vllm_config) -> bool:
+    """The model drafts for itself through vLLM's EAGLE speculator (``models/self_draft.py``): method
+    ``eagle`` with the target's own checkpoint as the draft."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    draft = getattr(speculative, "draft_model_config", None)
+    model = getattr(draft, "model", None)
+    return (getattr(speculative, "method", None) == "eagle" and model is not None
+            and model == getattr(vllm_config.model_config, "model", None))
 
 
 def is_draft_model(vllm_config) -> bool:
