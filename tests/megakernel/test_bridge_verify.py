@@ -26,7 +26,7 @@ def step(monkeypatch):
     import vllm.forward_context
 
     weights = random_weights(**TINY, dtype=torch.float32)
-    decoder = bridge.MegakernelDecoder(vllm_model(weights), max_batch=8)
+    decoder = bridge.MegakernelDecoder(vllm_model(weights), max_batch=8, max_query=bridge.MAX_QUERY_ROWS)
     name = decoder.attn_layers[0].layer_name
     meta = SimpleNamespace(max_query_len=4, num_actual_tokens=6, query_start_loc=torch.tensor([0, 4, 6]),
                            block_table=torch.tensor([[3, 9], [7, 12]], dtype=torch.int32))
@@ -50,4 +50,9 @@ def test_long_queries_and_large_steps_are_not_the_graphs(step):
     step.meta.max_query_len, step.meta.num_actual_tokens = 4, 12
     step.meta.query_start_loc = torch.tensor([0, 4, 8, 12])
     assert step.decoder.decode_batch(torch.arange(12)) is None
-    assert step.decoder.declined() == ["decode batch of 12 > 8"]
+    assert step.decoder.declined() == ["verify pass of 12 tokens > 8"]
+
+
+def test_a_model_that_does_not_verify_on_the_graph_leaves_multi_token_steps_alone(step):
+    step.decoder.max_query = 1  # the default: only a self-draft's target takes verify passes
+    assert step.decoder.decode_batch(torch.arange(6)) is None and step.decoder.declined() == []
