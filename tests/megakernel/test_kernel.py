@@ -114,6 +114,28 @@ def test_rows_of_one_request_attend_causally(attn_splits):
         assert rel_err(got, ref) <= TOLERANCE[torch.float32]
 
 
+def test_padding_of_a_verify_graph_reads_from_position_zero_on():
+    # A full CUDA graph replayed for fewer requests than it was captured for: the padding rows hold stale
+    # positions (here 0) and slot -1, and vLLM's padded query start locations group them as one request.
+    # Their "earlier rows" would start before position 0; the kernel bounds them, and they store nothing.
+    weights = random_weights(**TINY, dtype=torch.float32)
+    batch = request_rows_batch([(37, 4), (0, 4)], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"],
+                               dtype=torch.float32)
+    batch.slot_mapping[4:], batch.positions[4:] = -1, 0
+    hidden = torch.randn(8, TINY["hidden"])
+    expected_batch = clone_batch(batch)
+    want = row_by_row(weights, expected_batch, hidden)[:4]  # the padding rows store nothing there either
+    before = clone_batch(batch)
+    shape = weights.shape(batch=8)
+    buffers = DecodeBuffers(shape, torch.float32, "cpu")
+    buffers.load_input(hidden)
+    out = kernel.decode_step(build_task_graph(shape, 1), weights, batch, buffers)
+    assert rel_err(out[:4], want) <= TOLERANCE[torch.float32] and out.isfinite().all()
+    real_slots = {(int(batch.block_tables[i, p // 16]), int(p) % 16) for i, p in enumerate(batch.positions[:4])}
+    for got, old in zip(batch.k_caches, before.k_caches):
+        assert {tuple(c) for c in (got != old).any(dim=(2, 3)).nonzero().tolist()} <= real_slots
+
+
 def test_empty_slices_do_not_wait():
     # A context slice with no cached token (not the last) needs nothing from this step, so its task must
     # not wait for the QKV stage: that is what frees its worker for the next task's early weights. One

@@ -650,11 +650,14 @@ def _decode_step_kernel(
             head = index // ATTN_SPLITS
             b = head // HKV
             row = layer * B + b
+            pos = tl.load(positions + b)
+            # A row of a full CUDA graph's padding holds stale entries (slot -1: it stores nothing); the
+            # bound keeps what it reads at positions >= 0.
+            earlier = tl.minimum(b - tl.load(first_rows + b), pos)
             _attention_tile(qkv_buf + row * NQKV, attn_buf + row * NQ, wt, _address(aux, ptr),
                             _address(tl.load(kvtab + layer * 2), ptr), _address(tl.load(kvtab + layer * 2 + 1), ptr),
-                            block_tables + b * stride_bt, tl.load(positions + b), tl.load(slot_mapping + b).to(tl.int64),
-                            b - tl.load(first_rows + b), cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale,
-                            stride_blk, stride_tok, stride_head,
+                            block_tables + b * stride_bt, pos, tl.load(slot_mapping + b).to(tl.int64), earlier,
+                            cos_sin, head % HKV, index % ATTN_SPLITS, eps, scale, stride_blk, stride_tok, stride_head,
                             attn_acc + row * HQ * ATTN_SPLITS * D, attn_ml + row * HQ * ATTN_SPLITS * 2,
                             arrivals + row * HKV + head % HKV, counters, wait_stage, wait_count, trace_row,
                             HQ, HKV, D, BLOCK_G, PAGE, BLOCK_S, ATTN_SPLITS, UPCAST, TRACE, POLLS)

@@ -222,7 +222,7 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     q, k, v = q.view(group, d), k.view(d), qkv[0, v_col : v_col + d]
     k_cache, v_cache = batch.k_caches[layer][:, :, kvh], batch.v_caches[layer][:, :, kvh]
     position, slot, table = int(batch.positions[b]), int(batch.slot_mapping[b]), batch.block_tables[b]
-    first = b if batch.first_rows is None else int(batch.first_rows[b])
+    first = b if batch.first_rows is None else max(int(batch.first_rows[b]), b - position)  # kernel's bound
     cached = position - (b - first)  # the request's earlier rows of this step are not in the cache yet
     per = -(-cached // splits)
     start, end = min(split * per, cached), min((split + 1) * per, cached)
