@@ -557,28 +557,25 @@ def _attend_slice(
                                         tl.load(e_src + HALF, cache_modifier=".cg"),
                                         nws[2], nws[3], e_cos, e_sin, eps, D)
             ev_src = v_src - (earlier - e) * NQKV
-            ev1 = tl.load(ev_src, cache_modifier=".cg")
-            ev2 = tl.load(ev_src + HALF, cache_modifier=".cg")
-            s_e = (tl.sum(q1.to(tl.float32) * ek1.to(tl.float32), axis=1)
-                   + tl.sum(q2.to(tl.float32) * ek2.to(tl.float32), axis=1)) * scale
-            m_new = tl.maximum(m_i, s_e)
-            alpha = tl.exp(m_i - m_new)
-            p_e = tl.exp(s_e - m_new)
-            l_i = l_i * alpha + p_e
-            acc1 = acc1 * alpha[:, None] + p_e[:, None] * ev1.to(tl.float32)
-            acc2 = acc2 * alpha[:, None] + p_e[:, None] * ev2.to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc1, acc2 = _attend_token(q1, q2, ek1, ek2, tl.load(ev_src, cache_modifier=".cg"),
+                                                 tl.load(ev_src + HALF, cache_modifier=".cg"), scale,
+                                                 m_i, l_i, acc1, acc2)
     if last:  # the new token itself, from registers
-        s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
-                 + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
-        m_new = tl.maximum(m_i, s_new)
-        alpha = tl.exp(m_i - m_new)
-        p_new = tl.exp(s_new - m_new)
-        l_i = l_i * alpha + p_new
-        acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)
-        acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc1, acc2 = _attend_token(q1, q2, k1, k2, v1, v2, scale, m_i, l_i, acc1, acc2)
     return m_i, l_i, acc1, acc2
+
+
+@triton.jit
+def _attend_token(q1, q2, k1, k2, v1, v2, scale, m_i, l_i, acc1, acc2):
+    """One more key and value (each as two head-dim halves, [1, D / 2]) into the online softmax of the q
+    heads ``q1``/``q2``."""
+    s = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=1)
+         + tl.sum(q2.to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)
+    return (m_new, l_i * alpha + p, acc1 * alpha[:, None] + p[:, None] * v1.to(tl.float32),
+            acc2 * alpha[:, None] + p[:, None] * v2.to(tl.float32))
 
 
 @triton.jit
