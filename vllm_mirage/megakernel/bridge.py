@@ -5,13 +5,12 @@ table, query lengths; the slot mapping; each layer's KV-cache tensor) and, when 
 ``max_query`` tokens (a decode; or a self-draft's verify pass of a few tokens a request), runs the step's
 layers and final norm through the graph, one row per token; vLLM's lm_head and logits processor stay in
 charge. On a GPU the persistent kernel runs it (FlashAttention's cache layout); on CPU the graph's
-executor does, with vLLM's attention layer in the ATTN stage, because the
-CPU backend's cache is a strided view only for some of its attention kernels (self-draft rows, which
-cannot use vLLM's attention, read those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs
-and anything it does not recognise return ``None``: the caller takes the fused-layer path (a pure decode)
-or stock's, which share the same KV cache. So do steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache
-block size it does not handle): the bridge asks before building a graph, on CPU too, and logs the reason
-once.
+executor does, with vLLM's attention layer in the ATTN stage, because the CPU backend's cache is a strided
+view only for some of its attention kernels (self-draft rows, which cannot use vLLM's attention, read
+those: ``split_cpu_kv_cache``). Prefill, mixed batches, profiling runs and anything it does not recognise
+return ``None``: the caller takes the fused-layer path (a pure decode) or stock's, which share the same KV
+cache. So do steps the kernel cannot run (``kernel.shape_unsupported_reason``, e.g. a KV-cache block size
+it does not handle): the bridge asks before building a graph, on CPU too, and logs the reason once.
 
 The graph ends with the final norm, so the model's output is what ``Qwen3Model`` returns.
 """
@@ -362,7 +361,8 @@ def request_rows(query_start_loc: torch.Tensor, n: int) -> tuple[torch.Tensor, t
     """For each of a step's first ``n`` tokens, its request and the row of that request's first token,
     from vLLM's query start locations (on the device: no host sync, nothing a CUDA graph cannot replay)."""
     rows = torch.arange(n, dtype=query_start_loc.dtype, device=query_start_loc.device)
-    request = torch.searchsorted(query_start_loc[1:], rows, right=True).clamp_(max=query_start_loc.shape[0] - 2)
+    request = torch.searchsorted(query_start_loc[1:], rows, right=True)
+    request.clamp_(max=query_start_loc.shape[0] - 2)  # a CUDA graph's padding rows: into the last request
     return request, query_start_loc[request].to(torch.int32)
 
 
