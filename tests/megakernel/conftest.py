@@ -135,6 +135,17 @@ def request_rows_batch(requests, *, layers, hkv, d, dtype, num_blocks=32, layout
                        per_request.v_caches, torch.tensor(first, dtype=torch.int32, device=device))
 
 
+def attention_last_row_first(graph):
+    """``graph`` (one worker) with each layer's ATTN tasks in reverse: the last row's run first, so a row
+    that read its request's earlier rows from the cache would find what those slots held before."""
+    from vllm_mirage.megakernel.graph import SIGNAL_STAGE, TYPE, Task, TaskGraph
+
+    stages = graph.tasks[:, SIGNAL_STAGE].tolist()
+    queue = sorted(graph.queue.tolist(), key=lambda t: (stages[t], -t if graph.tasks[t, TYPE] == Task.ATTN else t))
+    return TaskGraph(graph.shape, graph.tasks, torch.tensor(queue, dtype=torch.int32), graph.queue_offsets,
+                     graph.stage_counts)
+
+
 def row_by_row(weights: DecodeWeights, batch: DecodeBatch, hidden: torch.Tensor, lm_head: bool = True) -> torch.Tensor:
     """The layerwise reference's one-token steps of ``batch``'s rows, one after another, appending to its
     caches: what a step of several rows a request must equal."""

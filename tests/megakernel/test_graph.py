@@ -3,11 +3,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.megakernel.conftest import TINY, clone_batch, random_batch, random_weights, request_rows_batch, row_by_row
+from tests.megakernel.conftest import (
+    TINY, attention_last_row_first, clone_batch, random_batch, random_weights, request_rows_batch, row_by_row,
+)
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.graph import (
-    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, TaskGraph,
-    build_task_graph,
+    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
 )
 from vllm_mirage.megakernel.state import DecodeBuffers
 
@@ -82,11 +83,8 @@ def test_rows_of_one_request_are_its_successive_decode_steps(workers, attn_split
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     buffers.load_input(hidden)
     graph = build_task_graph(shape, workers)
-    if reverse:  # one worker: its queue is every task in stage order
-        stages = graph.tasks[:, SIGNAL_STAGE].tolist()
-        queue = sorted(graph.queue.tolist(), key=lambda t: (stages[t], -t if graph.tasks[t, TYPE] == Task.ATTN else t))
-        graph = TaskGraph(shape, graph.tasks, torch.tensor(queue, dtype=torch.int32), graph.queue_offsets,
-                          graph.stage_counts)
+    if reverse:
+        graph = attention_last_row_first(graph)
     logits = reference.run_graph(graph, weights, batch, buffers)
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
     for got, ref in zip(batch.k_caches + batch.v_caches, expected_batch.k_caches + expected_batch.v_caches):

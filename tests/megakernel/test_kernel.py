@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tests.megakernel.conftest import (
-    TINY, clone_batch, float32_weights, random_batch, random_weights, request_rows_batch, row_by_row,
+    TINY, attention_last_row_first, clone_batch, float32_weights, random_batch, random_weights, request_rows_batch,
+    row_by_row,
 )
 from tests.ops.conftest import rel_err
 from vllm_mirage.megakernel import kernel, reference
@@ -91,8 +92,6 @@ def test_rows_of_one_request_attend_causally(attn_splits):
     # rows of the step from the q|k|v buffer, since their cache slots are stored by other ATTN tasks of
     # the same stage. The queue runs each layer's ATTN tasks last row first, so a row that read them from
     # the cache would read what the slots held before.
-    from vllm_mirage.megakernel.graph import SIGNAL_STAGE, TYPE, Task, TaskGraph
-
     weights = random_weights(**TINY, dtype=torch.float32)
     batch = request_rows_batch([(37, 4), (0, 3), (5, 1)], layers=TINY["layers"], hkv=TINY["hkv"], d=TINY["d"],
                                dtype=torch.float32, layout="fa_packed")
@@ -100,11 +99,7 @@ def test_rows_of_one_request_attend_causally(attn_splits):
     expected_batch = clone_batch(batch)
     want = row_by_row(weights, expected_batch, hidden)
     shape = weights.shape(batch=8, attn_splits=attn_splits)
-    graph = build_task_graph(shape, 1)
-    stages = graph.tasks[:, SIGNAL_STAGE].tolist()
-    queue = sorted(graph.queue.tolist(), key=lambda t: (stages[t], -t if graph.tasks[t, TYPE] == Task.ATTN else t))
-    graph = TaskGraph(shape, graph.tasks, torch.tensor(queue, dtype=torch.int32), graph.queue_offsets,
-                      graph.stage_counts)
+    graph = attention_last_row_first(build_task_graph(shape, 1))
     buffers = DecodeBuffers(shape, torch.float32, "cpu")
     _poison(buffers)
     buffers.load_input(hidden)
