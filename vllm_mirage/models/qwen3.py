@@ -28,7 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm_mirage import ops
 from vllm_mirage.introspect import register_draft
 from vllm_mirage.layers import FusedQKNormRope, FusedRMSNormGateUp, FusedRMSNormQKV
-from vllm_mirage.models.step import full_graph_tokens, is_pure_decode, max_query_len
+from vllm_mirage.models.step import full_graph_tokens, max_query_len
 from vllm_mirage.models.support import (
     is_draft_model,
     is_self_draft,
@@ -182,9 +182,10 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if self._records_inputs:
             TARGET_INPUT_IDS[self._attn_name] = input_ids
-        path = "stock"
+        path, query = "stock", None
         if self.mirage_status["fused_layers"] and intermediate_tensors is None and inputs_embeds is None:
-            path = self._step_path(positions.shape[0])
+            query = max_query_len(self._attn_name)
+            path = self._step_path(positions.shape[0], query)
         if path == "megakernel":
             if self._megakernel is None:
                 from vllm_mirage.megakernel.bridge import MegakernelDecoder
@@ -194,13 +195,13 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden
-            path = self._decode_path(positions.shape[0]) if is_pure_decode(self._attn_name) else "stock"
+            path = self._decode_path(positions.shape[0]) if query == 1 else "stock"
         if path == "fused":
             return self._fused(input_ids, positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
-    def _step_path(self, tokens: int) -> str:
-        query = max_query_len(self._attn_name)
+    def _step_path(self, tokens: int, query: int | None) -> str:
+        """The path for a step of ``tokens`` tokens whose requests add at most ``query`` tokens each."""
         if self.mirage_status["mode"] == "megakernel" and query is not None and 1 <= query <= self._max_query:
             # A decode, or a self-draft's verify pass. The bridge declines (and says why) past the plan's
             # limit, in tokens: rows of one request cost the kernel what rows of several do.

@@ -16,11 +16,6 @@ def step_attention_metadata(layer_name: str):
     return meta.get(layer_name) if isinstance(meta, dict) else meta
 
 
-def is_pure_decode(layer_name: str) -> bool:
-    """Every request in the step adds exactly one token (no prefill, no speculative verify tokens)."""
-    return max_query_len(layer_name) == 1
-
-
 def max_query_len(layer_name: str) -> int | None:
     """The most tokens any request adds in this step (1: a pure decode; k + 1: a verify pass of k drafts),
     or None outside a step."""
