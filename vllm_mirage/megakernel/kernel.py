@@ -734,6 +734,8 @@ class LaunchConfig:
     # 2048: 2-6% faster there at batches 1-2 (0.6B b1 0.843 -> 0.794 ms inside vLLM), level at 8-16;
     # 8B b8 lost 6.5% with it. No trace shows a shorter handoff: measured, not understood.
     thread_polls: bool | None = None
+    # Cached tokens an ATTN task gathers per step of its loop (a multiple of the cache's block size).
+    attn_chunk: int = ATTN_CHUNK
 
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
@@ -913,7 +915,7 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
     block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
     num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
     consts = dict(
-        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=block_size, BLOCK_S=max(ATTN_CHUNK, block_size),
+        HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=block_size, BLOCK_S=max(config.attn_chunk, block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
         BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
