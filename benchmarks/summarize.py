@@ -5,7 +5,8 @@
 
 A result is a folder ``benchmarks/results/<gpu>/<yyyy-mm-dd>-<what>/`` holding what one command wrote:
 ``results.json`` of ``vllm-mirage bench``, ``check.json`` of ``vllm-mirage check``, or the JSON of
-``bench_megakernel.py`` / ``bench_ops.py``. A ``command.txt`` beside them, if present, is the command
+``bench_megakernel.py`` / ``bench_ops.py``, each as written or gzip-compressed (``check.json.gz``: the
+large per-prompt files, so that the repository stays small). A ``command.txt`` beside them, if present, is the command
 shown for the folder (e.g. the ``e2e_device.sh`` line that ran the bench); otherwise the command the file
 records. The date is the file's own (``created``) where it has one, else the folder's.
 
@@ -16,6 +17,7 @@ over iterations), so files written by older versions of the bench read the same 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import sys
@@ -33,8 +35,12 @@ OUTPUT = ROOT / "BENCHMARKS.md"
 
 @dataclass
 class Result:
-    path: Path  # the JSON file
+    path: Path  # the JSON file, or its gzip
     data: dict
+
+    @property
+    def file_name(self) -> str:
+        return _json_name(self.path)
 
     @property
     def folder(self) -> Path:
@@ -53,7 +59,8 @@ class Result:
     def name(self) -> str:
         """The folder's <what>, and the file's stem where a folder holds several results."""
         what = self.folder.name[11:]
-        return what if self.path.name in ("results.json", "check.json", "soak.json") else f"{what}/{self.path.stem}"
+        stem = self.file_name.removesuffix(".json")
+        return what if self.file_name in ("results.json", "check.json", "soak.json") else f"{what}/{stem}"
 
     @property
     def link(self) -> str:
@@ -83,14 +90,23 @@ def _rel(path: Path) -> str:
     return rel + "/" if path.is_dir() else rel
 
 
+def _json_name(path: Path) -> str:
+    return path.name.removesuffix(".gz")
+
+
+def _read_json(path: Path):
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
 def _kind(path: Path, data) -> str | None:
     if not isinstance(data, dict):
         return None
-    if path.name == "results.json" and "sides" in data:
+    name = _json_name(path)
+    if name == "results.json" and "sides" in data:
         return "bench"
-    if path.name == "check.json" or ("comparison" in data and "sides" in data):
+    if name == "check.json" or ("comparison" in data and "sides" in data):
         return "check"
-    if path.name == "soak.json" and "summary" in data:
+    if name == "soak.json" and "summary" in data:
         return "soak"
     if "rows" in data and "copy_bandwidth_bytes_per_s" in data:
         return "megakernel"
@@ -101,14 +117,14 @@ def _kind(path: Path, data) -> str | None:
 
 def load_results() -> dict[str, list[Result]]:
     found: dict[str, list[Result]] = {"bench": [], "check": [], "soak": [], "megakernel": [], "ops": []}
-    for path in sorted(RESULTS.glob("*/*/*.json")):
-        data = json.loads(path.read_text())
+    for path in sorted([*RESULTS.glob("*/*/*.json"), *RESULTS.glob("*/*/*.json.gz")]):
+        data = _read_json(path)
         kind = _kind(path, data)
         if kind:
             found[kind].append(Result(path, data))
     for results in found.values():
         # Newest first; within a day, by folder and file name.
-        results.sort(key=lambda r: (r.folder.name, r.path.name))
+        results.sort(key=lambda r: (r.folder.name, r.file_name))
         results.sort(key=lambda r: r.date, reverse=True)
     return found
 

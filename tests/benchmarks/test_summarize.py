@@ -1,5 +1,6 @@
 """BENCHMARKS.md is generated from the committed result files, and reads new result folders."""
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -73,13 +74,13 @@ def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp
 
 def test_a_check_with_a_control_shows_it_beside_mirage(tmp_path, monkeypatch):
     s = load_script("summarize")
-    old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-02-check-random-0.6b-fused" / "check.json"
+    old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-02-check-random-0.6b-fused" / "check.json.gz"
     folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-check-controlled"
     folder.mkdir(parents=True)
-    data = json.loads(old.read_text())
+    data = s._read_json(old)
     control = {**data["comparison"], "logprobs": {**data["comparison"]["logprobs"], "mean_diff": 0.01, "max_diff": 0.5}}
     data["control"] = {"engine_args": {"max_num_seqs": 8}, "comparison": control}
-    (folder / "check.json").write_text(json.dumps(data))
+    (folder / "check.json.gz").write_bytes(gzip.compress(json.dumps(data).encode()))  # as large checks are kept
     monkeypatch.setattr(s, "ROOT", tmp_path)
     monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
     row = next(line for line in s.render().splitlines() if "check-controlled" in line and line.startswith("|"))
