@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_mirage.tiny_model import make_tiny_qwen3
 
@@ -20,12 +21,22 @@ PROMPTS = [
 _JOB = Path(__file__).parent / "models" / "engine_job.py"
 
 
+# Under pytest-xdist (run.sh test: one worker per core) every engine would bind its OpenMP threads to all
+# cores, and each parallel region would wait for a core the other worker's engine holds. The tiny
+# models need no more than one thread.
+_ONE_THREAD_PER_WORKER = ({"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+                          if os.environ.get("PYTEST_XDIST_WORKER") else {})
+if _ONE_THREAD_PER_WORKER:
+    torch.set_num_threads(1)
+
+
 def subprocess_env(**overrides: str) -> dict:
     """The environment for the vLLM and CLI processes tests start: this one's, plus ``overrides``, minus
     Triton's interpreter switch, which tests/ops/conftest.py sets for this whole process (Triton needs it
     at import and at run time). Inherited, it would make those processes run every kernel interpreted;
     a test that wants that passes it in ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(_ONE_THREAD_PER_WORKER)
     env.update(overrides)
     return env
 

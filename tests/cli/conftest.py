@@ -30,3 +30,17 @@ def run_cli():
         return subprocess.run([*base, *args], env=full_env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def clean_error(proc) -> str:
+    """The CLI's last line of stderr, after checking that its own output (not the engine log's tail, shown
+    as "  | ..." lines) has no traceback."""
+    own = [line for line in proc.stderr.splitlines() if not line.startswith("  | ")]
+    assert not any("Traceback" in line for line in own)
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def prompts_file(path: Path, n: int) -> str:
+    # Prompts of one length are prefilled in one step and then decoded together: one batch of n.
+    path.write_text("".join(f"Prompt number {i:02d} asks the model\n" for i in range(n)))
+    return str(path)

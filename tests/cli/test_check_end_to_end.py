@@ -1,20 +1,13 @@
-"""The console script against real vLLM on the tiny Qwen3 (each engine here costs ~15-25 s on CPU)."""
+"""``vllm-mirage check`` against real vLLM on the tiny Qwen3 (each engine here costs ~15-25 s on CPU)."""
 
 import json
-from statistics import median
 
 import pytest
 
+from tests.cli.conftest import clean_error, prompts_file
 from vllm_mirage.cli.errors import EXIT_ENGINE, EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
 
 pytestmark = pytest.mark.slow
-
-
-def _clean_error(proc) -> str:
-    # The tail of the engine log is shown as "  | ..." lines; our own output has no traceback.
-    own = [l for l in proc.stderr.splitlines() if not l.startswith("  | ")]
-    assert not any("Traceback" in l for l in own)
-    return proc.stderr.strip().splitlines()[-1]
 
 
 def test_check_tiny(run_cli, cli_cache, tmp_path):
@@ -46,14 +39,8 @@ def test_check_tiny(run_cli, cli_cache, tmp_path):
     assert (tmp_path / "stock.log").stat().st_size > 0 and (tmp_path / "mirage.log").stat().st_size > 0
 
 
-def _prompts_file(path, n: int):
-    # Prompts of one length are prefilled in one step and then decoded together: one batch of n.
-    path.write_text("".join(f"Prompt number {i:02d} asks the model\n" for i in range(n)))
-    return str(path)
-
-
 def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
-    prompts = _prompts_file(tmp_path / "prompts.txt", 8)
+    prompts = prompts_file(tmp_path / "prompts.txt", 8)
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--mode", "megakernel",
                    "--prompts", prompts, "--output", str(tmp_path), "--control", '{"max_num_seqs": 4}')
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
@@ -73,7 +60,7 @@ def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
 def test_check_tiny_multi_token(run_cli, cli_cache, tmp_path):
     """--mode multi-token: the model drafts two tokens per step for itself on the megakernel; the verify
     passes keep stock's tokens (float32) and accept every draft."""
-    prompts = _prompts_file(tmp_path / "prompts.txt", 8)
+    prompts = prompts_file(tmp_path / "prompts.txt", 8)
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
                    "--mode", "multi-token", "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
@@ -88,7 +75,7 @@ def test_check_tiny_multi_token(run_cli, cli_cache, tmp_path):
 def test_check_tiny_multi_token_eagle(run_cli, cli_cache, tmp_path):
     """--mode multi-token-eagle: the same self-draft through vLLM's EAGLE speculator (models/self_draft.py),
     exact: the draft reads the target's KV cache, and in float32 every draft is accepted."""
-    prompts = _prompts_file(tmp_path / "prompts.txt", 8)
+    prompts = prompts_file(tmp_path / "prompts.txt", 8)
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
                    "--mode", "multi-token-eagle", "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
@@ -102,63 +89,21 @@ def test_check_tiny_multi_token_eagle(run_cli, cli_cache, tmp_path):
 
 def test_check_megakernel_fails_when_no_step_reached_it(run_cli, cli_cache, tmp_path):
     # Twenty requests decode as one batch, over the megakernel's 16: the fused layers serve every step.
-    prompts = _prompts_file(tmp_path / "prompts.txt", 20)
+    prompts = prompts_file(tmp_path / "prompts.txt", 20)
     proc = run_cli("check", "--model", "tiny", "--max-tokens", "4", "--cache-dir", str(cli_cache), "--mode", "megakernel",
                    "--prompts", prompts, "--skip-baseline")
     assert proc.returncode == EXIT_NOT_APPLIED, proc.stdout + proc.stderr
-    assert _clean_error(proc) == (
+    assert clean_error(proc) == (
         "vllm-mirage: Mirage applied: megakernel, 2 fused decoder layers, 0 decode steps through the megakernel "
         "task graph: the megakernel ran no decode step (decode batch of 20 > 16)"
     )
-
-
-def test_bench_tiny(run_cli, cli_cache, tmp_path):
-    # The time to first token and the latency come from two generate calls (cli/stats.py): at 4 tokens a
-    # host hiccup in the first call of the only iteration once made it the longer one on CI's 2 cores
-    # (96 vs 47 ms); 32 tokens put 31 decode steps between them.
-    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", "1",
-                   "--num-warmup", "1", "--max-tokens", "32", "--cache-dir", str(cli_cache), "--output", str(tmp_path))
-    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    assert "| batch | side |" in proc.stdout and "engine ready" in proc.stderr  # table and progress bars
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["batch_size"] for r in results["rows"]] == [1, 2]
-    for row in results["rows"]:
-        for side in ("stock", "mirage"):
-            f = row[side]
-            assert 0 < f["ttft_s"] < f["latency_mean_s"] and f["decode_step_s"] > 0 and f["output_tokens_per_s"] > 0
-            assert f["gpu_step_s"] is None  # CPU: n/a
-        assert row["speedup_tokens_per_s"] > 0
-    for side in ("stock", "mirage"):
-        timing = results["sides"][side]["timings"]["2"]
-        assert timing["output_tokens"] == [2 * 32]
-    assert results["system"]["vllm"] and results["system"]["torch"] and results["model"]["config"]["hidden_size"] == 128
-    assert results["command"].startswith("vllm-mirage bench")
-    assert (tmp_path / "report.md").read_text().count("| 2 | ") == 2
-    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_bench_several_modes_share_the_stock_runs(run_cli, cli_cache, tmp_path):
-    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "--num-iterations", "1", "--num-warmup", "0",
-                   "--max-tokens", "3", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
-                   "--mode", "fused", "megakernel")
-    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    assert "--mode fused:" in proc.stdout and "--mode megakernel:" in proc.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["sides"]) == {"stock", "mirage[fused]", "mirage[megakernel]"}  # one stock engine
-    fused, megakernel = results["modes"]
-    assert fused["mirage_status"]["mode"] == "fused" and megakernel["mirage_status"]["mode"] == "megakernel"
-    assert megakernel["mirage_status"]["megakernel_steps"] > 0
-    assert results["rows"] == fused["rows"] and fused["rows"] != megakernel["rows"]
-    assert fused["rows"][0]["stock"] == megakernel["rows"][0]["stock"]
-    for label in ("mirage-fused", "mirage-megakernel"):
-        assert (tmp_path / f"{label}.log").stat().st_size > 0
 
 
 def test_non_qwen3_model_says_mirage_did_not_apply(run_cli, tiny_llama, tmp_path):
     proc = run_cli("check", "--model", str(tiny_llama), "--skip-baseline", "--max-tokens", "2",
                    "--max-model-len", "256")
     assert proc.returncode == EXIT_NOT_APPLICABLE, proc.stdout + proc.stderr
-    assert _clean_error(proc).startswith("vllm-mirage: Mirage did not apply: ")
+    assert clean_error(proc).startswith("vllm-mirage: Mirage did not apply: ")
     assert "LlamaForCausalLM" in proc.stdout
 
 
@@ -167,49 +112,6 @@ def test_engine_failure_is_one_classified_line(run_cli, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
     proc = run_cli("check", "--model", str(tmp_path), "--skip-baseline")
     assert proc.returncode == EXIT_ENGINE
-    last = _clean_error(proc)
+    last = clean_error(proc)
     assert last.startswith("vllm-mirage: error: mirage side: engine failed: ") and "nope" in last
     assert "mirage.log" in last
-
-
-def test_interleaved_engine_failure_is_one_classified_line(run_cli, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
-    proc = run_cli("bench", "--model", str(tmp_path), "--interleave", "--output", str(tmp_path / "out"))
-    assert proc.returncode == EXIT_ENGINE
-    last = _clean_error(proc)
-    assert last.startswith("vllm-mirage: error: stock side: engine failed: ") and "nope" in last
-
-
-def test_bench_interleaved_sides_take_turns(run_cli, cli_cache, tmp_path):
-    iterations = 3
-    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", str(iterations),
-                   "--num-warmup", "1", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
-                   "--mode", "fused", "megakernel", "--interleave")
-    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["settings"]["interleaved"]
-    sides = results["sides"]
-    assert set(sides) == {"stock", "mirage[fused]", "mirage[megakernel]"}
-    for bs in ("1", "2"):
-        # Every side's i-th timed pair ran in round i: round by round, the sides' start times interleave.
-        started = {label: side["timings"][bs]["started_s"] for label, side in sides.items()}
-        assert all(len(times) == iterations for times in started.values())
-        for i in range(iterations - 1):
-            assert max(times[i] for times in started.values()) < min(times[i + 1] for times in started.values())
-        assert all(len(side["timings"][bs]["total_s"]) == iterations for side in sides.values())
-    for mode in results["modes"]:
-        for row in mode["rows"]:
-            # Each ratio pairs the two sides' iterations of one round (CPU timings: the values are noise).
-            s, m = (sides[label]["timings"][str(row["batch_size"])] for label in ("stock", mode["label"]))
-            ratios = [(s["total_s"][i] - s["first_token_s"][i]) / (m["total_s"][i] - m["first_token_s"][i])
-                      for i in range(iterations)]
-            ttft = [m["first_token_s"][i] / s["first_token_s"][i] for i in range(iterations)]
-            p = row["paired"]
-            assert p["pairs"] == iterations and p["decode_step_speedup"] == pytest.approx(median(ratios))
-            assert p["ttft_ratio"] == pytest.approx(median(ttft))
-            # With as many pairs as these the interval is the range of the ratios.
-            assert (p["decode_step_interval"]["low"], p["decode_step_interval"]["high"]) == (
-                pytest.approx(min(ratios)), pytest.approx(max(ratios)))
-    megakernel = results["modes"][1]["mirage_status"]
-    assert megakernel["mode"] == "megakernel" and megakernel["megakernel_steps"] > 0
-    assert "## Paired ratios" in (tmp_path / "report.md").read_text()
