@@ -5,10 +5,10 @@
 
 A result is a folder ``benchmarks/results/<gpu>/<yyyy-mm-dd>-<what>/`` holding what one command wrote:
 ``results.json`` of ``vllm-mirage bench``, ``check.json`` of ``vllm-mirage check``, or the JSON of
-``bench_megakernel.py`` / ``bench_ops.py``, each as written or gzip-compressed (``check.json.gz``: the
-large per-prompt files, so that the repository stays small). A ``command.txt`` beside them, if present, is the command
-shown for the folder (e.g. the ``e2e_device.sh`` line that ran the bench); otherwise the command the file
-records. The date is the file's own (``created``) where it has one, else the folder's.
+``bench_megakernel.py`` / ``bench_ops.py``, each as written or gzip-compressed (``check.json.gz``: large
+per-prompt files, so that the repository stays small). A ``command.txt`` beside them, if present, is the
+command shown for the folder (e.g. the ``e2e_device.sh`` line that ran the bench); otherwise the command
+the file records. The date is the file's own (``created``) where it has one, else the folder's.
 
 Bench figures are recomputed from each file's raw timings with the package's own statistics (medians
 over iterations), so files written by older versions of the bench read the same way as new ones.
