@@ -8,7 +8,8 @@ from tests.megakernel.conftest import (
 )
 from vllm_mirage.megakernel import reference
 from vllm_mirage.megakernel.graph import (
-    MAX_ATTN_SPLITS, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task, build_task_graph,
+    MAX_ATTN_SPLITS, MAX_GU_TILES, NO_WAIT, SIGNAL_STAGE, TYPE, WAIT_COUNT, WAIT_STAGE, DecodeShape, Task,
+    build_task_graph,
 )
 from vllm_mirage.megakernel.state import DecodeBuffers
 
@@ -144,6 +145,14 @@ def test_narrow_tiles_only_where_a_stage_would_idle_half_the_sms():
     assert big8.tasks_in_stage(Task.GU) == 132 and big8.gu_tiles(0) == range(0, 384, 132)
     assert [len(big8.gu_tiles(i)) for i in (0, 119, 120, 131)] == [3, 3, 2, 2]
     assert replace(qwen3_06b, batch=8).for_workers(132).gu_tasks == 0  # 0.6B: fewer slices than SMs
+    # 1.7B's 192 slices: at most two a task, so several-slice tasks from batch 1.
+    qwen3_17b = DecodeShape(hidden=2048, intermediate=6144, num_heads=16, num_kv_heads=8, head_dim=128,
+                            num_layers=28, vocab=151936, batch=1).for_workers(132)
+    assert qwen3_17b.tasks_in_stage(Task.GU) == 132 and max(len(qwen3_17b.gu_tiles(i)) for i in range(132)) == 2
+    # No task takes more than MAX_GU_TILES slices: 25600 features are 800 slices, 200 tasks of four.
+    huge = DecodeShape(hidden=5120, intermediate=25600, num_heads=64, num_kv_heads=8, head_dim=128,
+                       num_layers=64, vocab=151936, batch=8).for_workers(132)
+    assert huge.gu_tasks == 200 and {len(huge.gu_tiles(i)) for i in range(200)} == {MAX_GU_TILES}
     assert shape.qkv_rows == 32 and shape.tasks_in_stage(Task.QKV) == 128  # 0.6B: one round already
     wide = DecodeShape(hidden=5120, intermediate=25600, num_heads=64, num_kv_heads=8, head_dim=128,
                        num_layers=64, vocab=151936, batch=1).for_workers(132)

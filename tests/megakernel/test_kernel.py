@@ -42,7 +42,7 @@ def _poison(buffers):
         ([200, 0], True, "fa_packed", 32, 0, 4, 0, False),
         ([70, 9], False, "flash", 16, 0, 2, 0, False),
         # GU tasks of several slices (200 intermediate features: 7 slices of 32 in 3 tasks of 3/2/2),
-        # each one pipelined loop with an epilogue per slice.
+        # each one tile of four slices' strided rows, the slices past a task's own masked off.
         ([12, 50], True, "fa_packed", 16, 0, 1, 3, False),
         # DOWN's weights in the GU tasks (200 intermediate features: the last slice of 32 is 8 wide),
         # DOWN tasks adding their fixed-point sums; two layers, so the sums are zeroed between them.
@@ -232,8 +232,8 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv, hidden):
 
 
 def test_multi_slice_gu_tasks_compile_pipelined_for_hopper():
-    """At batch 8 on 132 SMs a GU task covers several slices in one loop (kernel._gemv_tiles, with each
-    slice's epilogue inside it): that loop must still be software-pipelined with its first weight chunks
+    """At batch 8 on 132 SMs a GU task covers several slices in one loop (kernel._gemv_tiles, one tile of
+    all of their rows): that loop must still be software-pipelined with its first weight chunks
     requested before the wait, or the reason for having it is gone."""
     info = _compile_for_hopper("bf16", 32, 8, 8)
     assert info["gu_tiles_early_copies"] > 0 and info["shared_bytes"] <= 227 * 1024, info

@@ -55,6 +55,7 @@ class Task(enum.IntEnum):
 
 
 MAX_ATTN_SPLITS = 16  # see DecodeShape._attn_splits
+MAX_GU_TILES = 4  # slices per multi-slice GU task: its accumulators, gate and up, are [16, 4 · block_n] each
 STAGES_PER_LAYER = 5  # QKV, ATTN, O, GU, DOWN; LM (or NORM) is one stage after the last layer
 NO_WAIT = -1
 
@@ -97,14 +98,17 @@ class DecodeShape:
         block_n = fit(self.block_n, min(self.qkv_features, self.intermediate))
         shape = replace(self, block_n=block_n, block_n_out=fit(self.block_n_out, self.hidden),
                         block_n_qkv=self._one_round_qkv(block_n, workers), attn_splits=self._attn_splits(workers))
-        # Several GU slices per task (gu_tiles) where slices outnumber workers, from batch 8: Qwen3-8B ran
-        # 1.8% faster at b8 and 3.0% at b16, the same at b1, 0.8% / 1.3% slower at b2 / b4.
+        # Several GU slices per task (gu_tiles) where slices outnumber workers: the task loads each
+        # activation chunk once for all of them. On the H200 (docs/design.md) two slices a task
+        # (Qwen3-1.7B) beat one task per slice at every batch timed (b1 9%, b4 2%); three (8B, a tile of
+        # 4 × 32 rows in 128-byte runs of each weight row) pay only from batch 8 (b1 2% slower, b4 level).
         # DOWN's weights in the GU tasks where those fit one round, at batch 1-2. Qwen3-0.6B's 96 GU tasks
         # on 132 SMs ran 3.6% / 4.7% faster alone (1.2% inside vLLM at b1), level at b4; Qwen3-1.7B's 192
         # take two rounds and ran 7% / 5% slower.
         fused = self.fused_down or (shape.gu_slices <= workers and self.batch <= 2)
-        many = shape.gu_slices > workers and self.batch >= 8 and not fused
-        return replace(shape, gu_tasks=workers if many else 0, fused_down=fused)
+        many = shape.gu_slices > workers and not fused and (self.batch >= 8 or shape.gu_slices <= 2 * workers)
+        gu_tasks = max(workers, -(-shape.gu_slices // MAX_GU_TILES)) if many else 0
+        return replace(shape, gu_tasks=gu_tasks, fused_down=fused)
 
     def _attn_splits(self, workers: int) -> int:
         """Context splits per (request, kv head): doubled up to ``MAX_ATTN_SPLITS`` while the ATTN stage
@@ -137,8 +141,8 @@ class DecodeShape:
     def gu_tiles(self, index: int) -> range:
         """The ``block_n`` slices GU task ``index`` computes. With ``gu_tasks`` (Qwen3-8B: 384 slices
         for 132 SMs) several, every gu_tasks-th, so that a worker streams its share of the weights in
-        one pipelined loop (kernel._gemv_tiles), not one task per slice, each ending in a release and
-        starting with a pipeline to fill."""
+        one pipelined loop and reads the activation once for all of them (kernel._gemv_tiles), not one
+        task per slice, each ending in a release and starting with a pipeline to fill."""
         return range(index, self.gu_slices, self.gu_tasks) if self.gu_tasks else range(index, index + 1)
 
     def attn_task(self, index: int) -> tuple[int, int, int]:

@@ -293,20 +293,25 @@ def _gemv_tiles(
     counters, wait_stage, wait_count, trace_row, tiles, tile_stride,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, TRACE: tl.constexpr = False,
-    POLLS: tl.constexpr = False,
+    POLLS: tl.constexpr = False, TILES: tl.constexpr = 1,
 ):
-    """What ``_gemv_tile`` computes for a GU task (NORM_IN, SILU_MUL, BLOCK_N rows), for the tile at row
-    n0 and the ``tiles`` - 1 tiles after it at n0 + tile_stride, n0 + 2 tile_stride, ...: one pipelined
-    loop over all of their chunks, each tile's epilogue at its last chunk, so the weight stream runs on
-    from one tile into the next instead of draining and refilling (GU tasks of several slices,
-    DecodeShape.gu_tiles; arguments as for _gemv_tile). Its own function because the epilogue inside the
-    loop made every other task's loop slower, and its lines are _gemv_tile's, not shared with it
-    through helpers: that changed the H100 build enough to turn Qwen3-8B b8's −1.9% into +4.8%."""
+    """What ``_gemv_tile`` computes for a GU task (NORM_IN, SILU_MUL), for the ``tiles`` ≤ TILES
+    slices of BLOCK_N rows at n0, n0 + tile_stride, n0 + 2 tile_stride, ... (GU tasks of several
+    slices, DecodeShape.gu_tiles; other arguments as for _gemv_tile) as one tile of TILES · BLOCK_N
+    strided rows: each chunk of the normed activation is loaded once for all of the task's slices, not
+    once per slice. A 16-row tile reads every request's row, so at batch 16 a slice by slice loop
+    brought 8 KB of activation from L2 with every 32 KB of weights and ran 35% longer a slice than at
+    batch 1; one tile for all slices made Qwen3-8B b8 / b16 6% faster and 1.7B 7-9% (H200,
+    docs/design.md). BLOCK_K is the caller's, scaled so that a chunk holds as many weight bytes as a
+    one-slice task's; rows of slices past ``tiles`` are masked off (no memory traffic)."""
     dtype = w_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_N)
+    ROWS: tl.constexpr = TILES * BLOCK_N
+    rows = tl.arange(0, ROWS)
+    tile = rows // BLOCK_N
+    feature = tile * tile_stride + rows % BLOCK_N  # from n0
+    n_mask = (tile < tiles) & (n0 + feature < N)
+    w_rows = w_ptr + feature[:, None].to(tl.int64) * K
     offs_k = tl.arange(0, BLOCK_K)
-    chunks = tl.cdiv(K, BLOCK_K)
-    steps = tiles * chunks
     seen = tl.full([], 0, tl.int32)
     if not EARLY:
         seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, True, POLLS)
@@ -314,26 +319,20 @@ def _gemv_tiles(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < B
         x_rows = x_ptr + offs_t[:, None] * K
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
         rstd = tl.zeros([BLOCK_T, 1], dtype=tl.float32)  # the by-hand double buffer's state (see below)
         x = tl.zeros([BLOCK_T, BLOCK_K], dtype=dtype)
         nw = tl.zeros([BLOCK_K], dtype=dtype)
         # The weight stream is software-pipelined by Triton (cp.async, STAGES - 1 chunks ahead); the
-        # normed activation is double-buffered by hand, one chunk ahead (wrapping round to the next tile's
-        # first chunk): Triton does not pipeline a load whose value is carried to the next step.
-        for step in tl.range(0, steps, num_stages=STAGES):
-            tile = step // chunks
-            k0 = (step - tile * chunks) * BLOCK_K
+        # normed activation is double-buffered by hand, one chunk ahead, as in _gemv_tile.
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + offs_k
             k_mask = k < K
-            n_tile = n0 + tile * tile_stride
-            n_mask = n_tile + rows < N
             wm = n_mask[:, None] & k_mask[None, :]
-            w_rows = w_ptr + (tile * tile_stride + rows[:, None]).to(tl.int64) * K
             w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
             w_up = tl.load(w_rows + N * K + k[None, :], mask=wm, other=0.0)
-            if step == 0:
+            if k0 == 0:
                 if EARLY:
                     if t0 == 0:
                         seen = _wait(counters, wait_stage, wait_count, trace_row, TRACE, False, POLLS)
@@ -344,26 +343,21 @@ def _gemv_tiles(
                 nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
                 x = tl.load(x_rows + offs_k[None, :], mask=ready[:, None] & k_mask[None, :], other=0.0,
                             cache_modifier=".cg")
-            kn = tl.where(k0 + BLOCK_K < K, k + BLOCK_K, offs_k)
-            kn_mask = (kn < K) & (kn * 0 + step + 1 < steps)
+            kn = k + BLOCK_K
             ready = offs_t < tl.where(seen >= 0, B, 0)
-            x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & kn_mask[None, :], other=0.0,
+            x_next = tl.load(x_rows + kn[None, :], mask=ready[:, None] & (kn < K)[None, :], other=0.0,
                              cache_modifier=".cg")
-            nw_next = tl.load(nw_ptr + kn, mask=kn_mask, other=0.0)
+            nw_next = tl.load(nw_ptr + kn, mask=kn < K, other=0.0)
             a = _rms_scale(x, rstd, nw.to(tl.float32)[None, :], dtype)
             nw = nw_next
             x = x_next
             acc += _dot(a, tl.trans(w), UPCAST)
             acc_up += _dot(a, tl.trans(w_up), UPCAST)
-            if k0 + BLOCK_K >= K:  # the tile's last chunk: its epilogue, as in _gemv_tile
-                y = _silu_mul(acc, acc_up, dtype).to(dtype)
-                out_m = t_mask[:, None] & n_mask[None, :]
-                out_at = offs_t[:, None] * N + (n_tile + rows)[None, :]
-                tl.store(out_ptr + out_at, y, mask=out_m)
-                acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-                acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         if TRACE:
             tl.store(trace_row + 7, tl.extra.cuda.globaltimer() + tl.sum(acc).to(tl.int64) * 0)
+        y = _silu_mul(acc, acc_up, dtype).to(dtype)
+        out_m = t_mask[:, None] & n_mask[None, :]
+        tl.store(out_ptr + offs_t[:, None] * N + (n0 + feature)[None, :], y, mask=out_m)
 
 
 @triton.jit
@@ -614,7 +608,8 @@ def _decode_step_kernel(
     BLOCK_N_QKV: tl.constexpr, QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
-    GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
+    GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, GU_TILES: tl.constexpr, BLOCK_K_GU: tl.constexpr,
+    EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
     FUSED_DOWN: tl.constexpr, DOWN_ROWS: tl.constexpr, BLOCK_H_DOWN: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
@@ -669,7 +664,8 @@ def _decode_step_kernel(
                 _gemv_tiles(res + (2 * layer + 1) * BH, wt, B, H, I, index * BLOCK_N, act_buf + layer * B * I,
                             _address(aux, ptr), sumsq + (2 * layer + 1) * NTB, NT, eps,
                             counters, wait_stage, wait_count, trace_row, tl.cdiv(GU_SLICES - index, GU_TASKS),
-                            GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K, NT_P2, STAGES, EARLY, TRACE, POLLS)
+                            GU_TASKS * BLOCK_N, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K_GU, NT_P2, STAGES, EARLY, TRACE,
+                            POLLS, GU_TILES)
             else:
                 if FUSED_DOWN:  # asked for now, so the address is there when the act slice is
                     w_down = _address(tl.load(down_ptrs + layer), ptr) + index * BLOCK_N
@@ -914,6 +910,8 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
     block_k = max(32, min(config.block_k // shrink, triton.next_power_of_2(s.hidden)))
     block_k_out = max(32, min(config.block_k_out // shrink, triton.next_power_of_2(s.num_heads * s.head_dim)))
     num_warps = config.num_warps if block_t <= 32 else max(8, config.num_warps)
+    # A multi-slice GU task's tile: its slices' rows, in chunks of a one-slice task's weight bytes.
+    gu_tiles = triton.next_power_of_2(max(len(s.gu_tiles(0)), 1))
     consts = dict(
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=block_size, BLOCK_S=max(config.attn_chunk, block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
@@ -921,7 +919,8 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         BLOCK_N_OUT=s.block_n_out, BLOCK_N_LM=s.block_n_lm, BLOCK_K=block_k,
         BLOCK_K_OUT=block_k_out, BLOCK_H=triton.next_power_of_2(s.hidden),
         NT_P2=triton.next_power_of_2(s.out_tiles), STAGES=config.stages, EARLY=config.early_weights,
-        GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, EARLY_DOWN=config.early_down,
+        GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, GU_TILES=gu_tiles, BLOCK_K_GU=max(32, block_k // gu_tiles),
+        EARLY_DOWN=config.early_down,
         POLLS=config.thread_polls and not interpreted(),  # inline PTX
         # W_down chunks of 16 KB (256 rows of 32 columns); 512 rows, all of a 0.6B task's in flight at once,
         # ran the same.
