@@ -44,6 +44,8 @@ def _poison(buffers):
         # GU tasks of several slices (200 intermediate features: 7 slices of 32 in 3 tasks of 3/2/2),
         # each one tile of four slices' strided rows, the slices past a task's own masked off.
         ([12, 50], True, "fa_packed", 16, 0, 1, 3, False),
+        # ... in 4 tasks of 2/2/2/1: two-slice tiles, as Qwen3-1.7B's on 132 SMs, with half-width chunks.
+        ([3], True, "flash", 32, 0, 1, 4, False),
         # DOWN's weights in the GU tasks (200 intermediate features: the last slice of 32 is 8 wide),
         # DOWN tasks adding their fixed-point sums; two layers, so the sums are zeroed between them.
         ([7], True, "flash", 16, 0, 1, 0, True),
