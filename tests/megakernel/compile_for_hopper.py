@@ -88,7 +88,7 @@ def register_use(ptx: str) -> tuple[int, int]:
 def main(dtype: str, hq: int, hkv: int, batch: int = 1, hidden: int = 4096, stages: int | None = None,
          early: int | None = None) -> None:
     act = f"*{dtype}"
-    ints = ("stride_bt", "B", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
+    ints = ("stride_bt", "H", "I", "V", "NT", "stride_blk", "stride_tok", "stride_head")
     sig = {name: "i32" for name in ints}
     sig.update({name: "*i32" for name in ("queue_offsets", "counters", "block_tables", "first_rows", "arrivals")})
     sig.update({name: "*i64" for name in ("program", "trace", "kvtab", "positions", "slot_mapping", "down_ptrs",
@@ -105,12 +105,9 @@ def main(dtype: str, hq: int, hkv: int, batch: int = 1, hidden: int = 4096, stag
     consts, num_warps = launch_constants(shape, config, block_size=16, upcast=False, trace=False)
     sig.update({name: "constexpr" for name in consts})
     names = list(_decode_step_kernel.arg_names)
-    # Every pointer (torch allocations) and these sizes and strides are multiples of 16 at Qwen3 shapes;
-    # B is not, unless it is.
+    # Every pointer (torch allocations) and these sizes and strides are multiples of 16 at Qwen3 shapes.
     aligned = [n for n, t in sig.items() if t.startswith("*")] + ["H", "I", "V", "stride_blk", "stride_tok",
                                                                    "stride_head"]
-    if batch % 16 == 0:
-        aligned.append("B")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(fn=_decode_step_kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

@@ -602,8 +602,8 @@ def _decode_step_kernel(
     program, queue_offsets, counters, trace,
     kvtab, cos_sin, positions, slot_mapping, block_tables, stride_bt, first_rows,
     res, sumsq, qkv_buf, attn_buf, act_buf, final_out, attn_acc, attn_ml, arrivals, down_ptrs, down_acc,
-    B, H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    H, I, V, NT, eps, scale, stride_blk, stride_tok, stride_head,
+    B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr, ATTN_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_N_QKV: tl.constexpr, QKV_ROWS: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_N_LM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_OUT: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -891,7 +891,7 @@ def decode_step(graph: TaskGraph, weights: DecodeWeights, batch: DecodeBatch, bu
         buffers.res, buffers.sumsq, buffers.qkv, buffers.attn, buffers.act, out,
         buffers.attn_acc, buffers.attn_ml, buffers.arrivals,
         *((down_ptrs, buffers.down_acc) if s.fused_down else (kvtab, kvtab)),  # unread without fused_down
-        s.batch, s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
+        s.hidden, s.intermediate, s.vocab, s.out_tiles, weights.eps, s.head_dim ** -0.5,
         cache.stride(0), cache.stride(1), cache.stride(2),
         **consts, num_warps=num_warps,
     )
@@ -913,6 +913,10 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
     # A multi-slice GU task's tile: its slices' rows, in chunks of a one-slice task's weight bytes.
     gu_tiles = triton.next_power_of_2(max(len(s.gu_tiles(0)), 1))
     consts = dict(
+        # The batch as a constant: one build per CUDA-graph size. As an argument only batch 1 and multiples of
+        # 16 let Triton fold the row masks (it specialises integers equal to 1 or divisible by 16); batches
+        # 2-8 ran 1-11% slower on the H200 (docs/design.md).
+        B=s.batch,
         HQ=s.num_heads, HKV=s.num_kv_heads, D=s.head_dim, PAGE=block_size, BLOCK_S=max(config.attn_chunk, block_size),
         BLOCK_G=max(16, triton.next_power_of_2(s.num_heads // s.num_kv_heads)), ATTN_SPLITS=s.attn_splits,
         BLOCK_T=block_t, BLOCK_N=s.block_n, BLOCK_N_QKV=triton.next_power_of_2(s.qkv_rows), QKV_ROWS=s.qkv_rows,
