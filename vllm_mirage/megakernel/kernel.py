@@ -303,7 +303,9 @@ def _gemv_tiles(
     brought 8 KB of activation from L2 with every 32 KB of weights and ran 35% longer a slice than at
     batch 1; one tile for all slices made Qwen3-8B b8 / b16 6% faster and 1.7B 7-9% (H200,
     docs/design.md). BLOCK_K is the caller's, scaled so that a chunk holds as many weight bytes as a
-    one-slice task's; rows of slices past ``tiles`` are masked off (no memory traffic)."""
+    one-slice task's; rows of slices past ``tiles`` are masked off (no memory traffic). It stays apart
+    from _gemv_tile, whose build every other task kind runs: a row map folded into that function is a
+    change to every task's loop, to be timed before it is made."""
     dtype = w_ptr.dtype.element_ty
     ROWS: tl.constexpr = TILES * BLOCK_N
     rows = tl.arange(0, ROWS)
