@@ -612,7 +612,7 @@ def _decode_step_kernel(
     NT_P2: tl.constexpr, STAGES: tl.constexpr, EARLY: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr,
     GU_TASKS: tl.constexpr, GU_SLICES: tl.constexpr, GU_TILES: tl.constexpr, BLOCK_K_GU: tl.constexpr,
     EARLY_DOWN: tl.constexpr, POLLS: tl.constexpr,
-    FUSED_DOWN: tl.constexpr, DOWN_ROWS: tl.constexpr, BLOCK_H_DOWN: tl.constexpr,
+    FUSED_DOWN: tl.constexpr, BLOCK_H_DOWN: tl.constexpr,
 ):
     dtype = qkv_buf.dtype.element_ty
     ptr = tl.pointer_type(dtype)
@@ -679,7 +679,7 @@ def _decode_step_kernel(
                 if FUSED_DOWN:
                     tl.debug_barrier()
                     _down_part(act_buf + layer * B * I + index * BLOCK_N, w_down, down_acc, I, H,
-                               I - index * BLOCK_N, trace_row, DOWN_ROWS, BLOCK_N, BLOCK_H_DOWN, STAGES, TRACE)
+                               I - index * BLOCK_N, trace_row, B, BLOCK_N, BLOCK_H_DOWN, STAGES, TRACE)
         elif kind == 4 and FUSED_DOWN:  # DOWN: residual slot 2 layer + 2 = slot 2 layer + 1 + the GU tasks' sum
             _down_sum_tile(down_acc, res + (2 * layer + 1) * BH, res + (2 * layer + 2) * BH,
                            sumsq + (2 * layer + 2) * NTB + index * B, B, H, index * BLOCK_N_OUT,
@@ -928,9 +928,9 @@ def launch_constants(s: DecodeShape, config: LaunchConfig, block_size: int, upca
         GU_TASKS=s.gu_tasks, GU_SLICES=s.gu_slices, GU_TILES=gu_tiles, BLOCK_K_GU=max(32, block_k // gu_tiles),
         EARLY_DOWN=config.early_down,
         POLLS=config.thread_polls and not interpreted(),  # inline PTX
+        FUSED_DOWN=s.fused_down,
         # W_down chunks of 16 KB (256 rows of 32 columns); 512 rows, all of a 0.6B task's in flight at once,
         # ran the same.
-        FUSED_DOWN=s.fused_down, DOWN_ROWS=s.batch if s.fused_down else 0,
         BLOCK_H_DOWN=min(triton.next_power_of_2(s.hidden), 8192 // s.block_n),
         UPCAST=upcast, TRACE=trace,
     )
