@@ -57,17 +57,24 @@ def test_check_tiny_megakernel(run_cli, cli_cache, tmp_path):
     assert "Verdict: PASS" in proc.stdout
 
 
+def _check_self_draft(run_cli, cli_cache, tmp_path, mode: str) -> dict:
+    """``check`` of the tiny model in self-draft ``mode`` at three tokens a step: it must pass with the
+    draft on the megakernel; returns the Mirage side of check.json."""
+    prompts = prompts_file(tmp_path / "prompts.txt", 8)
+    proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
+                   "--mode", mode, "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert f"Mirage applied: {mode}, draft model megakernel" in proc.stdout and "Verdict: PASS" in proc.stdout
+    mirage = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]
+    assert mirage["mirage_status"]["draft"]["megakernel_steps"] > 0
+    return mirage
+
+
 def test_check_tiny_multi_token(run_cli, cli_cache, tmp_path):
     """--mode multi-token: the model drafts two tokens per step for itself on the megakernel; the verify
     passes keep stock's tokens (float32) and accept every draft."""
-    prompts = prompts_file(tmp_path / "prompts.txt", 8)
-    proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
-                   "--mode", "multi-token", "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
-    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    assert "Mirage applied: multi-token, draft model megakernel" in proc.stdout and "Verdict: PASS" in proc.stdout
-    mirage = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]
+    mirage = _check_self_draft(run_cli, cli_cache, tmp_path, "multi-token")
     assert mirage["engine"]["args"]["speculative_config"]["num_speculative_tokens"] == 2
-    assert mirage["mirage_status"]["draft"]["megakernel_steps"] > 0
     spec = mirage["speculative"]
     assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_step"] == 3.0, spec
 
@@ -75,14 +82,8 @@ def test_check_tiny_multi_token(run_cli, cli_cache, tmp_path):
 def test_check_tiny_multi_token_eagle(run_cli, cli_cache, tmp_path):
     """--mode multi-token-eagle: the same self-draft through vLLM's EAGLE speculator (models/self_draft.py),
     exact: the draft reads the target's KV cache, and in float32 every draft is accepted."""
-    prompts = prompts_file(tmp_path / "prompts.txt", 8)
-    proc = run_cli("check", "--model", "tiny", "--max-tokens", "9", "--cache-dir", str(cli_cache),
-                   "--mode", "multi-token-eagle", "--tokens-per-step", "3", "--prompts", prompts, "--output", str(tmp_path))
-    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
-    assert "Mirage applied: multi-token-eagle, draft model megakernel" in proc.stdout and "Verdict: PASS" in proc.stdout
-    mirage = json.loads((tmp_path / "check.json").read_text())["sides"]["mirage"]
+    mirage = _check_self_draft(run_cli, cli_cache, tmp_path, "multi-token-eagle")
     assert mirage["engine"]["args"]["speculative_config"]["method"] == "eagle"
-    assert mirage["mirage_status"]["draft"]["megakernel_steps"] > 0
     assert mirage["mirage_status"]["draft"]["draft_reads_target_cache"] is True
     assert mirage["speculative"]["acceptance_rate"] == 1, mirage["speculative"]
 
