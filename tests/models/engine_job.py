@@ -57,8 +57,10 @@ def main(spec_path: str, out_path: str) -> None:
         scores = [[lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
         json.dump({"scores": scores, "model": llm.apply_model(describe_model)[0]}, open(out_path, "w"))
         return
+    # Greedy unless the spec samples (seeded, so a run repeats).
     params = SamplingParams(
-        temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=spec.get("logprobs", 2)
+        temperature=spec.get("temperature", 0), seed=spec.get("seed"), max_tokens=spec["max_tokens"],
+        ignore_eos=True, logprobs=spec.get("logprobs", 2),
     )
     outs = llm.generate(spec["prompts"], params)
     result = {
