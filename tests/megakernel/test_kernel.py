@@ -234,7 +234,7 @@ def test_kernel_compiles_for_hopper(dtype, hq, hkv, hidden):
 
 
 def test_multi_slice_gu_tasks_compile_pipelined_for_hopper():
-    """At batch 8 on 132 SMs a GU task covers several slices in one loop (kernel._gemv_tiles, one tile of
+    """At batch 8 on 132 SMs a GU task covers several slices in one loop (gemv_tiles._gemv_tiles, one tile of
     all of their rows): that loop must still be software-pipelined with its first weight chunks
     requested before the wait, or the reason for having it is gone."""
     info = _compile_for_hopper("bf16", 32, 8, 8)

@@ -115,7 +115,7 @@ class DecodeShape:
         still fits in one round. At batch 1 one task per kv head is 8 tasks for 132 SMs, each walking the
         whole context alone (8.2 µs per layer at 128 tokens, docs/design.md). vLLM replays one CUDA
         graph per batch size whatever the context, so the count cannot follow the context. With
-        32-token chunks (kernel.ATTN_CHUNK) 16 splits cost what 4 do at 128 tokens and are 1.8× faster
+        32-token chunks (attention_tile.ATTN_CHUNK) 16 splits cost what 4 do at 128 tokens and are 1.8× faster
         at 4096 (0.6B)."""
         splits = self.attn_splits
         while splits * 2 <= MAX_ATTN_SPLITS and self.batch * self.num_kv_heads * splits * 2 <= workers:
@@ -141,7 +141,7 @@ class DecodeShape:
     def gu_tiles(self, index: int) -> range:
         """The ``block_n`` slices GU task ``index`` computes. With ``gu_tasks`` (Qwen3-8B: 384 slices
         for 132 SMs) several, every gu_tasks-th, so that a worker streams its share of the weights in
-        one pipelined loop and reads the activation once for all of them (kernel._gemv_tiles), not one
+        one pipelined loop and reads the activation once for all of them (gemv_tiles._gemv_tiles), not one
         task per slice, each ending in a release and starting with a pipeline to fill."""
         return range(index, self.gu_slices, self.gu_tasks) if self.gu_tasks else range(index, index + 1)
 

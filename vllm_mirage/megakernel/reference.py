@@ -210,7 +210,7 @@ def _attention_task(shape, layer: int, index: int, weights: DecodeWeights, batch
     k/v and attends to the request's earlier rows of the step (``DecodeBatch.first_rows``) and to its own.
     With one split the output goes straight to ``attn``; otherwise the part goes to ``attn_acc``/``attn_ml``
     and the head's last arrival merges all parts. Slices here are even; the kernel's are whole chunks
-    (``kernel.ATTN_CHUNK`` tokens). The merge is exact either way: only rounding differs."""
+    (``attention_tile.ATTN_CHUNK`` tokens). The merge is exact either way: only rounding differs."""
     b, kvh, split = shape.attn_task(index)
     splits, d, group = shape.attn_splits, shape.head_dim, shape.num_heads // shape.num_kv_heads
     heads = slice(kvh * group * d, (kvh + 1) * group * d)
