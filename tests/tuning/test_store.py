@@ -3,6 +3,8 @@ and the first-use measurement, with the measurement itself replaced by a stand-i
 
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +113,18 @@ def test_plan_override(tmp_path, monkeypatch):
     path.write_text("{}")
     with pytest.raises(ValueError, match=store.PLAN_ENV):
         tuning.decode_plan(SHAPE, torch.bfloat16, megakernel_limit=16)
+
+
+@pytest.mark.parametrize("name", ["nvidia_h100_80gb_hbm3", "nvidia_h200"])
+def test_every_shipped_decision_cites_result_files_that_exist(name):
+    """A shipped table's choices stand on measurements: each shape's notes name the results behind its fused and
+    megakernel limits, and those are committed (a renamed or dropped folder fails here)."""
+    table = Path(tuning.__file__).parents[1] / "data" / "tuning" / f"{name}.json"
+    root = table.parents[3]
+    for key, entry in json.loads(table.read_text())["shapes"].items():
+        notes = entry["notes"]
+        for limit in ("fused_max_tokens", "megakernel_max_batch"):
+            cited = [p.rstrip(".,:;") for p in re.findall(r"benchmarks/results/[\w./-]+", notes[limit])]
+            assert cited, f"{table.name} {key}: {limit} cites no result"
+            for path in cited:
+                assert (root / path).exists(), f"{table.name} {key}: {path} is not in the repository"
