@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Time megakernel launch configs, and optionally whole kernel variants, on a GPU:
-#   bash benchmarks/sweep_megakernel.sh OUTDIR JOBS [KERNEL.py ...]
+#   bash benchmarks/sweep_megakernel.sh OUTDIR JOBS [VARIANT_DIR ...]
 # JOBS has one shape per line, "MODEL BATCH CONFIGS", e.g.
 #   qwen3-8b 1 [{}, {"stages": 4}]
-# Each KERNEL.py replaces vllm_mirage/megakernel/kernel.py in a copy of the tree of its own (without any,
-# the tree as it is). Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape,
+# Each VARIANT_DIR's .py files replace their namesakes in vllm_mirage/megakernel/ (kernel.py, gemv_tiles.py,
+# ...) in a copy of the tree of its own, named after the directory (without any, the tree as it is). Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape,
 # config) is compiled by a 1-layer run in parallel processes (Triton's cache is shared); then each shape
 # is timed in one process per kernel, the kernels alternating, and OUTDIR gets one JSON and log each.
 set -uo pipefail
@@ -16,9 +16,9 @@ trees=()
 if [ $# -eq 0 ]; then
     trees=("$PWD")
 else
-    for kernel in "$@"; do
-        tree=$(mktemp -d)/$(basename "$kernel" .py)
-        mkdir -p "$tree" && cp -r vllm_mirage benchmarks tests "$tree"/ && cp "$kernel" "$tree"/vllm_mirage/megakernel/kernel.py
+    for variant in "$@"; do
+        tree=$(mktemp -d)/$(basename "$variant")
+        mkdir -p "$tree" && cp -r vllm_mirage benchmarks tests "$tree"/ && cp "$variant"/*.py "$tree"/vllm_mirage/megakernel/
         trees+=("$tree")
     done
 fi
