@@ -4,9 +4,10 @@
 # JOBS has one shape per line, "MODEL BATCH CONFIGS", e.g.
 #   qwen3-8b 1 [{}, {"stages": 4}]
 # Each VARIANT_DIR's .py files replace their namesakes in vllm_mirage/megakernel/ (kernel.py, gemv_tiles.py,
-# ...) in a copy of the tree of its own, named after the directory (without any, the tree as it is). Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape,
-# config) is compiled by a 1-layer run in parallel processes (Triton's cache is shared); then each shape
-# is timed in one process per kernel, the kernels alternating, and OUTDIR gets one JSON and log each.
+# ...) in a copy of the tree of its own, named after the directory (without any, the tree as it is).
+# Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape, config) is compiled by a
+# 1-layer run in parallel processes (Triton's cache is shared); then each shape is timed in one process per
+# kernel, the kernels alternating, and OUTDIR gets one JSON and log each.
 set -uo pipefail
 out=$1 jobs=$2
 shift 2
@@ -18,7 +19,8 @@ if [ $# -eq 0 ]; then
 else
     for variant in "$@"; do
         tree=$(mktemp -d)/$(basename "$variant")
-        mkdir -p "$tree" && cp -r vllm_mirage benchmarks tests "$tree"/ && cp "$variant"/*.py "$tree"/vllm_mirage/megakernel/
+        mkdir -p "$tree" && cp -r vllm_mirage benchmarks tests "$tree"/ &&
+            cp "$variant"/*.py "$tree"/vllm_mirage/megakernel/
         trees+=("$tree")
     done
 fi

@@ -9,14 +9,16 @@ import triton.language as tl
 @triton.jit
 def _address(value, ptr_type: tl.constexpr):
     """A pointer from an encoded address. Weight slices start 16-byte aligned (checked by
-    :func:`encode_program`); saying so is what lets loads through them be 16-byte vectors."""
+    :func:`~vllm_mirage.megakernel.kernel.encode_program`); saying so is what lets loads through them be
+    16-byte vectors."""
     return tl.multiple_of(value.to(ptr_type), 16)
 
 
 @triton.jit
 def _read_task(program, qi, end):
-    """Entry ``qi`` of a worker's encoded queue (:func:`encode_program`): kind, layer, index, wait stage,
-    wait count, signal stage, weight address, aux address. Past ``end``: kind -1, nothing to run."""
+    """Entry ``qi`` of a worker's encoded queue (:func:`~vllm_mirage.megakernel.kernel.encode_program`):
+    kind, layer, index, wait stage, wait count, signal stage, weight address, aux address. Past ``end``:
+    kind -1, nothing to run."""
     row = program + qi * 8
     ok = qi < end
     return (tl.load(row, mask=ok, other=-1), tl.load(row + 1, mask=ok, other=0), tl.load(row + 2, mask=ok, other=0),
