@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Time megakernel launch configs, and optionally whole kernel variants, on a GPU:
 #   bash benchmarks/sweep_megakernel.sh OUTDIR JOBS [VARIANT_DIR ...]
-# JOBS has one shape per line, "MODEL BATCH CONFIGS", e.g.
+# JOBS has one shape per line, "MODEL BATCH CONFIGS [| SHAPES]", e.g.
 #   qwen3-8b 1 [{}, {"stages": 4}]
+#   qwen3-0.6b 1 [{"o_stages": 5}] | [{"attn_splits": 8}]
+# (SHAPES: DecodeShape fields, each timed with the first config after the configs; bench_megakernel.py --shapes).
 # Each VARIANT_DIR's .py files replace their namesakes in vllm_mirage/megakernel/ (kernel.py, gemv_tiles.py,
 # ...) in a copy of the tree of its own, named after the directory (without any, the tree as it is).
 # Compiling one variant of the kernel takes ~10 s, so first every (kernel, shape, config) is compiled by a
@@ -25,28 +27,36 @@ else
     done
 fi
 start=$(date +%s)
-while read -r model batch configs; do
+split_job() {  # "CONFIGS [| SHAPES]" -> $configs $shapes
+    configs=${1%%|*} shapes="[]"
+    [ "$configs" = "$1" ] || shapes=${1#*|}
+}
+while read -r model batch rest; do
     [ -z "$model" ] && continue
+    split_job "$rest"
     # One process per distinct config (not in a pipeline: `wait` only sees this shell's children).
     python3 -c 'import json, sys; [print(json.dumps([c])) for c in json.loads(sys.argv[1])]' "$configs" |
         sort -u > "$out/.configs"
     for tree in "${trees[@]}"; do
         while read -r config; do
             (cd "$tree" && python3 $bench --layers 1 --models "$model" --batch-sizes "$batch" --configs "$config" \
-                --out "$(mktemp)" > /dev/null 2>&1) &
+                --shapes "$shapes" --out "$(mktemp)" > /dev/null 2>&1) &
         done < "$out/.configs"
     done
 done < "$jobs"
 wait
 rm -f "$out/.configs"
 echo "compiled in $(( $(date +%s) - start )) s"
-while read -r model batch configs; do
+line=0
+while read -r model batch rest; do
     [ -z "$model" ] && continue
+    split_job "$rest"
+    line=$((line + 1))
     for tree in "${trees[@]}"; do
         kernel=$( [ $# -eq 0 ] || echo "$(basename "$tree") ")  # the variant's name, if there are variants
-        name=${kernel// /_}${model}_b$batch
+        name=${kernel// /_}${model}_b${batch}_job$line
         (cd "$tree" && python3 $bench --models "$model" --batch-sizes "$batch" --configs "$configs" \
-            --out "$out/$name.json" > "$out/$name.log" 2>&1)
+            --shapes "$shapes" --out "$out/$name.json" > "$out/$name.log" 2>&1)
         grep -h "ms/step" "$out/$name.log" | sed "s/^/$kernel/"
     done
 done < "$jobs"
