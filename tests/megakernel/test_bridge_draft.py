@@ -146,3 +146,11 @@ def test_cpu_cache_views_see_what_vllms_cpu_attention_writes(isa):
 def test_cpu_caches_packed_in_tiles_are_not_read():
     assert bridge.split_cpu_kv_cache(torch.zeros(3, 2, 32, 32), 2, 16, "amx") is None
     assert bridge.split_cpu_kv_cache(torch.zeros(3, 2, 32, 32), 4, 16, "vec") is None
+
+
+def test_the_decoder_takes_the_plans_launch_settings(setup):
+    # A GPU's table may set launch settings per shape (DecodePlan.megakernel_launch); without any, the
+    # kernel's defaults.
+    assert setup.decoder.config == bridge.kernel.LaunchConfig()
+    tuned = bridge.MegakernelDecoder(vllm_model(setup.weights), launch={"block_k_out": 512})
+    assert tuned.config == bridge.kernel.LaunchConfig(block_k_out=512)

@@ -24,6 +24,13 @@ def test_round_trip_and_lookup():
     assert plan.linear_path("norm_silu", 3) == CHUNKED  # 3 tokens take what was measured at 4
     assert plan.linear_path("norm_silu", 5) == UNFUSED
     assert plan.linear_path("norm", 17) == UNFUSED  # past the measured counts: stock's work
+    assert plan.megakernel_launch == {} and "megakernel_launch" not in plan.to_dict()  # the kernel's defaults
+
+
+def test_launch_settings_round_trip():
+    plan = DecodePlan.from_dict(_plan_dict(megakernel_launch={"block_k_out": 512, "thread_polls": False}), "test")
+    again = DecodePlan.from_dict(json.loads(json.dumps(plan.to_dict())), source="x")
+    assert again.megakernel_launch == plan.megakernel_launch == {"block_k_out": 512, "thread_polls": False}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -34,6 +41,10 @@ def test_round_trip_and_lookup():
     (lambda d: d.update(fused_max_tokens=-1), "fused_max_tokens"),
     (lambda d: d.update(megakernel_max_batch=True), "megakernel_max_batch"),
     (lambda d: d.update(megakernel_max_batch="16"), "megakernel_max_batch"),
+    (lambda d: d.update(megakernel_launch={"block_k_outt": 512}), "LaunchConfig fields"),
+    (lambda d: d.update(megakernel_launch=[512]), "LaunchConfig fields"),
+    (lambda d: d.update(megakernel_launch={"block_k_out": "512"}), "megakernel_launch.block_k_out"),
+    (lambda d: d.update(megakernel_launch={"stages": -1}), "megakernel_launch.stages"),
 ])
 def test_malformed_plans_are_rejected(change, message):
     data = _plan_dict()

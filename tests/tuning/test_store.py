@@ -118,12 +118,13 @@ def test_plan_override(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["nvidia_h100_80gb_hbm3", "nvidia_h200"])
 def test_every_shipped_decision_cites_result_files_that_exist(name):
     """A shipped table's choices stand on measurements: each shape's notes name the results behind its fused and
-    megakernel limits, and those are committed (a renamed or dropped folder fails here)."""
+    megakernel limits (and launch settings, where it has any), and those are committed (a renamed or dropped folder
+    fails here)."""
     table = Path(tuning.__file__).parents[1] / "data" / "tuning" / f"{name}.json"
     root = table.parents[3]
     for key, entry in json.loads(table.read_text())["shapes"].items():
         notes = entry["notes"]
-        for limit in ("fused_max_tokens", "megakernel_max_batch"):
+        for limit in [k for k in ("fused_max_tokens", "megakernel_max_batch", "megakernel_launch") if k in entry]:
             cited = [p.rstrip(".,:;") for p in re.findall(r"benchmarks/results/[\w./-]+", notes[limit])]
             assert cited, f"{table.name} {key}: {limit} cites no result"
             for path in cited:

@@ -53,9 +53,9 @@ def run_tune(args) -> int:
             print(f"  cached in {store.save_cached(key, plan)}")
         else:
             entry = table["shapes"].get(shape.key(), {})
-            # Decisions measured inside vLLM (megakernel batch limit, fused-layer limit) and their sources
-            # are kept: this tool measures the kernel paths only.
-            kept = {k: entry[k] for k in ("megakernel_max_batch",) if k in entry}
+            # Decisions measured inside vLLM or by the megakernel's benchmark (its batch limit and launch
+            # settings) and their sources are kept: this tool measures the layer ops' kernel paths only.
+            kept = {k: entry[k] for k in ("megakernel_max_batch", "megakernel_launch") if k in entry}
             notes = {**entry.get("notes", {}), **plan.notes}
             table["shapes"][shape.key()] = {**plan.to_dict(), **kept, "notes": notes}
     if out is not None:

@@ -113,9 +113,10 @@ def split_cpu_kv_cache(kv: torch.Tensor, num_kv_heads: int, head_dim: int,
 
 
 class MegakernelDecoder:
-    def __init__(self, model, max_batch: int = MAX_BATCH, max_query: int = 1):
+    def __init__(self, model, max_batch: int = MAX_BATCH, max_query: int = 1, launch: dict | None = None):
         self.model = model
         self.max_batch = min(max_batch, MAX_BATCH)  # the plan's limit for this GPU, within the kernel's
+        self.config = kernel.LaunchConfig(**(launch or {}))  # the plan's launch settings for this GPU
         self.max_query = min(max_query, MAX_QUERY_ROWS)  # new tokens a request: > 1 for verify passes
         self.weights = decode_weights(model)
         self.attn_layers = [layer.self_attn.attn for layer in model.model.layers]
@@ -347,7 +348,7 @@ class MegakernelDecoder:
                 self._kvtab = kernel.kv_pointer_table(batch)
                 self._down_ptrs = kernel.down_pointer_table(self.weights)
             prologue.load_step_input(buffers, input_ids, embedding, self._steps)
-            return kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab,
+            return kernel.decode_step(graph, self.weights, batch, buffers, program, self._kvtab, self.config,
                                       down_ptrs=self._down_ptrs, zero_sync=False)
         # vLLM's CPU cache packs block interiors per ISA, so the CPU executor runs the graph with
         # vLLM's own attention layer (cache append included) in the ATTN stage; everything else

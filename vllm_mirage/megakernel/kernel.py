@@ -175,8 +175,9 @@ class LaunchConfig:
     def for_shape(self, shape: DecodeShape) -> "LaunchConfig":
         """The config with every None replaced by what measured fastest for ``shape``.
 
-        O and DOWN chunks of 512 columns at batch 1 and 256 above it (512 there: 0.6B b8 +1.7%,
-        1.7B b8 +7%)."""
+        O and DOWN chunks of 512 columns at batch 1 and 256 above it (H100, 512 there: 0.6B b8 +1.7%,
+        1.7B b8 +7%; on the H200 512 is 6-7% faster at 0.6B and 1.7B b4-b16 and 7-12% slower at 8B b2-b16,
+        so its table sets them per shape: ``DecodePlan.megakernel_launch``, docs/design.md)."""
         return replace(
             self,
             block_k_out=self.block_k_out or (512 if shape.batch == 1 else 256),

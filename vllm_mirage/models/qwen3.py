@@ -158,6 +158,7 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
         )
         if mode == "megakernel":
             self.mirage_status["megakernel_steps"] = 0
+            self.mirage_status["megakernel_launch"] = dict(plan.megakernel_launch)
             self._megakernel = None  # built at the first step: vLLM may replace weights after loading
             from vllm_mirage.megakernel.bridge import MAX_QUERY_ROWS
 
@@ -191,7 +192,8 @@ class MirageQwen3ForCausalLM(Qwen3ForCausalLM):
                 from vllm_mirage.megakernel.bridge import MegakernelDecoder
 
                 self._megakernel = MegakernelDecoder(self, max_batch=self._plan.megakernel_max_batch,
-                                                     max_query=self._max_query)
+                                                     max_query=self._max_query,
+                                                     launch=self._plan.megakernel_launch)
             hidden = self._megakernel(input_ids, positions)
             if hidden is not None:
                 return hidden

@@ -8,7 +8,9 @@ user's cache directory, ``vllm_mirage.tuning.store``):
   ``CHUNKED`` or ``UNFUSED``, see ``vllm_mirage/ops/_linear_paths.py``);
 - ``fused_max_tokens``: the largest pure-decode batch that runs the fused decoder layers; other steps run
   stock vLLM's compiled layers (prefill and mixed batches always do);
-- ``megakernel_max_batch``: the largest pure-decode batch the megakernel takes (0: never).
+- ``megakernel_max_batch``: the largest pure-decode batch the megakernel takes (0: never);
+- ``megakernel_launch``: launch settings of the megakernel measured on this GPU for this shape
+  (``LaunchConfig`` fields; empty: its defaults).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class DecodePlan:
     megakernel_max_batch: int
     source: str = ""  # where the decisions came from, for the log and ``model.mirage_status``
     notes: dict = field(default_factory=dict)
+    megakernel_launch: dict = field(default_factory=dict)
 
     def linear_path(self, kind: str, tokens: int) -> str:
         if tokens > TOKENS[-1]:
@@ -61,6 +64,7 @@ class DecodePlan:
             "linear": {kind: {str(t): p for t, p in paths.items()} for kind, paths in self.linear.items()},
             "fused_max_tokens": self.fused_max_tokens,
             "megakernel_max_batch": self.megakernel_max_batch,
+            **({"megakernel_launch": self.megakernel_launch} if self.megakernel_launch else {}),
             "notes": self.notes,
         }
 
@@ -86,7 +90,23 @@ class DecodePlan:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"'{name}' must be a non-negative integer")
             limits[name] = value
-        return cls(parsed, **limits, source=source, notes=dict(data.get("notes") or {}))
+        return cls(parsed, **limits, source=source, notes=dict(data.get("notes") or {}),
+                   megakernel_launch=_launch_settings(data.get("megakernel_launch", {})))
+
+
+def _launch_settings(value) -> dict:
+    """``megakernel_launch`` checked against ``LaunchConfig``'s fields (ValueError otherwise)."""
+    from dataclasses import fields
+
+    from vllm_mirage.megakernel.kernel import LaunchConfig
+
+    known = {f.name for f in fields(LaunchConfig)}
+    if not isinstance(value, dict) or not set(value) <= known:
+        raise ValueError(f"'megakernel_launch' must map LaunchConfig fields ({sorted(known)}) to values")
+    for name, v in value.items():
+        if not isinstance(v, (int, bool)) or v < 0:
+            raise ValueError(f"'megakernel_launch.{name}' must be a non-negative integer or a boolean")
+    return dict(value)
 
 
 def reference_plan(megakernel_max_batch: int) -> DecodePlan:
