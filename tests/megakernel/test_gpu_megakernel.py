@@ -32,7 +32,8 @@ def _cuda():
 
 CONFIGS = [LaunchConfig(), LaunchConfig(early_weights=False), LaunchConfig(early_down=True, thread_polls=False),
            LaunchConfig(block_k=128, block_k_out=256, stages=9),
-           LaunchConfig(block_k=128, block_k_out=256, stages=4), LaunchConfig(num_warps=8), LaunchConfig(attn_chunk=64)]
+           LaunchConfig(block_k=128, block_k_out=256, stages=4), LaunchConfig(num_warps=8), LaunchConfig(attn_chunk=64),
+           LaunchConfig(block_k_out=512)]  # the H200 table's O/DOWN chunks at every batch (DecodePlan.megakernel_launch)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
