@@ -98,7 +98,7 @@ def _launch_settings(value) -> dict:
     """``megakernel_launch`` checked against ``LaunchConfig``'s fields (ValueError otherwise)."""
     from dataclasses import fields
 
-    from vllm_mirage.megakernel.kernel import LaunchConfig
+    from vllm_mirage.megakernel.kernel import LaunchConfig  # imports Triton: only for tables that tune it
 
     known = {f.name for f in fields(LaunchConfig)}
     if not isinstance(value, dict) or not set(value) <= known:
