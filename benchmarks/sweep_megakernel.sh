@@ -3,7 +3,7 @@
 #   bash benchmarks/sweep_megakernel.sh OUTDIR JOBS [VARIANT_DIR ...]
 # JOBS has one shape per line, "MODEL BATCH CONFIGS [| SHAPES]", e.g.
 #   qwen3-8b 1 [{}, {"stages": 4}]
-#   qwen3-0.6b 1 [{"o_stages": 5}] | [{"attn_splits": 8}]
+#   qwen3-0.6b 1 [{"block_k_out": 512}] | [{"attn_splits": 8}]
 # (SHAPES: DecodeShape fields, each timed with the first config after the configs; bench_megakernel.py --shapes).
 # Each VARIANT_DIR's .py files replace their namesakes in vllm_mirage/megakernel/ (kernel.py, gemv_tiles.py,
 # ...) in a copy of the tree of its own, named after the directory (without any, the tree as it is).

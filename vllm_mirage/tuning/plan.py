@@ -90,8 +90,8 @@ class DecodePlan:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"'{name}' must be a non-negative integer")
             limits[name] = value
-        return cls(parsed, **limits, source=source, notes=dict(data.get("notes") or {}),
-                   megakernel_launch=_launch_settings(data.get("megakernel_launch", {})))
+        launch = _launch_settings(data["megakernel_launch"]) if "megakernel_launch" in data else {}
+        return cls(parsed, **limits, source=source, notes=dict(data.get("notes") or {}), megakernel_launch=launch)
 
 
 def _launch_settings(value) -> dict:
