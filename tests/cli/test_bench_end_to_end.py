@@ -94,3 +94,19 @@ def test_bench_interleaved_sides_take_turns(run_cli, cli_cache, tmp_path):
     megakernel = results["modes"][1]["mirage_status"]
     assert megakernel["mode"] == "megakernel" and megakernel["megakernel_steps"] > 0
     assert "## Paired ratios" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_self_draft_reports_acceptance_per_batch(run_cli, cli_cache, tmp_path):
+    """--mode multi-token-eagle with --interleave: each batch size gets the drafts its timed pairs made and
+    accepted (float32: every one), and they add up to no more than the run's."""
+    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", "2",
+                   "--num-warmup", "1", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
+                   "--mode", "multi-token-eagle", "--tokens-per-step", "3", "--interleave")
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    per_batch = [row["mirage"]["speculative"] for row in results["rows"]]
+    assert all(spec["num_draft_tokens"] > 0 and spec["acceptance_rate"] == 1.0 for spec in per_batch), per_batch
+    assert all(row["stock"]["speculative"] is None for row in results["rows"])
+    run = results["sides"]["mirage"]["speculative"]  # warm-ups included
+    assert sum(spec["num_draft_tokens"] for spec in per_batch) <= run["num_draft_tokens"]
+    assert "## Drafts accepted" in (tmp_path / "report.md").read_text()

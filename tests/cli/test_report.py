@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vllm_mirage.cli import stats
-from vllm_mirage.cli.report import json_text, render_table, write_reports
+from vllm_mirage.cli.report import json_text, render_markdown, render_table, write_reports
 
 N = 5  # max_tokens in the synthetic runs
 
@@ -170,6 +170,63 @@ def test_merge_starts_pools_the_speculative_counts():
     assert merged["speculative"] == {"num_drafts": 40, "num_draft_tokens": 120, "num_accepted_tokens": 60,
                                      "acceptance_rate": 0.5, "tokens_per_step": 2.5}
     assert "speculative" not in stats.merge_starts([{"timings": {}}, {"timings": {}}])
+
+
+def test_acceptance_is_reported_per_batch_size(tmp_path):
+    """The timed pairs' draft counts become each batch's acceptance, pooled over engine starts, and the
+    report gets a line per batch; a side that drafted nothing (or did not draft) gets no section."""
+
+    def drafting(at_1, at_8):
+        result = runner_result("mirage", 0.002)
+        for bs, (drafted, accepted) in (("1", at_1), ("8", at_8)):
+            result["timings"][bs]["speculative"] = {"num_drafts": drafted // 3, "num_draft_tokens": drafted,
+                                                    "num_accepted_tokens": accepted}
+        return result
+
+    mirage = stats.merge_starts([drafting((30, 27), (240, 180)), drafting((30, 30), (240, 120))])
+    assert mirage["timings"]["8"]["speculative"] == {"num_drafts": 160, "num_draft_tokens": 480,
+                                                     "num_accepted_tokens": 300}
+    results = synthetic_results(False)
+    results["rows"] = stats.summarize([results["sides"]["stock"]], mirage, N)
+    b1, b8 = (r["mirage"]["speculative"] for r in results["rows"])
+    assert b1["acceptance_rate"] == pytest.approx(57 / 60) and b1["tokens_per_step"] == pytest.approx(1 + 57 / 20)
+    assert b8["acceptance_rate"] == pytest.approx(300 / 480)
+    assert all(r["stock"]["speculative"] is None for r in results["rows"])
+    md = write_reports(results, tmp_path)["markdown"].read_text()
+    section = md.split("## Drafts accepted", 1)[1].split("##", 1)[0]
+    assert "| 1 | mirage | 60 | 95.0% | 3.85 |" in section and "| 8 | mirage | 480 | 62.5% | 2.88 |" in section
+    assert "## Drafts accepted" not in render_markdown(synthetic_results(False))
+    # One start without counts (stat logging off): no pooled figure, rather than a part of one.
+    partial = stats.merge_starts([drafting((30, 27), (240, 180)), runner_result("mirage", 0.002)])
+    assert "speculative" not in partial["timings"]["1"]
+
+
+def test_timed_pair_counts_only_its_own_drafts():
+    from vllm_mirage.cli import runner
+
+    class Output:
+        def __init__(self, n):
+            self.outputs = [type("Completion", (), {"token_ids": [0] * n})()]
+
+    class FakeLLM:
+        drafted = 0
+
+        def generate(self, batch, params, use_tqdm):
+            self.drafted += 3 * params  # "params" is the token count here
+            return [Output(params) for _ in batch]
+
+    llm = FakeLLM()
+    counts = lambda: {"num_drafts": llm.drafted // 3, "num_draft_tokens": llm.drafted,  # noqa: E731
+                      "num_accepted_tokens": 2 * llm.drafted // 3}
+    timing = runner._new_timing()
+    llm.drafted = 99  # start-up and warm-ups: not the pair's
+    runner._timed_pair(llm, ["a", "b"], 1, 5, timing, counts)
+    runner._timed_pair(llm, ["a", "b"], 1, 5, timing, counts)
+    assert timing["speculative"] == {"num_drafts": 12, "num_draft_tokens": 36, "num_accepted_tokens": 24}
+    assert timing["output_tokens"] == [10, 10]
+    plain = runner._new_timing()
+    runner._timed_pair(llm, ["a"], 1, 5, plain)
+    assert "speculative" not in plain
 
 
 def test_json_text_puts_lists_of_numbers_on_one_line_and_keeps_the_data():

@@ -98,6 +98,7 @@ def render_markdown(results: dict) -> str:
             lines += [f"### {label}", ""]
         lines.append(render_table(rows, label))
     lines += _paired_section(results)
+    lines += _acceptance_section(results)
     lines += _starts_section(results)
     lines += [
         "## Method",
@@ -137,6 +138,24 @@ def _paired_section(results: dict) -> list[str]:
         coverage = (p.get("ttft_interval") or {}).get("coverage")
         lines.append(f"| {r['batch_size']} | {label} | {p['pairs']} | {step} | {ttft} | "
                      f"{'n/a' if coverage is None else f'{coverage:.0%}'} |")
+    return lines + [""]
+
+
+def _acceptance_section(results: dict) -> list[str]:
+    """Per batch size, the share of draft tokens the verify passes accepted in the timed pairs, where the
+    Mirage side drafted (speculative decoding)."""
+    rows = [(label, r) for label, _, mode_rows in _mode_rows(results) for r in mode_rows
+            if (r["mirage"].get("speculative") or {}).get("acceptance_rate") is not None]
+    if not rows:
+        return []
+    lines = ["## Drafts accepted", "",
+             "vLLM's speculative-decoding counters, read before and after each timed pair (warm-ups and "
+             "profiled passes left out).", "",
+             "| batch | side | draft tokens | accepted | tokens per engine step |", "|---|---|---|---|---|"]
+    for label, r in sorted(rows, key=lambda lr: lr[1]["batch_size"]):
+        spec = r["mirage"]["speculative"]
+        lines.append(f"| {r['batch_size']} | {label} | {spec['num_draft_tokens']} | {spec['acceptance_rate']:.1%} | "
+                     f"{spec['tokens_per_step']:.2f} |")
     return lines + [""]
 
 

@@ -78,6 +78,9 @@ def run(spec: dict, progress: _Progress) -> dict:
     # vLLM's start-up (warm-up, CUDA-graph capture) may already run megakernel steps: not this run's.
     at_start, _ = _read_status(llm)
     drafted_at_start = speculative_counters(llm)
+    # Each timed pair's own drafts, so acceptance is known per batch size (a batch decides whether the
+    # verify pass runs on the megakernel, and so how the draft and the verify round).
+    counters = (lambda: speculative_counters(llm)) if drafted_at_start is not None else None
 
     max_model_len = _model_config(llm).max_model_len
     inputs, truncated = _prompt_inputs(llm, spec, max_model_len)
@@ -106,10 +109,11 @@ def run(spec: dict, progress: _Progress) -> dict:
         one = SamplingParams(max_tokens=1, **common)
         full = SamplingParams(max_tokens=spec["max_tokens"], **common)
         if spec.get("interleave"):
-            result["timings"] = _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, sys.stdin)
+            result["timings"] = _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, sys.stdin,
+                                                 counters)
         else:
             result["timings"] = {
-                str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir)
+                str(bs): _time_batch(llm, take_batch(inputs, bs), one, full, spec, progress, profile_dir, counters)
                 for bs in spec["batch_sizes"]
             }
     # Read after the run: its counters (megakernel steps) then count what the run did.
@@ -152,19 +156,19 @@ def _read_status(llm) -> tuple[list | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _time_batch(llm, batch, one, full, spec, progress, profile_dir) -> dict:
+def _time_batch(llm, batch, one, full, spec, progress, profile_dir, counters=None) -> dict:
     """Warm-ups, then timed pairs: max_tokens=1 (prefill + first token) and max_tokens=N."""
     _warm_up(llm, batch, one, full, spec, progress)
     timing = _new_timing()
     for _ in range(spec["num_iterations"]):
-        _timed_pair(llm, batch, one, full, timing)
+        _timed_pair(llm, batch, one, full, timing, counters)
         progress.step("iteration")
     if profile_dir is not None:
         timing["gpu_kernel_s"] = _profiled_pair(llm, batch, one, full, profile_dir)
     return timing
 
 
-def _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, commands) -> dict:
+def _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, commands, counters=None) -> dict:
     """``bench --interleave``: the parent sends one JSON command per line (``warmup``, ``pair`` or
     ``profile`` at a batch size) and waits for this side's progress line before it gives another side its
     turn, so the sides' timed pairs alternate in time and a slow spell of the host lands on all of them.
@@ -178,7 +182,7 @@ def _follow_commands(llm, inputs, one, full, spec, progress, profile_dir, comman
         if command["op"] == "warmup":
             _warm_up(llm, batch, one, full, spec, None)
         elif command["op"] == "pair":
-            _timed_pair(llm, batch, one, full, timing)
+            _timed_pair(llm, batch, one, full, timing, counters)
         elif command["op"] == "profile" and profile_dir is not None:
             timing["gpu_kernel_s"] = _profiled_pair(llm, batch, one, full, profile_dir)
         progress.step(f"{command['op']} {batch_size}")
@@ -198,13 +202,21 @@ def _warm_up(llm, batch, one, full, spec, progress) -> None:
             progress.step("warm-up")
 
 
-def _timed_pair(llm, batch, one, full, timing: dict) -> None:
+def _timed_pair(llm, batch, one, full, timing: dict, counters=None) -> None:
+    """One timed iteration. ``counters`` (vLLM's speculative counts, read before and after, outside the
+    timed calls) adds what the pair drafted and accepted to ``timing["speculative"]``."""
+    before = counters() if counters else None
     timing["started_s"].append(time.time())
     t1, _ = _timed(llm, batch, one)
     tn, outs = _timed(llm, batch, full)
     timing["first_token_s"].append(t1)
     timing["total_s"].append(tn)
     timing["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
+    if before is not None:
+        after = counters()
+        pooled = timing.setdefault("speculative", dict.fromkeys(stats.SPEC_COUNTS, 0))
+        for k in stats.SPEC_COUNTS:
+            pooled[k] += after[k] - before[k]
 
 
 def _profiled_pair(llm, batch, one, full, profile_dir: Path) -> dict:

@@ -34,6 +34,8 @@ def batch_figures(timing: dict, max_tokens: int) -> dict:
         "decode_step_mean_s": fmean(decode) if steps else None,
         "output_tokens_per_s": median([n / tn for n, tn in zip(tokens, total)]),
         "gpu_step_s": None,
+        # The timed pairs' drafts (speculative decoding only): how many the verify passes accepted.
+        "speculative": acceptance(timing["speculative"]) if timing.get("speculative") else None,
     }
     gpu = timing.get("gpu_kernel_s")
     if gpu and gpu.get("total") is not None:
@@ -61,6 +63,8 @@ def merge_starts(results: list[dict]) -> dict:
         if gpu:
             timing["gpu_kernel_s"] = {k: median(g[k] for g in gpu) if all(g.get(k) is not None for g in gpu)
                                       else None for k in ("first_token", "total")}
+        if all(t.get("speculative") for t in per_start):
+            timing["speculative"] = {k: sum(t["speculative"][k] for t in per_start) for k in SPEC_COUNTS}
         merged["timings"][bs] = timing
     return merged
 
