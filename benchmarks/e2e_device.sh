@@ -9,6 +9,8 @@
 #   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
 #     (engine starts per side: host-bound models vary from one start to the next)
+#   STARTS=3 MODE="stock fused megakernel" ... bench ...   (stock: a second stock engine timed like a Mirage side,
+#     the yardstick for each point's paired ratio)
 # bench keeps every side's engine alive at once and times them in turn (--interleave): on a host-bound model
 # one engine's wall step moves by a fifth between timed blocks, and the paired ratios cancel that.
 # bench resumes: run the same command again after a stop and it measures only the engine runs still missing.

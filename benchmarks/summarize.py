@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_mirage.cli import stats  # noqa: E402
+from vllm_mirage.cli.status import CONTROL_ASSESSMENT  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 _OUTPUT_ARG = re.compile(r"(--out|--output)[ =](\S+)")
@@ -169,7 +170,7 @@ def bench_rows(r: Result) -> list[tuple]:
     """One table row per (Mirage mode, batch size), figures recomputed from the raw timings."""
     d = r.data
     stock = [d["sides"][b["label"]] for b in d["baselines"]]
-    modes = d.get("modes") or [{"mode": _single_mode(d), "label": "mirage"}]
+    modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage")}]
     tp = d["settings"]["engine_args"].get("tensor_parallel_size", 1)
     rows = []
     for mode in modes:
@@ -194,6 +195,8 @@ def bench_rows(r: Result) -> list[tuple]:
 
 
 def _single_mode(d: dict) -> str:
+    if d.get("mirage_assessment") == CONTROL_ASSESSMENT:
+        return "stock"
     status = d.get("mirage_status") or {}
     if status.get("draft") or d.get("mirage_assessment", "").startswith("Mirage applied: multi-token"):
         return "multi-token"

@@ -110,3 +110,19 @@ def test_bench_self_draft_reports_acceptance_per_batch(run_cli, cli_cache, tmp_p
     run = results["sides"]["mirage"]["speculative"]  # warm-ups included
     assert sum(spec["num_draft_tokens"] for spec in per_batch) <= run["num_draft_tokens"]
     assert "## Drafts accepted" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_stock_control_is_timed_like_a_mirage_side(run_cli, cli_cache, tmp_path):
+    """--mode stock beside a Mirage mode: one more stock engine, interleaved with the others and paired
+    against stock the same way, so each point's Mirage ratio has a stock-against-stock one beside it."""
+    proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "--num-iterations", "2", "--num-warmup", "0",
+                   "--max-tokens", "8", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
+                   "--mode", "stock", "fused", "--interleave")
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["sides"]) == {"stock", "control", "mirage[fused]"}
+    control, fused = results["modes"]
+    assert control["label"] == "control" and control["mirage_assessment"].startswith("Control run (--mode stock)")
+    assert control["mirage_status"]["mode"] == "off" and fused["mirage_status"]["fused_layers"] > 0
+    assert control["rows"][0]["paired"]["pairs"] == 2 and fused["rows"][0]["paired"]["pairs"] == 2
+    assert "| 1 | control |" in (tmp_path / "report.md").read_text()

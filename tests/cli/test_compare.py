@@ -158,6 +158,11 @@ def test_assess_mirage():
     assert code == EXIT_NOT_APPLIED and msg.endswith(
         "0 decode steps through the megakernel task graph: the megakernel ran no decode step "
         "(decode batch of 17 > 16; decode batch of 18 > 16; decode batch of 19 > 16; and 1 more)")
+    # --mode stock: a control, whose side must have run stock's code.
+    assert assess_mirage(result({"mode": "off", "fused_layers": 0, "reason": None}), "stock") == (
+        EXIT_OK, "Control run (--mode stock): both sides are stock vLLM")
+    code, msg = assess_mirage(result({"mode": "fused", "fused_layers": 28, "reason": None}), "stock")
+    assert code == EXIT_NOT_APPLIED and msg.endswith("but that side ran Mirage (mode fused)")
     refused = {"mode": "fused", "fused_layers": 28, "reason": None, "megakernel_reason": "not validated on a GPU"}
     code, msg = assess_mirage(result(refused), "megakernel")
     assert code == EXIT_NOT_APPLIED and msg.endswith("requested and is off: not validated on a GPU")

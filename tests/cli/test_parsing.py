@@ -57,8 +57,13 @@ def test_multi_token_mode_drafts_with_the_model_itself(cli_cache):
         "method": "eagle", "model": ctx.model.model, "num_speculative_tokens": 4}
 
 
+def test_bench_takes_stock_as_a_control_mode():
+    args = build_parser().parse_args(["bench", "--mode", "stock", "megakernel", "--interleave"])
+    assert args.mode == ["stock", "megakernel"]
+
+
 @pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],
-                                  ["bench", "--mode", "turbo"], ["bench", "--mode", "stock"]])
+                                  ["bench", "--mode", "turbo"], ["check", "--mode", "stock", "fused"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)

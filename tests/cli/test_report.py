@@ -137,6 +137,14 @@ def test_several_modes_get_a_table_each(tmp_path):
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_single_control_side_is_labelled_as_such(tmp_path):
+    results = {**synthetic_results(False), "mirage_label": "control",
+               "mirage_assessment": "Control run (--mode stock): both sides are stock vLLM"}
+    md = write_reports(results, tmp_path)["markdown"].read_text()
+    assert "| 1 | control |" in md and "| 1 | mirage |" not in md
+    assert "| 1 | mirage |" in render_markdown(synthetic_results(False))  # results without the field
+
+
 def test_table_prints_without_reports():
     text = render_table(synthetic_results(False)["rows"])
     assert text.count("\n") == 6 and "speed-up" in text

@@ -78,7 +78,8 @@ def run_bench(args) -> int:
         return SideRun(side, label, spec, steps)
 
     runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
-    labels = {mode: "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]" for mode in ctx.modes}
+    labels = {mode: "control" if mode == "stock" else "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]"
+              for mode in ctx.modes}
     runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
     # Several starts run the sides in turn (stock, Mirage, stock, Mirage...): a slow spell of the host lands
     # on both sides, and each side's medians pool every start's iterations.
@@ -179,6 +180,7 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,
+        "mirage_label": sides[0].label,
         "notes": ctx.notes,
         "rows": sides[0].rows,
         "sides": {r["label"]: _raw(r) for r in [*stock_results, *(m.result for m in sides)]},

@@ -268,10 +268,7 @@ def run_check(args) -> int:
     mirage = results["mirage"]
     if mirage["truncated_prompts"]:
         ctx.note(f"{mirage['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
-    if ctx.mode == "stock":
-        code, assessment = EXIT_OK, "Control run (--mode stock): both sides are stock vLLM"
-    else:
-        code, assessment = assess_mirage(mirage, ctx.mode)
+    code, assessment = assess_mirage(mirage, ctx.mode)
     engine = mirage["engine"]
     print(f"Model: {', '.join(engine['architectures'])} ({ctx.model.model}), dtype {engine['dtype']}")
     for side, extra in side_args.items():

@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", parents=[common], help="measure stock vLLM and Mirage speed",
                            description="Time stock vLLM and vLLM with Mirage, each in its own fresh process.")
-    bench.add_argument("--mode", choices=MODES, nargs="+", default=["fused"],
+    bench.add_argument("--mode", choices=[*MODES, "stock"], nargs="+", default=["fused"],
                        help=_MODE_HELP + "; several, e.g. 'fused megakernel', run one Mirage side each against "
-                                         "the same stock runs")
+                                         "the same stock runs; stock, a control: one more stock engine timed "
+                                         "like a Mirage side (with --interleave, how far two stock engines "
+                                         "pair at each point)")
     bench.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="default 1 8 64 on GPU, 1 4 on CPU")
     bench.add_argument("--num-warmup", type=int, metavar="W", help="warm-up iterations per batch size")
     bench.add_argument("--num-iterations", type=int, metavar="K", help="timed iterations per batch size")

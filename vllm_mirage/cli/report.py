@@ -52,7 +52,7 @@ def _mode_rows(results: dict) -> list[tuple[str, str, list[dict]]]:
     """(label, assessment, rows) per Mirage side: one, or one per --mode of a several-mode run."""
     if "modes" in results:
         return [(m["label"], m["mirage_assessment"], m["rows"]) for m in results["modes"]]
-    return [("mirage", results["mirage_assessment"], results["rows"])]
+    return [(results.get("mirage_label", "mirage"), results["mirage_assessment"], results["rows"])]
 
 
 def render_table(rows: list[dict], mirage_label: str = "mirage") -> str:

@@ -5,9 +5,18 @@ from __future__ import annotations
 from vllm_mirage.cli.errors import EXIT_NOT_APPLICABLE, EXIT_NOT_APPLIED, EXIT_OK
 
 
+# --mode stock (check and bench): a control, the "Mirage" side is another stock engine (VLLM_USE_MIRAGE=0).
+CONTROL_ASSESSMENT = "Control run (--mode stock): both sides are stock vLLM"
+
+
 def assess_mirage(result: dict, wanted_mode: str = "fused") -> tuple[int, str]:
     """(exit code, one-line message) for the Mirage side's runner result; ``wanted_mode`` is what --mode asked."""
     status = result.get("mirage_status")
+    if wanted_mode == "stock":
+        if status and status.get("mode") not in (None, "off"):
+            # The control's switch is off; a side that still ran Mirage is not a control.
+            return EXIT_NOT_APPLIED, f"{CONTROL_ASSESSMENT}, but that side ran Mirage (mode {status['mode']})"
+        return EXIT_OK, CONTROL_ASSESSMENT
     engine = result.get("engine", {})
     archs = engine.get("architectures") or []
     is_qwen3 = "Qwen3ForCausalLM" in archs and engine.get("model_type") == "qwen3"
