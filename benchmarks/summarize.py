@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_mirage.cli import stats  # noqa: E402
-from vllm_mirage.cli.status import CONTROL_ASSESSMENT  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 _OUTPUT_ARG = re.compile(r"(--out|--output)[ =](\S+)")
@@ -195,7 +194,7 @@ def bench_rows(r: Result) -> list[tuple]:
 
 
 def _single_mode(d: dict) -> str:
-    if d.get("mirage_assessment") == CONTROL_ASSESSMENT:
+    if d.get("mirage_mode") == "stock":  # the control (bench --mode stock)
         return "stock"
     status = d.get("mirage_status") or {}
     if status.get("draft") or d.get("mirage_assessment", "").startswith("Mirage applied: multi-token"):

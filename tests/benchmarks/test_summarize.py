@@ -85,3 +85,21 @@ def test_a_check_with_a_control_shows_it_beside_mirage(tmp_path, monkeypatch):
     monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
     row = next(line for line in s.render().splitlines() if "check-controlled" in line and line.startswith("|"))
     assert row.endswith("| 0.16 / 1.1 (top 5) | 0.01 / 0.5 (top 5) |")
+
+
+def test_a_single_control_side_is_named_stock(tmp_path, monkeypatch):
+    """bench --mode stock alone: the side is labelled "control" and its rows name their mode "stock"."""
+    s = load_script("summarize")
+    results = tmp_path / "benchmarks" / "results"
+    old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
+    new = results / "h200" / "2026-12-05-bench-8b-stock-control"
+    new.mkdir(parents=True)
+    data = json.loads(old.read_text())
+    data["system"]["gpu"] = "NVIDIA H200"
+    data["sides"]["control"] = data["sides"].pop("mirage")
+    data.update(mirage_mode="stock", mirage_label="control")
+    (new / "results.json").write_text(json.dumps(data))
+    monkeypatch.setattr(s, "ROOT", tmp_path)
+    monkeypatch.setattr(s, "RESULTS", results)
+    link = "[bench-8b-stock-control](benchmarks/results/h200/2026-12-05-bench-8b-stock-control/)"
+    assert f"| {link} | stock | qwen3-8b | 1 |" in s.render()

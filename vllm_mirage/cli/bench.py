@@ -180,6 +180,7 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
         "baselines": [{"label": r["label"], "extra_engine_args": b} for r, b in zip(stock_results, baselines)],
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,
+        "mirage_mode": sides[0].mode,
         "mirage_label": sides[0].label,
         "notes": ctx.notes,
         "rows": sides[0].rows,

@@ -144,9 +144,14 @@ def speculative_counters(llm) -> dict | None:
             for k in stats.SPEC_COUNTS}
 
 
+def _drafted_between(before: dict, after: dict) -> dict:
+    """The speculative counts of what ran between two reads of :func:`speculative_counters`."""
+    return {k: after[k] - before[k] for k in stats.SPEC_COUNTS}
+
+
 def _acceptance(before: dict, after: dict) -> dict:
     """What this run drafted and the verify pass accepted (start-up excluded)."""
-    return stats.acceptance({k: after[k] - before[k] for k in stats.SPEC_COUNTS})
+    return stats.acceptance(_drafted_between(before, after))
 
 
 def _read_status(llm) -> tuple[list | None, str | None]:
@@ -213,10 +218,10 @@ def _timed_pair(llm, batch, one, full, timing: dict, counters=None) -> None:
     timing["total_s"].append(tn)
     timing["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
     if before is not None:
-        after = counters()
+        drafted = _drafted_between(before, counters())
         pooled = timing.setdefault("speculative", dict.fromkeys(stats.SPEC_COUNTS, 0))
         for k in stats.SPEC_COUNTS:
-            pooled[k] += after[k] - before[k]
+            pooled[k] += drafted[k]
 
 
 def _profiled_pair(llm, batch, one, full, profile_dir: Path) -> dict:
