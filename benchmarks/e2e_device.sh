@@ -6,6 +6,8 @@
 #   MODE="fused megakernel" bash benchmarks/e2e_device.sh bench qwen3-8b OUTDIR   (bench: both, one stock)
 #   MODE="multi-token multi-token-eagle" TOKENS=4 bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR
 #     (tokens per step; the self-draft through vLLM's draft_model and EAGLE routes)
+#   MODE=multi-token-eagle TOKENS="2 3 4" bash benchmarks/e2e_device.sh bench random:qwen3-0.6b OUTDIR
+#     (one side per tokens-per-step count, against the same stock engine)
 #   CONTROL='{"max_num_seqs": 8}' bash benchmarks/e2e_device.sh check random:qwen3-8b+layers=8 OUTDIR   (and stock vs stock)
 #   STARTS=3 MODE="fused megakernel" BATCHES="1 2 4 8 16 32 64" bash benchmarks/e2e_device.sh bench qwen3-0.6b OUTDIR
 #     (engine starts per side: host-bound models vary from one start to the next)
@@ -21,7 +23,9 @@ what=$1 model=$2 out=$3
 # batches stay within the megakernel's limit (vllm_mirage/megakernel/bridge.py: MAX_BATCH).
 engine=${ENGINE:-'{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}}'}
 read -r -a modes <<< "${MODE:-fused}"
-mode=(--mode "${modes[@]}" ${TOKENS:+--tokens-per-step "$TOKENS"})
+read -r -a tokens <<< "${TOKENS:-}"
+mode=(--mode "${modes[@]}")
+[ "${#tokens[@]}" -gt 0 ] && mode+=(--tokens-per-step "${tokens[@]}")
 baselines=('{}' '{"async_scheduling": true}')
 [ -n "${BASELINE:-}" ] && baselines=("$BASELINE")  # one stock setting only
 # check and bench sample greedily, which never takes FlashInfer's sampler; left on, each engine's warm-up

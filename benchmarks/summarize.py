@@ -169,12 +169,14 @@ def bench_rows(r: Result) -> list[tuple]:
     """One table row per (Mirage mode, batch size), figures recomputed from the raw timings."""
     d = r.data
     stock = [d["sides"][b["label"]] for b in d["baselines"]]
-    modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage")}]
+    modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage"),
+                                "tokens_per_step": d.get("mirage_tokens_per_step")}]
     tp = d["settings"]["engine_args"].get("tensor_parallel_size", 1)
     rows = []
     for mode in modes:
         mirage = d["sides"][mode["label"]]
-        label = mode["mode"] + (f", TP={tp}" if tp > 1 else "")
+        tokens = mode.get("tokens_per_step")
+        label = mode["mode"] + (f", {tokens} tokens a step" if tokens else "") + (f", TP={tp}" if tp > 1 else "")
         for row in stats.summarize(stock, mirage, d["settings"]["max_tokens"]):
             s, m = row["stock"], row["mirage"]
             paired = (row.get("paired") or {}).get("decode_step_speedup")
@@ -194,8 +196,8 @@ def bench_rows(r: Result) -> list[tuple]:
 
 
 def _single_mode(d: dict) -> str:
-    if d.get("mirage_mode") == "stock":  # the control (bench --mode stock)
-        return "stock"
+    if d.get("mirage_mode"):  # recorded since bench --mode stock; "stock" is the control
+        return d["mirage_mode"]
     status = d.get("mirage_status") or {}
     if status.get("draft") or d.get("mirage_assessment", "").startswith("Mirage applied: multi-token"):
         return "multi-token"

@@ -103,3 +103,26 @@ def test_a_single_control_side_is_named_stock(tmp_path, monkeypatch):
     monkeypatch.setattr(s, "RESULTS", results)
     link = "[bench-8b-stock-control](benchmarks/results/h200/2026-12-05-bench-8b-stock-control/)"
     assert f"| {link} | stock | qwen3-8b | 1 |" in s.render()
+
+
+def test_multi_token_sides_are_named_with_their_tokens_per_step(tmp_path, monkeypatch):
+    """bench --tokens-per-step 2 4: one row per side and batch, each naming its tokens a step."""
+    s = load_script("summarize")
+    results = tmp_path / "benchmarks" / "results"
+    old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-04-bench-1.7b-self-draft-verify-rows" / "results.json"
+    new = results / "h200" / "2026-12-05-bench-0.6b-tokens-per-step"
+    new.mkdir(parents=True)
+    data = json.loads(old.read_text())
+    side = data["sides"].pop("mirage")
+    data["modes"] = []
+    for tokens in (2, 4):
+        label = f"mirage[multi-token-eagle, {tokens} tokens]"
+        data["sides"][label] = side
+        data["modes"].append({"mode": "multi-token-eagle", "tokens_per_step": tokens, "label": label})
+    (new / "results.json").write_text(json.dumps(data))
+    monkeypatch.setattr(s, "ROOT", tmp_path)
+    monkeypatch.setattr(s, "RESULTS", results)
+    link = "[bench-0.6b-tokens-per-step](benchmarks/results/h200/2026-12-05-bench-0.6b-tokens-per-step/)"
+    text = s.render()
+    for tokens in (2, 4):
+        assert f"| {link} | multi-token-eagle, {tokens} tokens a step | random:qwen3-1.7b | 1 |" in text

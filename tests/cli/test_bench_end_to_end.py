@@ -97,18 +97,27 @@ def test_bench_interleaved_sides_take_turns(run_cli, cli_cache, tmp_path):
 
 
 def test_bench_self_draft_reports_acceptance_per_batch(run_cli, cli_cache, tmp_path):
-    """--mode multi-token-eagle with --interleave: each batch size gets the drafts its timed pairs made and
-    accepted (float32: every one), and they add up to no more than the run's."""
+    """--mode multi-token-eagle with two --tokens-per-step, interleaved: one side per count, each drafting
+    as many tokens as asked; each batch size gets the drafts its timed pairs made and accepted (float32:
+    every one), and they add up to no more than the side's run."""
     proc = run_cli("bench", "--model", "tiny", "--batch-sizes", "1", "2", "--num-iterations", "2",
                    "--num-warmup", "1", "--max-tokens", "8", "--cache-dir", str(cli_cache), "--output", str(tmp_path),
-                   "--mode", "multi-token-eagle", "--tokens-per-step", "3", "--interleave")
+                   "--mode", "multi-token-eagle", "--tokens-per-step", "2", "3", "--interleave")
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    per_batch = [row["mirage"]["speculative"] for row in results["rows"]]
-    assert all(spec["num_draft_tokens"] > 0 and spec["acceptance_rate"] == 1.0 for spec in per_batch), per_batch
-    assert all(row["stock"]["speculative"] is None for row in results["rows"])
-    run = results["sides"]["mirage"]["speculative"]  # warm-ups included
-    assert sum(spec["num_draft_tokens"] for spec in per_batch) <= run["num_draft_tokens"]
+    assert [(m["label"], m["tokens_per_step"]) for m in results["modes"]] == [
+        ("mirage[multi-token-eagle, 2 tokens]", 2), ("mirage[multi-token-eagle, 3 tokens]", 3)]
+    for mode in results["modes"]:
+        side = results["sides"][mode["label"]]
+        drafted = side["engine"]["args"]["speculative_config"]["num_speculative_tokens"]
+        assert drafted == mode["tokens_per_step"] - 1
+        per_batch = [row["mirage"]["speculative"] for row in mode["rows"]]
+        assert all(spec["num_draft_tokens"] > 0 and spec["acceptance_rate"] == 1.0 for spec in per_batch), per_batch
+        assert all(row["stock"]["speculative"] is None for row in mode["rows"])
+        run = side["speculative"]  # warm-ups included
+        assert sum(spec["num_draft_tokens"] for spec in per_batch) <= run["num_draft_tokens"]
+        # a full step drafts k tokens a request: the 1-draft side's steps yield at most 2 tokens
+        assert all(spec["tokens_per_step"] <= mode["tokens_per_step"] for spec in per_batch)
     assert "## Drafts accepted" in (tmp_path / "report.md").read_text()
 
 

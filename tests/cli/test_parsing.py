@@ -51,10 +51,25 @@ def test_multi_token_mode_drafts_with_the_model_itself(cli_cache):
     assert mirage["engine_args"]["speculative_config"] == {
         "method": "draft_model", "model": ctx.model.model, "num_speculative_tokens": 4}
     assert "speculative_config" not in stock["engine_args"]  # stock decodes one token per step
-    assert build_parser().parse_args(["bench", "--mode", "megakernel", "multi-token"]).tokens_per_step == 4
+    assert build_parser().parse_args(["bench", "--mode", "megakernel", "multi-token"]).tokens_per_step == [4]
     eagle = runner_spec(ctx, "check", "mirage", mirage_mode="multi-token-eagle")
     assert eagle["mirage_switch"] == "megakernel" and eagle["engine_args"]["speculative_config"] == {
         "method": "eagle", "model": ctx.model.model, "num_speculative_tokens": 4}
+
+
+def test_bench_runs_a_multi_token_side_per_tokens_per_step():
+    from vllm_mirage.cli.bench import mirage_variants, side_label
+    from vllm_mirage.cli.errors import CliError
+
+    assert build_parser().parse_args(["bench", "--tokens-per-step", "2", "4"]).tokens_per_step == [2, 4]
+    variants = mirage_variants(["stock", "megakernel", "multi-token-eagle"], [2, 4, 2])
+    assert variants == [("stock", None), ("megakernel", None), ("multi-token-eagle", 2), ("multi-token-eagle", 4)]
+    assert [side_label(*v, variants) for v in variants] == [
+        "control", "mirage[megakernel]", "mirage[multi-token-eagle, 2 tokens]", "mirage[multi-token-eagle, 4 tokens]"]
+    one = mirage_variants(["multi-token-eagle"], [3])
+    assert one == [("multi-token-eagle", 3)] and side_label(*one[0], one) == "mirage"
+    with pytest.raises(CliError, match="several --tokens-per-step need a multi-token --mode"):
+        mirage_variants(["fused", "megakernel"], [2, 3])
 
 
 def test_bench_takes_stock_as_a_control_mode():
@@ -63,7 +78,8 @@ def test_bench_takes_stock_as_a_control_mode():
 
 
 @pytest.mark.parametrize("argv", [[], ["bench", "--batch-sizes", "one"], ["serve"], ["check", "--mode", "fused", "megakernel"],
-                                  ["bench", "--mode", "turbo"], ["check", "--mode", "stock", "fused"]])
+                                  ["bench", "--mode", "turbo"], ["check", "--mode", "stock", "fused"],
+                                  ["check", "--tokens-per-step", "3", "4"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
@@ -137,3 +153,14 @@ def test_bench_needs_at_least_one_start(cli_cache, capsys, monkeypatch):
     monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
     assert main(["bench", "--model", "tiny", "--cache-dir", str(cli_cache), "--starts", "0"]) == EXIT_USAGE
     assert "--starts >= 1" in _one_line_error(capsys)
+
+
+def test_bench_token_counts_are_checked_before_any_engine(cli_cache, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("VLLM_USE_MIRAGE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no output folder is made for a refused command
+    bench = ["bench", "--model", "tiny", "--cache-dir", str(cli_cache)]
+    assert main([*bench, "--mode", "multi-token-eagle", "--tokens-per-step", "3", "1"]) == EXIT_USAGE
+    assert "--tokens-per-step must be at least 2" in _one_line_error(capsys)
+    assert main([*bench, "--mode", "fused", "--tokens-per-step", "2", "3"]) == EXIT_USAGE
+    assert "several --tokens-per-step need a multi-token --mode" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vllm_mirage.cli import stats
-from vllm_mirage.cli.context import Context, defaults, parse_json_dict, prepare, runner_spec
+from vllm_mirage.cli.context import MULTI_TOKEN_MODES, Context, defaults, parse_json_dict, prepare, runner_spec
 from vllm_mirage.cli.errors import EXIT_OK, CliError
 from vllm_mirage.cli.interleave import run_interleaved
 from vllm_mirage.cli.launch import SideRun, file_label, run_side
@@ -23,9 +23,11 @@ from vllm_mirage.cli.status import assess_mirage
 
 @dataclass
 class MirageSide:
-    """One Mirage side of a bench run (one per --mode) and its figures against the stock runs."""
+    """One Mirage side of a bench run (one per --mode, and per --tokens-per-step of a multi-token mode) and
+    its figures against the stock runs."""
 
     mode: str
+    tokens_per_step: int | None  # multi-token modes only
     label: str
     result: dict  # the runner's
     code: int  # exit code of its assessment
@@ -54,6 +56,7 @@ def run_bench(args) -> int:
         ctx.note("--profile-gpu: GPU time per step is n/a on CPU")
     ctx.engine_args.setdefault("enable_prefix_caching", False)
 
+    variants = mirage_variants(ctx.modes, args.tokens_per_step)
     baselines = [parse_json_dict(a, "--baseline-args") for a in (args.baseline_args or ["{}"])]
     mirage_args = parse_json_dict(args.mirage_args, "--mirage-args")
     out_dir = Path(args.output or f"vllm-mirage-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -65,22 +68,22 @@ def run_bench(args) -> int:
     )
 
     several = len(baselines) > 1
-    engines = len(baselines) + len(ctx.modes)
+    engines = len(baselines) + len(variants)
     if args.interleave and "gpu_memory_utilization" in ctx.engine_args:
         # Every side's engine holds the GPU at once: each gets its share of what one engine would have.
         ctx.engine_args["gpu_memory_utilization"] = round(ctx.engine_args["gpu_memory_utilization"] / engines, 3)
 
-    def side_run(side: str, label: str, extra: dict, mirage_mode: str | None = None) -> SideRun:
-        spec = runner_spec(ctx, "bench", side, extra, mirage_mode=mirage_mode,
+    def side_run(side: str, label: str, extra: dict, mirage_mode: str | None = None,
+                 tokens_per_step: int | None = None) -> SideRun:
+        spec = runner_spec(ctx, "bench", side, extra, mirage_mode=mirage_mode, tokens_per_step=tokens_per_step,
                            profile_dir=str(out_dir / f"profile-{file_label(label)}"), **common)
         if args.interleave:
             spec["interleave"] = True
         return SideRun(side, label, spec, steps)
 
     runs = [side_run("stock", f"stock[{i}]" if several else "stock", extra) for i, extra in enumerate(baselines)]
-    labels = {mode: "control" if mode == "stock" else "mirage" if len(ctx.modes) == 1 else f"mirage[{mode}]"
-              for mode in ctx.modes}
-    runs += [side_run("mirage", labels[mode], mirage_args, mode) for mode in ctx.modes]
+    labels = {v: side_label(*v, variants) for v in variants}
+    runs += [side_run("mirage", labels[v], mirage_args, *v) for v in variants]
     # Several starts run the sides in turn (stock, Mirage, stock, Mirage...): a slow spell of the host lands
     # on both sides, and each side's medians pool every start's iterations.
     saved = SavedRuns(out_dir / "runs", gpu=nvidia_smi("name") if ctx.on_cuda else None)
@@ -115,10 +118,10 @@ def run_bench(args) -> int:
     if mirage_results[0]["truncated_prompts"]:
         ctx.note(f"{mirage_results[0]['truncated_prompts']} prompt(s) were cut to fit --max-model-len")
     sides = []
-    for mode, result in zip(ctx.modes, mirage_results):
+    for (mode, tokens), result in zip(variants, mirage_results):
         code, assessment = assess_mirage(result, mode)
         rows = stats.summarize(stock_results, result, ctx.max_tokens)
-        sides.append(MirageSide(mode, labels[mode], result, code, assessment, rows))
+        sides.append(MirageSide(mode, tokens, labels[mode, tokens], result, code, assessment, rows))
     noisy = [f"batch {r['batch_size']} {side}" for m in sides for r in m.rows for side in ("stock", "mirage")
              if (r[side]["decode_step_s"] or 0) < 0]
     if noisy:
@@ -145,6 +148,25 @@ def run_bench(args) -> int:
     for m in failed:
         print(f"vllm-mirage: {m.assessment}", file=sys.stderr)
     return failed[0].code if failed else EXIT_OK
+
+
+def mirage_variants(modes: list[str], tokens_per_step: list[int]) -> list[tuple[str, int | None]]:
+    """(mode, tokens per step) of each Mirage side: one per mode, and one per tokens-per-step count of a
+    multi-token mode (None for the others)."""
+    counts = list(dict.fromkeys(tokens_per_step))
+    if len(counts) > 1 and not set(modes) & set(MULTI_TOKEN_MODES):
+        raise CliError(f"several --tokens-per-step need a multi-token --mode ({', '.join(MULTI_TOKEN_MODES)})")
+    return [(mode, n) for mode in modes for n in (counts if mode in MULTI_TOKEN_MODES else [None])]
+
+
+def side_label(mode: str, tokens_per_step: int | None, variants: list[tuple[str, int | None]]) -> str:
+    if mode == "stock":
+        return "control"
+    if len(variants) == 1:
+        return "mirage"
+    if sum(m == mode for m, _ in variants) > 1:
+        return f"mirage[{mode}, {tokens_per_step} tokens]"
+    return f"mirage[{mode}]"
 
 
 def later_start_spec(spec: dict) -> dict:
@@ -181,14 +203,16 @@ def build_results(ctx: Context, args, stock_results, baselines, sides: list[Mira
         "mirage_status": first["mirage_status"],
         "mirage_assessment": sides[0].assessment,
         "mirage_mode": sides[0].mode,
+        "mirage_tokens_per_step": sides[0].tokens_per_step,
         "mirage_label": sides[0].label,
         "notes": ctx.notes,
         "rows": sides[0].rows,
         "sides": {r["label"]: _raw(r) for r in [*stock_results, *(m.result for m in sides)]},
     }
     if len(sides) > 1:
-        results["modes"] = [{"mode": m.mode, "label": m.label, "mirage_status": m.result["mirage_status"],
-                             "mirage_assessment": m.assessment, "rows": m.rows} for m in sides]
+        results["modes"] = [{"mode": m.mode, "tokens_per_step": m.tokens_per_step, "label": m.label,
+                             "mirage_status": m.result["mirage_status"], "mirage_assessment": m.assessment,
+                             "rows": m.rows} for m in sides]
     return results
 
 

@@ -49,6 +49,9 @@ def switch_for(mode: str) -> str:
             "stock": "0"}.get(mode, "1")
 
 
+MULTI_TOKEN_MODES = ("multi-token", "multi-token-eagle")
+
+
 def mode_engine_args(mode: str, model: str, tokens_per_step: int) -> dict:
     """Engine arguments a mode needs. multi-token is vLLM's draft-model speculative decoding with the model
     as its own draft: the Mirage draft model's decode steps take the megakernel where the plan says, the
@@ -75,10 +78,11 @@ def prepare(args, command: str) -> Context:
     if max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
     modes = [args.mode] if isinstance(args.mode, str) else list(dict.fromkeys(args.mode))
-    if args.tokens_per_step < 2:
+    counts = args.tokens_per_step if isinstance(args.tokens_per_step, list) else [args.tokens_per_step]
+    if min(counts) < 2:
         raise CliError("--tokens-per-step must be at least 2 (one verified token plus at least one draft)")
     ctx = Context(on_cuda, model, prompts, str(prompts_file), max_tokens, engine_args={}, modes=modes,
-                  tokens_per_step=args.tokens_per_step)
+                  tokens_per_step=counts[0])
     if not on_cuda:
         ctx.note("no CUDA GPU found: running on CPU (small defaults; timings are not representative)")
     if not model.has_tokenizer:
@@ -124,11 +128,12 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
 
 
 def runner_spec(ctx: Context, mode: str, side: str, extra_engine_args: dict | None = None,
-                mirage_mode: str | None = None, **more) -> dict:
-    """What the runner process needs for one side; ``mirage_mode`` overrides ``ctx.mode`` (bench runs one
-    Mirage side per --mode)."""
+                mirage_mode: str | None = None, tokens_per_step: int | None = None, **more) -> dict:
+    """What the runner process needs for one side; ``mirage_mode`` and ``tokens_per_step`` override
+    ``ctx.mode`` and ``ctx.tokens_per_step`` (bench runs one Mirage side per --mode and tokens per step)."""
     mirage_mode = mirage_mode or ctx.mode
-    per_mode = mode_engine_args(mirage_mode, ctx.model.model, ctx.tokens_per_step) if side == "mirage" else {}
+    tokens = tokens_per_step or ctx.tokens_per_step
+    per_mode = mode_engine_args(mirage_mode, ctx.model.model, tokens) if side == "mirage" else {}
     return {
         "mode": mode,
         "side": side,

@@ -36,6 +36,9 @@ _MODE_HELP = ("the Mirage side's path: fused layers (VLLM_USE_MIRAGE=1), fused l
               "draft model, so each engine step yields up to --tokens-per-step tokens (multi-token-eagle: "
               "the same draft through vLLM's EAGLE speculator, exact: it reads the target's KV cache)")
 
+_TOKENS_HELP = ("--mode multi-token(-eagle): tokens per engine step at most, N-1 of them drafted by the megakernel "
+                f"(vLLM's num_speculative_tokens = N-1; default {DEFAULT_TOKENS_PER_STEP})")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -63,9 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", metavar="DIR",
                         help="where presets are written (default: $VLLM_MIRAGE_CACHE or ~/.cache/vllm-mirage)")
     common.add_argument("--verbose", action="store_true", help="show engine output instead of logging it")
-    common.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
-                        help="--mode multi-token: tokens per engine step at most, N-1 of them drafted by the "
-                             f"megakernel (vLLM's num_speculative_tokens = N-1; default {DEFAULT_TOKENS_PER_STEP})")
 
     check = sub.add_parser("check", parents=[common], help="compare greedy tokens of stock vLLM and Mirage",
                            description="Run stock vLLM and vLLM with Mirage on the same prompts "
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--mode", choices=[*MODES, "stock"], default="fused",
                        help=_MODE_HELP + "; or stock, a control: both sides run stock vLLM, so the comparison "
                                          "shows what --mirage-args alone change (e.g. another max_num_seqs)")
+    check.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
+                       help=_TOKENS_HELP)
     check.add_argument("--logprobs", type=int, metavar="K",
                        help=f"compare the logprobs of stock's top K tokens at each step (default {TOP_LOGPROBS})")
     check.add_argument("--skip-baseline", action="store_true", help="only run the Mirage side (smoke test)")
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the same stock runs; stock, a control: one more stock engine timed "
                                          "like a Mirage side (with --interleave, how far two stock engines "
                                          "pair at each point)")
+    bench.add_argument("--tokens-per-step", type=int, nargs="+", default=[DEFAULT_TOKENS_PER_STEP], metavar="N",
+                       help=_TOKENS_HELP + "; several run one side per N for each multi-token --mode, against the "
+                                           "same stock runs (to choose N)")
     bench.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="default 1 8 64 on GPU, 1 4 on CPU")
     bench.add_argument("--num-warmup", type=int, metavar="W", help="warm-up iterations per batch size")
     bench.add_argument("--num-iterations", type=int, metavar="K", help="timed iterations per batch size")
