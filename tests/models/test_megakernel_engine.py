@@ -62,6 +62,7 @@ def test_self_draft_through_eagle_is_exact(tiny_qwen3, run_engine):
     spec = eagle["speculative"]
     assert spec["num_draft_tokens"] > 0 and spec["num_accepted_tokens"] == spec["num_draft_tokens"], spec
     assert not any("never shows the draft a sequence's first token" in line for line in eagle["mirage_log"])
+    assert not any("not a power of two" in line for line in eagle["mirage_log"])
 
 
 def test_sampled_self_draft_runs_on_the_megakernel(tiny_qwen3, run_engine):
@@ -91,8 +92,9 @@ def test_sampled_self_draft_runs_on_the_megakernel(tiny_qwen3, run_engine):
 
 def test_shifted_self_draft_keeps_stock_tokens(tiny_qwen3, run_engine):
     """Outside megakernel mode the EAGLE self-draft runs as vLLM hands it its tokens, over a KV cache of its own:
-    it never sees a sequence's first token, so it is accepted often but not always, and says so when built."""
-    speculative = {"method": "eagle", "model": str(tiny_qwen3), "num_speculative_tokens": 3}
+    it never sees a sequence's first token, so it is accepted often but not always, and says so when built;
+    at 3 tokens a step it also warns that vLLM's CUDA-graph sizes round to multiples of 3."""
+    speculative = {"method": "eagle", "model": str(tiny_qwen3), "num_speculative_tokens": 2}
     stock = run_engine(_spec(tiny_qwen3), env={"VLLM_USE_MIRAGE": "0"})
     eagle = run_engine(_spec(tiny_qwen3, engine_args={"speculative_config": speculative, "disable_log_stats": False}),
                        env={"VLLM_USE_MIRAGE": "1"})
@@ -103,3 +105,4 @@ def test_shifted_self_draft_keeps_stock_tokens(tiny_qwen3, run_engine):
     # Chance agreement over the tiny vocabulary is well under 1%: a draft that ran wrong would be rejected.
     assert spec["num_draft_tokens"] > 0 and 0.1 < spec["num_accepted_tokens"] / spec["num_draft_tokens"] < 1, spec
     assert any("never shows the draft a sequence's first token" in line for line in eagle["mirage_log"])
+    assert any("num_speculative_tokens=2 makes 3 tokens a step" in line for line in eagle["mirage_log"])

@@ -40,6 +40,13 @@ FIRST_TOKEN_WARNING = (
     "VLLM_USE_MIRAGE=megakernel drafts exactly where it reads the KV cache's layout (GPUs; x86 CPUs without AMX)"
 )
 
+TOKENS_PER_STEP_WARNING = (
+    "vllm-mirage: num_speculative_tokens={k} makes {n} tokens a step, not a power of two: vLLM rounds its "
+    "CUDA-graph sizes to multiples of {n}, so common batch sizes pad. The self-draft at 3 tokens a step ran 0.45x "
+    "stock's decode step at batch 8 (H200, Qwen3-0.6B; a host-side cost, not traced); 3 drafts (4 tokens a step) "
+    "is the measured setting (docs/design.md)"
+)
+
 
 class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
     drafts_for_target = True
@@ -47,6 +54,9 @@ class MirageQwen3SelfDraft(MirageQwen3ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         # Attention layers register by name: the draft's must not collide with the target's.
         super().__init__(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "draft"))
+        drafts = getattr(vllm_config.speculative_config, "num_speculative_tokens", None)
+        if drafts and (drafts + 1) & drafts:
+            log_rank0(logging.WARNING, TOKENS_PER_STEP_WARNING.format(k=drafts, n=drafts + 1))
         exact = self.mirage_status["mode"] == "megakernel" and _cache_is_strided(vllm_config, self)
         targets = _target_attention_layers(vllm_config, self) if exact else None
         self.mirage_status["draft_reads_target_cache"] = targets is not None
