@@ -232,6 +232,70 @@ def bench_section(results: list[Result]) -> list[str]:
                                    if (r.folder / "plot.png").is_file() else "")
 
 
+GRID_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def grid_section(results: list[Result]) -> list[str]:
+    """The "never slower" grid: per GPU, model preset and mode, each batch size's paired ratios from the
+    newest interleaved bench that ran the shipped plan (dummy weights, no VLLM_MIRAGE_PLAN)."""
+    points: dict[tuple[str, str, str], dict[int, tuple[dict, Result, str]]] = {}
+    for r in results:  # newest first: the first file to give a point keeps it
+        d = r.data
+        if d["model"]["name"].startswith("random:") or not d["settings"].get("interleaved"):
+            continue
+        stock = [d["sides"][b["label"]] for b in d["baselines"]]
+        modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage"),
+                                    "mirage_status": d.get("mirage_status")}]
+        for mode in modes:
+            status = mode.get("mirage_status") or {}
+            if mode["mode"] not in ("fused", "megakernel") or not str(status.get("plan")).startswith("shipped"):
+                continue
+            key = (_system(r).get("gpu") or r.gpu_dir, d["model"]["name"], mode["mode"])
+            for row in stats.summarize(stock, d["sides"][mode["label"]], d["settings"]["max_tokens"]):
+                if row.get("paired") and row["batch_size"] in GRID_BATCHES:
+                    points.setdefault(key, {}).setdefault(row["batch_size"], (row["paired"], r, _code(status, row)))
+    if not points:
+        return []
+    lines = [
+        "## Never slower: the shipped plan, batch by batch",
+        "",
+        "Per model preset and `VLLM_USE_MIRAGE` mode, the paired decode-step speed-up over stock (95% "
+        "interval) and, below it, the paired TTFT ratio (Mirage / stock), from the newest `--interleave` "
+        "bench of the shipped plan at each batch size. ° marks points where the plan runs stock's layers on "
+        "the Mirage side too (above its limits), so the ratio is how far two stock engines pair there.",
+        "",
+    ]
+    header = ("GPU", "model", "mode", *(f"batch {b}" for b in GRID_BATCHES), "files")
+    rows = []
+    for (gpu, model, mode), by_batch in sorted(points.items()):
+        cells = []
+        for b in GRID_BATCHES:
+            if b not in by_batch:
+                cells.append("—")
+                continue
+            paired, _, code = by_batch[b]
+            step, interval, ttft = paired["decode_step_speedup"], paired["decode_step_interval"], paired["ttft_ratio"]
+            spread = f" ({interval['low']:.2f}–{interval['high']:.2f})" if interval else ""
+            mark = "°" if code == "stock" else ""
+            cells.append(f"{step:.2f}{spread}{mark}<br>TTFT {ttft:.2f}")
+        files = sorted({f"{r.link} ({_starts(r)})" for _, r, _ in by_batch.values()})
+        rows.append((gpu, model, mode, *cells, ", ".join(files)))
+    return lines + _table(header, rows) + [""]
+
+
+def _starts(r: Result) -> str:
+    starts = r.data["settings"].get("starts", 1)
+    return f"{starts} start{'s' if starts > 1 else ''} a side"
+
+
+def _code(status: dict, row: dict) -> str:
+    """Which code the plan gives the Mirage side's decode steps at this batch size."""
+    batch = row["batch_size"]
+    if status.get("mode") == "megakernel" and batch <= (status.get("megakernel_max_batch") or 0):
+        return "megakernel"
+    return "fused" if batch <= (status.get("fused_max_tokens") or 0) else "stock"
+
+
 def _vllm_heading(r: Result) -> str:
     system = _system(r)
     return f"{system.get('gpu') or system.get('cpu') or 'GPU'}, vLLM {system.get('vllm')} (`{r.gpu_dir}/`)"
@@ -406,6 +470,7 @@ def render() -> str:
         "[benchmarks/results/](benchmarks/results/), newest first; do not edit by hand (a test checks it is "
         "current). What each tool measures and how to run it: [benchmarks/README.md](benchmarks/README.md).",
         "",
+        *grid_section(found["bench"]),
         *bench_section(found["bench"]),
         *check_section(found["check"]),
         *soak_section(found["soak"]),

@@ -126,3 +126,36 @@ def test_multi_token_sides_are_named_with_their_tokens_per_step(tmp_path, monkey
     text = s.render()
     for tokens in (2, 4):
         assert f"| {link} | multi-token-eagle, {tokens} tokens a step | random:qwen3-1.7b | 1 |" in text
+
+
+def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(tmp_path, monkeypatch):
+    """Only interleaved benches of the shipped plan on dummy weights fill the grid; a point above the
+    plan's limits (stock's layers on the Mirage side too) is marked."""
+    s = load_script("summarize")
+    results = tmp_path / "benchmarks" / "results" / "h200"
+    here = ROOT / "benchmarks" / "results" / "h200"
+    for name in ("2026-12-04-bench-8b-shipped-b16-b64", "2026-12-04-bench-1.7b-self-draft-verify-rows",
+                 "2026-12-04-bench-8b-shipped-b1-b8"):
+        (results / name).mkdir(parents=True)
+        data = json.loads((here / name / "results.json").read_text())
+        if name.endswith("b1-b8"):  # as if run without --interleave: no paired ratios, no grid point
+            for side in data["sides"].values():
+                side["interleaved_with"] = None
+        (results / name / "results.json").write_text(json.dumps(data))
+    monkeypatch.setattr(s, "ROOT", tmp_path)
+    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
+    grid = s.render().split("## Never slower")[1].split("\n## ")[0]
+    rows = [line for line in grid.splitlines() if line.startswith("| NVIDIA H200")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["qwen3-8b", "fused"], ["qwen3-8b", "megakernel"]]
+    fused = rows[0].split(" | ")
+    assert fused[3:7] == ["—"] * 4  # batch 1-8: only in the file that was not interleaved
+    assert fused[7].startswith("1.00 (0.96–1.03)°<br>TTFT ")
+    assert "random:" not in grid  # the self-draft's random checkpoint is not a shipped-plan point
+
+
+def test_a_point_runs_the_code_the_plan_gives_its_batch():
+    s = load_script("summarize")
+    status = {"mode": "megakernel", "megakernel_max_batch": 8, "fused_max_tokens": 2}
+    assert [s._code(status, {"batch_size": b}) for b in (1, 8, 16)] == ["megakernel", "megakernel", "stock"]
+    fused = {"mode": "fused", "megakernel_max_batch": 0, "fused_max_tokens": 2}
+    assert [s._code(fused, {"batch_size": b}) for b in (2, 4)] == ["fused", "stock"]
