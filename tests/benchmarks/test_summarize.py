@@ -5,9 +5,20 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def summarize(tmp_path, monkeypatch):
+    """The script, reading result folders under ``tmp_path/benchmarks/results`` instead of the repository's."""
+    script = load_script("summarize")
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    monkeypatch.setattr(script, "RESULTS", tmp_path / "benchmarks" / "results")
+    return script
 
 
 def test_benchmarks_md_is_what_the_result_files_give():
@@ -16,9 +27,8 @@ def test_benchmarks_md_is_what_the_result_files_give():
     )
 
 
-def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypatch):
-    s = load_script("summarize")
-    results = tmp_path / "benchmarks" / "results"
+def test_a_new_result_folder_gets_its_date_command_and_group(summarize):
+    results = summarize.RESULTS
     old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
     new = results / "h200" / "2026-12-02-bench-8b-b1-megakernel"
     new.mkdir(parents=True)
@@ -31,10 +41,8 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
     command = "MODE=megakernel BATCHES=1 \\\n  bash benchmarks/e2e_device.sh bench qwen3-8b OUT\n"
     (new / "command.txt").write_text(command)
     shutil.copytree(old.parent, results / "h100" / old.parent.name)
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", results)
 
-    text = s.render()
+    text = summarize.render()
     link = "[bench-8b-b1-megakernel](benchmarks/results/h200/2026-12-02-bench-8b-b1-megakernel/)"
     # Every side decodes 127 steps in 0.127 s: 1 ms a step on both, so 1.00x.
     assert f"| 2026-12-02 | {link} | megakernel | qwen3-8b | 1 | 1.00 / 1.00 | 1.00× |" in text
@@ -44,12 +52,11 @@ def test_a_new_result_folder_gets_its_date_command_and_group(tmp_path, monkeypat
     h100 = text.index("### NVIDIA H100 80GB HBM3, vLLM 0.26.0 (`h100/`)")
     h200 = text.index("### NVIDIA H200, vLLM 0.26.0 (`h200/`)")
     assert h100 < h200 < text.index("## Same tokens?")
-    assert s.render() == text  # deterministic
+    assert summarize.render() == text  # deterministic
 
 
-def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp_path, monkeypatch):
-    s = load_script("summarize")
-    folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-serve-soak-tiny"
+def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(summarize):
+    folder = summarize.RESULTS / "h200" / "2026-12-03-serve-soak-tiny"
     folder.mkdir(parents=True)
     mode = {"requests_per_burst": 4, "errors": 0, "ttft_median_s": 0.02, "tpot_median_s": 0.005,
             "same_text_across_bursts": 4, "memory_growth_mib": 0.0}
@@ -60,10 +67,8 @@ def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp
     (folder / "soak.json").write_text(json.dumps(soak))
     (folder / "command.txt").write_text("VLLM_MIRAGE_PLAN=plan.json python benchmarks/serve_soak.py \\\n"
                                         "  --out OUT/soak.json\n# plan.json: every path up to batch 16.\n")
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
 
-    text = s.render()
+    text = summarize.render()
     link = "[serve-soak-tiny](benchmarks/results/h200/2026-12-03-serve-soak-tiny/)"
     assert "### NVIDIA H200, vLLM 0.26.0 (`h200/`)" in text
     assert f"| 2026-12-03 | {link} | stock | 4 × 2 | 0 | 100 | 1.00× | 20.00 | 5.00 | 4/4 | n/a | 0 |" in text
@@ -72,25 +77,21 @@ def test_a_serving_soak_gets_a_row_per_mode_with_its_notes_after_the_command(tmp
     assert f"- {link} (2026-12-03): `{command}` plan.json: every path up to batch 16." in text
 
 
-def test_a_check_with_a_control_shows_it_beside_mirage(tmp_path, monkeypatch):
-    s = load_script("summarize")
+def test_a_check_with_a_control_shows_it_beside_mirage(summarize):
     old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-02-check-random-0.6b-fused" / "check.json.gz"
-    folder = tmp_path / "benchmarks" / "results" / "h200" / "2026-12-03-check-controlled"
+    folder = summarize.RESULTS / "h200" / "2026-12-03-check-controlled"
     folder.mkdir(parents=True)
-    data = s._read_json(old)
+    data = summarize._read_json(old)
     control = {**data["comparison"], "logprobs": {**data["comparison"]["logprobs"], "mean_diff": 0.01, "max_diff": 0.5}}
     data["control"] = {"engine_args": {"max_num_seqs": 8}, "comparison": control}
     (folder / "check.json.gz").write_bytes(gzip.compress(json.dumps(data).encode()))  # as large checks are kept
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
-    row = next(line for line in s.render().splitlines() if "check-controlled" in line and line.startswith("|"))
+    row = next(line for line in summarize.render().splitlines() if "check-controlled" in line and line.startswith("|"))
     assert row.endswith("| 0.16 / 1.1 (top 5) | 0.01 / 0.5 (top 5) |")
 
 
-def test_a_single_control_side_is_named_stock(tmp_path, monkeypatch):
+def test_a_single_control_side_is_named_stock(summarize):
     """bench --mode stock alone: the side is labelled "control" and its rows name their mode "stock"."""
-    s = load_script("summarize")
-    results = tmp_path / "benchmarks" / "results"
+    results = summarize.RESULTS
     old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
     new = results / "h200" / "2026-12-05-bench-8b-stock-control"
     new.mkdir(parents=True)
@@ -99,16 +100,13 @@ def test_a_single_control_side_is_named_stock(tmp_path, monkeypatch):
     data["sides"]["control"] = data["sides"].pop("mirage")
     data.update(mirage_mode="stock", mirage_label="control")
     (new / "results.json").write_text(json.dumps(data))
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", results)
     link = "[bench-8b-stock-control](benchmarks/results/h200/2026-12-05-bench-8b-stock-control/)"
-    assert f"| {link} | stock | qwen3-8b | 1 |" in s.render()
+    assert f"| {link} | stock | qwen3-8b | 1 |" in summarize.render()
 
 
-def test_multi_token_sides_are_named_with_their_tokens_per_step(tmp_path, monkeypatch):
+def test_multi_token_sides_are_named_with_their_tokens_per_step(summarize):
     """bench --tokens-per-step 2 4: one row per side and batch, each naming its tokens a step."""
-    s = load_script("summarize")
-    results = tmp_path / "benchmarks" / "results"
+    results = summarize.RESULTS
     old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-04-bench-1.7b-self-draft-verify-rows" / "results.json"
     new = results / "h200" / "2026-12-05-bench-0.6b-tokens-per-step"
     new.mkdir(parents=True)
@@ -120,19 +118,16 @@ def test_multi_token_sides_are_named_with_their_tokens_per_step(tmp_path, monkey
         data["sides"][label] = side
         data["modes"].append({"mode": "multi-token-eagle", "tokens_per_step": tokens, "label": label})
     (new / "results.json").write_text(json.dumps(data))
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", results)
     link = "[bench-0.6b-tokens-per-step](benchmarks/results/h200/2026-12-05-bench-0.6b-tokens-per-step/)"
-    text = s.render()
+    text = summarize.render()
     for tokens in (2, 4):
         assert f"| {link} | multi-token-eagle, {tokens} tokens a step | random:qwen3-1.7b | 1 |" in text
 
 
-def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(tmp_path, monkeypatch):
+def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(summarize):
     """Only interleaved benches of the shipped plan on dummy weights fill the grid; a point above the
     plan's limits (stock's layers on the Mirage side too) is marked."""
-    s = load_script("summarize")
-    results = tmp_path / "benchmarks" / "results" / "h200"
+    results = summarize.RESULTS / "h200"
     here = ROOT / "benchmarks" / "results" / "h200"
     for name in ("2026-12-04-bench-8b-shipped-b16-b64", "2026-12-04-bench-1.7b-self-draft-verify-rows",
                  "2026-12-04-bench-8b-shipped-b1-b8"):
@@ -142,9 +137,7 @@ def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(tm
             for side in data["sides"].values():
                 side["interleaved_with"] = None
         (results / name / "results.json").write_text(json.dumps(data))
-    monkeypatch.setattr(s, "ROOT", tmp_path)
-    monkeypatch.setattr(s, "RESULTS", tmp_path / "benchmarks" / "results")
-    grid = s.render().split("## Never slower")[1].split("\n## ")[0]
+    grid = summarize.render().split("## Never slower")[1].split("\n## ")[0]
     rows = [line for line in grid.splitlines() if line.startswith("| NVIDIA H200")]
     assert [row.split(" | ")[1:3] for row in rows] == [["qwen3-8b", "fused"], ["qwen3-8b", "megakernel"]]
     fused = rows[0].split(" | ")
