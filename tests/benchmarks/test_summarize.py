@@ -21,6 +21,17 @@ def summarize(tmp_path, monkeypatch):
     return script
 
 
+def _bench_result(summarize, source: str, folder: str, change=lambda data: None) -> Path:
+    """The committed bench file of ``source`` (``<gpu>/<folder>``), after ``change(data)``, written to the
+    script's temporary results tree as ``folder``; returns that folder."""
+    data = json.loads((ROOT / "benchmarks" / "results" / source / "results.json").read_text())
+    change(data)
+    new = summarize.RESULTS / folder
+    new.mkdir(parents=True)
+    (new / "results.json").write_text(json.dumps(data))
+    return new
+
+
 def test_benchmarks_md_is_what_the_result_files_give():
     assert load_script("summarize").render() == (ROOT / "BENCHMARKS.md").read_text(), (
         "BENCHMARKS.md is stale: run python benchmarks/summarize.py"
@@ -28,19 +39,18 @@ def test_benchmarks_md_is_what_the_result_files_give():
 
 
 def test_a_new_result_folder_gets_its_date_command_and_group(summarize):
-    results = summarize.RESULTS
-    old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
-    new = results / "h200" / "2026-12-02-bench-8b-b1-megakernel"
-    new.mkdir(parents=True)
-    data = json.loads(old.read_text())
-    del data["created"]  # no date in the file: the folder's
-    data["system"]["gpu"] = "NVIDIA H200"
-    for side in data["sides"].values():
-        side["timings"]["1"]["total_s"] = [t + 0.127 for t in side["timings"]["1"]["first_token_s"]]
-    (new / "results.json").write_text(json.dumps(data))
+    old = "h100/2026-11-24-bench-8b-b1-megakernel"
+
+    def on_h200_undated(data):
+        del data["created"]  # no date in the file: the folder's
+        data["system"]["gpu"] = "NVIDIA H200"
+        for side in data["sides"].values():
+            side["timings"]["1"]["total_s"] = [t + 0.127 for t in side["timings"]["1"]["first_token_s"]]
+
+    new = _bench_result(summarize, old, "h200/2026-12-02-bench-8b-b1-megakernel", on_h200_undated)
     command = "MODE=megakernel BATCHES=1 \\\n  bash benchmarks/e2e_device.sh bench qwen3-8b OUT\n"
     (new / "command.txt").write_text(command)
-    shutil.copytree(old.parent, results / "h100" / old.parent.name)
+    shutil.copytree(ROOT / "benchmarks" / "results" / old, summarize.RESULTS / old)
 
     text = summarize.render()
     link = "[bench-8b-b1-megakernel](benchmarks/results/h200/2026-12-02-bench-8b-b1-megakernel/)"
@@ -91,33 +101,31 @@ def test_a_check_with_a_control_shows_it_beside_mirage(summarize):
 
 def test_a_single_control_side_is_named_stock(summarize):
     """bench --mode stock alone: the side is labelled "control" and its rows name their mode "stock"."""
-    results = summarize.RESULTS
-    old = ROOT / "benchmarks" / "results" / "h100" / "2026-11-24-bench-8b-b1-megakernel" / "results.json"
-    new = results / "h200" / "2026-12-05-bench-8b-stock-control"
-    new.mkdir(parents=True)
-    data = json.loads(old.read_text())
-    data["system"]["gpu"] = "NVIDIA H200"
-    data["sides"]["control"] = data["sides"].pop("mirage")
-    data.update(mirage_mode="stock", mirage_label="control")
-    (new / "results.json").write_text(json.dumps(data))
+
+    def control_on_h200(data):
+        data["system"]["gpu"] = "NVIDIA H200"
+        data["sides"]["control"] = data["sides"].pop("mirage")
+        data.update(mirage_mode="stock", mirage_label="control")
+
+    _bench_result(summarize, "h100/2026-11-24-bench-8b-b1-megakernel", "h200/2026-12-05-bench-8b-stock-control",
+                  control_on_h200)
     link = "[bench-8b-stock-control](benchmarks/results/h200/2026-12-05-bench-8b-stock-control/)"
     assert f"| {link} | stock | qwen3-8b | 1 |" in summarize.render()
 
 
 def test_multi_token_sides_are_named_with_their_tokens_per_step(summarize):
     """bench --tokens-per-step 2 4: one row per side and batch, each naming its tokens a step."""
-    results = summarize.RESULTS
-    old = ROOT / "benchmarks" / "results" / "h200" / "2026-12-04-bench-1.7b-self-draft-verify-rows" / "results.json"
-    new = results / "h200" / "2026-12-05-bench-0.6b-tokens-per-step"
-    new.mkdir(parents=True)
-    data = json.loads(old.read_text())
-    side = data["sides"].pop("mirage")
-    data["modes"] = []
-    for tokens in (2, 4):
-        label = f"mirage[multi-token-eagle, {tokens} tokens]"
-        data["sides"][label] = side
-        data["modes"].append({"mode": "multi-token-eagle", "tokens_per_step": tokens, "label": label})
-    (new / "results.json").write_text(json.dumps(data))
+
+    def two_token_counts(data):
+        side = data["sides"].pop("mirage")
+        data["modes"] = []
+        for tokens in (2, 4):
+            label = f"mirage[multi-token-eagle, {tokens} tokens]"
+            data["sides"][label] = side
+            data["modes"].append({"mode": "multi-token-eagle", "tokens_per_step": tokens, "label": label})
+
+    _bench_result(summarize, "h200/2026-12-04-bench-1.7b-self-draft-verify-rows",
+                  "h200/2026-12-05-bench-0.6b-tokens-per-step", two_token_counts)
     link = "[bench-0.6b-tokens-per-step](benchmarks/results/h200/2026-12-05-bench-0.6b-tokens-per-step/)"
     text = summarize.render()
     for tokens in (2, 4):
@@ -127,16 +135,15 @@ def test_multi_token_sides_are_named_with_their_tokens_per_step(summarize):
 def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(summarize):
     """Only interleaved benches of the shipped plan on dummy weights fill the grid; a point above the
     plan's limits (stock's layers on the Mirage side too) is marked."""
-    results = summarize.RESULTS / "h200"
-    here = ROOT / "benchmarks" / "results" / "h200"
-    for name in ("2026-12-04-bench-8b-shipped-b16-b64", "2026-12-04-bench-1.7b-self-draft-verify-rows",
-                 "2026-12-04-bench-8b-shipped-b1-b8"):
-        (results / name).mkdir(parents=True)
-        data = json.loads((here / name / "results.json").read_text())
-        if name.endswith("b1-b8"):  # as if run without --interleave: no paired ratios, no grid point
-            for side in data["sides"].values():
-                side["interleaved_with"] = None
-        (results / name / "results.json").write_text(json.dumps(data))
+
+    def not_interleaved(data):  # as if run without --interleave: no paired ratios, no grid point
+        for side in data["sides"].values():
+            side["interleaved_with"] = None
+
+    for name in ("h200/2026-12-04-bench-8b-shipped-b16-b64", "h200/2026-12-04-bench-1.7b-self-draft-verify-rows"):
+        _bench_result(summarize, name, name)
+    _bench_result(summarize, "h200/2026-12-04-bench-8b-shipped-b1-b8", "h200/2026-12-04-bench-8b-shipped-b1-b8",
+                  not_interleaved)
     grid = summarize.render().split("## Never slower")[1].split("\n## ")[0]
     rows = [line for line in grid.splitlines() if line.startswith("| NVIDIA H200")]
     assert [row.split(" | ")[1:3] for row in rows] == [["qwen3-8b", "fused"], ["qwen3-8b", "megakernel"]]
