@@ -233,6 +233,7 @@ def bench_section(results: list[Result]) -> list[str]:
 
 
 GRID_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+GRID_MODES = {"stock": "stock (control)"}
 
 
 def grid_section(results: list[Result]) -> list[str]:
@@ -248,12 +249,14 @@ def grid_section(results: list[Result]) -> list[str]:
                                     "mirage_status": d.get("mirage_status")}]
         for mode in modes:
             status = mode.get("mirage_status") or {}
-            if mode["mode"] not in ("fused", "megakernel") or not str(status.get("plan")).startswith("shipped"):
+            shipped = mode["mode"] in ("fused", "megakernel") and str(status.get("plan")).startswith("shipped")
+            if not shipped and mode["mode"] != "stock":
                 continue
-            key = (_system(r).get("gpu") or r.gpu_dir, d["model"]["name"], mode["mode"])
+            key = (_system(r).get("gpu") or r.gpu_dir, d["model"]["name"], GRID_MODES.get(mode["mode"], mode["mode"]))
             for row in stats.summarize(stock, d["sides"][mode["label"]], d["settings"]["max_tokens"]):
                 if row.get("paired") and row["batch_size"] in GRID_BATCHES:
-                    points.setdefault(key, {}).setdefault(row["batch_size"], (row["paired"], r, _code(status, row)))
+                    code = _code(status, row) if shipped else "control"
+                    points.setdefault(key, {}).setdefault(row["batch_size"], (row["paired"], r, code))
     if not points:
         return []
     lines = [
@@ -262,7 +265,9 @@ def grid_section(results: list[Result]) -> list[str]:
         "Per model preset and `VLLM_USE_MIRAGE` mode, the paired decode-step speed-up over stock (95% "
         "interval) and, below it, the paired TTFT ratio (Mirage / stock), from the newest `--interleave` "
         "bench of the shipped plan at each batch size. ° marks points where the plan runs stock's layers on "
-        "the Mirage side too (above its limits), so the ratio is how far two stock engines pair there.",
+        "the Mirage side too (above its limits), so the ratio is how far two stock engines pair there. "
+        "\"stock (control)\" is a second stock engine timed like a Mirage side (`bench --mode stock`): the "
+        "same ratios between two engines running identical code, the yardstick for the rows beside it.",
         "",
     ]
     header = ("GPU", "model", "mode", *(f"batch {b}" for b in GRID_BATCHES), "files")

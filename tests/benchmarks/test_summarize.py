@@ -153,6 +153,22 @@ def test_the_never_slower_grid_takes_shipped_plan_points_and_marks_stock_code(su
     assert "random:" not in grid  # the self-draft's random checkpoint is not a shipped-plan point
 
 
+def test_the_grid_puts_the_stock_control_beside_the_mirage_rows_unmarked(summarize):
+    """A bench with ``--mode stock`` gives the grid a "stock (control)" row: stock against stock, the
+    yardstick, not a point where the plan fell back (no °)."""
+    name = "h200/2026-12-04-bench-8b-control-b8-b64"
+    _bench_result(summarize, name, name)
+    grid = summarize.render().split("## Never slower")[1].split("\n## ")[0]
+    rows = {row.split(" | ")[2]: row.split(" | ") for row in grid.splitlines() if row.startswith("| NVIDIA H200")}
+    assert list(rows) == ["megakernel", "stock (control)"]
+    control, megakernel = rows["stock (control)"], rows["megakernel"]
+    assert control[3:6] == ["—"] * 3  # batch 1-4 not run
+    assert control[6].startswith("0.98 (0.97–0.99)<br>TTFT ")  # batch 8
+    assert "°" not in "".join(control[3:10])
+    assert megakernel[6].startswith("1.00 (0.97–1.00)<br>")  # within its limit: no mark
+    assert megakernel[7].startswith("0.99 (0.97–1.00)°<br>")  # batch 16: stock's layers
+
+
 def test_a_point_runs_the_code_the_plan_gives_its_batch():
     s = load_script("summarize")
     status = {"mode": "megakernel", "megakernel_max_batch": 8, "fused_max_tokens": 2}
