@@ -14,8 +14,10 @@ One stock engine (async scheduling, no Mirage), batch 1 and 8. Each round times 
 Per pair it records the bench's decode step, ``(t(128) - t(1)) / 127``, and the same step from the
 128-token call alone (vLLM's per-request first- and last-token times, which leave prefill out), plus the
 CPU time the hypervisor stole during the pair and the GPU's SM clock after it. The summary gives each
-condition's median and the spread of ratios between its consecutive pairs: the noise a stock-against-
-stock pairing would show under that condition.
+condition's median, the spread of ratios between its consecutive pairs (the noise a stock-against-stock
+pairing would show under that condition) and of its ratios to the default pair of the same round.
+
+    python3 benchmarks/host_noise.py --summarize OUT_JSON   (the summary again, from the saved pairs)
 """
 import gc
 import json
@@ -27,8 +29,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from vllm import LLM, SamplingParams
 
 from vllm_mirage.cli.models import resolve_model
 from vllm_mirage.cli.prompts import fallback_token_ids, take_batch
@@ -72,11 +72,11 @@ def sm_clock_mhz() -> int | None:
     return int(out.stdout.split()[0]) if out.returncode == 0 else None
 
 
-def in_call_step(outs) -> float | None:
-    """Median over requests of (last token - first token) / (tokens - 1), from vLLM's request stats."""
-    steps = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (len(o.outputs[0].token_ids) - 1)
-             for o in outs if o.metrics is not None and o.metrics.last_token_ts > o.metrics.first_token_ts]
-    return statistics.median(steps) if steps else None
+def in_call_step(outs) -> float:
+    """Median over requests of (last token - first token) / (tokens - 1), from vLLM's request stats (the
+    engine keeps them because it runs with disable_log_stats=False)."""
+    return statistics.median((o.metrics.last_token_ts - o.metrics.first_token_ts) / (len(o.outputs[0].token_ids) - 1)
+                             for o in outs)
 
 
 def timed_pair(llm, batch, one, full) -> dict:
@@ -86,8 +86,7 @@ def timed_pair(llm, batch, one, full) -> dict:
     t1 = time.perf_counter()
     outs = llm.generate(batch, full, use_tqdm=False)
     tn = time.perf_counter() - t1
-    in_call = in_call_step(outs)
-    return {"decode_ms": (tn - (t1 - t0)) / (NEW_TOKENS - 1) * 1e3, "in_call_ms": in_call and in_call * 1e3,
+    return {"decode_ms": (tn - (t1 - t0)) / (NEW_TOKENS - 1) * 1e3, "in_call_ms": in_call_step(outs) * 1e3,
             "stolen_jiffies": stolen_jiffies() - stolen, "sm_mhz": sm_clock_mhz()}
 
 
@@ -106,16 +105,44 @@ def condition_pair(name, llm, batch, one, full) -> dict:
             set_affinity(ALL_CPUS)
 
 
-def spread(values: list[float]) -> dict:
-    """Median, and the ratios of consecutive pairs: their median |log| and 10th-90th percentile."""
+def spread(values: list[float], default: list[float]) -> dict:
+    """Median; the ratios of consecutive pairs (their median |log|, 10th and 90th percentiles); the 10th
+    and 90th percentiles of the ratios to the default pair of the same round."""
     ratios = [a / b for a, b in zip(values[::2], values[1::2])]
     logs = sorted(abs(math.log(r)) for r in ratios)
-    q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else [math.nan] * 9
+    q = _deciles(ratios)
+    d = _deciles([v / base for v, base in zip(values, default)])
     return {"median": statistics.median(values), "pair_ratio_p10": q[0], "pair_ratio_p90": q[-1],
-            "pair_ratio_median_abs_log": logs[len(logs) // 2]}
+            "pair_ratio_median_abs_log": logs[len(logs) // 2],
+            "to_default_p10": d[0], "to_default_p90": d[-1]}
+
+
+def _deciles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=10) if len(values) > 1 else [math.nan] * 9
+
+
+def summarize(pairs: dict[str, list[dict]]) -> dict:
+    def steps(name, key):
+        return [p[key] for p in pairs[name]]
+
+    return {name: {key: spread(steps(name, key), steps("default", key)) for key in ("decode_ms", "in_call_ms")}
+            | {"stolen_jiffies": sum(p["stolen_jiffies"] for p in ps),
+               "sm_mhz": sorted({p["sm_mhz"] for p in ps if p["sm_mhz"] is not None})}
+            for name, ps in pairs.items()}
+
+
+def print_summary(batch_size, summary: dict) -> None:
+    for name, s in summary.items():
+        print(batch_size, name, json.dumps(s), flush=True)
 
 
 def main() -> None:
+    if sys.argv[1] == "--summarize":
+        for batch_size, saved in json.loads(Path(sys.argv[2]).read_text())["batches"].items():
+            print_summary(batch_size, summarize(saved["pairs"]))
+        return
+    from vllm import LLM, SamplingParams  # here, so that --summarize runs without vLLM
+
     model = resolve_model(sys.argv[1])
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 16
     llm = LLM(model=model.model, load_format=model.load_format, skip_tokenizer_init=True,
@@ -138,13 +165,9 @@ def main() -> None:
             k = r % len(conditions)
             for name in conditions[k:] + conditions[:k]:
                 pairs[name].append(condition_pair(name, llm, batch, one, full))
-        summary = {name: {key: spread([p[key] for p in ps if p[key] is not None]) for key in ("decode_ms", "in_call_ms")}
-                   | {"stolen_jiffies": sum(p["stolen_jiffies"] for p in ps),
-                      "sm_mhz": sorted({p["sm_mhz"] for p in ps if p["sm_mhz"] is not None})}
-                   for name, ps in pairs.items()}
+        summary = summarize(pairs)
         result["batches"][batch_size] = {"pairs": pairs, "summary": summary}
-        for name, s in summary.items():
-            print(batch_size, name, json.dumps(s), flush=True)
+        print_summary(batch_size, summary)
     Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
 
 
