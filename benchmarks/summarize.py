@@ -233,7 +233,6 @@ def bench_section(results: list[Result]) -> list[str]:
 
 
 GRID_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-GRID_MODES = {"stock": "stock (control)"}
 
 
 def grid_section(results: list[Result]) -> list[str]:
@@ -252,7 +251,8 @@ def grid_section(results: list[Result]) -> list[str]:
             shipped = mode["mode"] in ("fused", "megakernel") and str(status.get("plan")).startswith("shipped")
             if not shipped and mode["mode"] != "stock":
                 continue
-            key = (_system(r).get("gpu") or r.gpu_dir, d["model"]["name"], GRID_MODES.get(mode["mode"], mode["mode"]))
+            label = mode["mode"] if shipped else "stock (control)"
+            key = (_system(r).get("gpu") or r.gpu_dir, d["model"]["name"], label)
             for row in stats.summarize(stock, d["sides"][mode["label"]], d["settings"]["max_tokens"]):
                 if row.get("paired") and row["batch_size"] in GRID_BATCHES:
                     code = _code(status, row) if shipped else "control"
