@@ -106,15 +106,16 @@ def condition_pair(name, llm, batch, one, full) -> dict:
 
 
 def spread(values: list[float], default: list[float]) -> dict:
-    """Median; the ratios of consecutive pairs (their median |log|, 10th and 90th percentiles); the 10th
-    and 90th percentiles of the ratios to the default pair of the same round."""
+    """Median; the ratios of consecutive pairs (their median |log|, 10th and 90th percentiles); the ratios
+    to the default pair of the same round (their median, 10th and 90th percentiles)."""
     ratios = [a / b for a, b in zip(values[::2], values[1::2])]
     logs = sorted(abs(math.log(r)) for r in ratios)
     q = _deciles(ratios)
-    d = _deciles([v / base for v, base in zip(values, default)])
+    to_default = [v / base for v, base in zip(values, default)]
+    d = _deciles(to_default)
     return {"median": statistics.median(values), "pair_ratio_p10": q[0], "pair_ratio_p90": q[-1],
             "pair_ratio_median_abs_log": logs[len(logs) // 2],
-            "to_default_p10": d[0], "to_default_p90": d[-1]}
+            "to_default_median": statistics.median(to_default), "to_default_p10": d[0], "to_default_p90": d[-1]}
 
 
 def _deciles(values: list[float]) -> list[float]:

@@ -25,7 +25,8 @@ def test_spread_pairs_consecutive_steps_and_rounds():
     assert default["pair_ratio_median_abs_log"] == pytest.approx(0.6931, abs=1e-4)
     assert default["to_default_p10"] == default["to_default_p90"] == 1.0
     # pinned against the same round's default: 1, 2, 2, 2
-    assert pinned["median"] == 2.0 and pinned["to_default_p90"] == pytest.approx(2.0)
+    assert pinned["median"] == 2.0 and pinned["to_default_median"] == 2.0
+    assert pinned["to_default_p90"] == pytest.approx(2.0)
     assert summary["pinned"]["stolen_jiffies"] == 4 and summary["pinned"]["sm_mhz"] == [1980]
 
 
