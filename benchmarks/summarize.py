@@ -169,8 +169,7 @@ def bench_rows(r: Result) -> list[tuple]:
     """One table row per (Mirage mode, batch size), figures recomputed from the raw timings."""
     d = r.data
     stock = [d["sides"][b["label"]] for b in d["baselines"]]
-    modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage"),
-                                "tokens_per_step": d.get("mirage_tokens_per_step")}]
+    modes = _modes(d)
     tp = d["settings"]["engine_args"].get("tensor_parallel_size", 1)
     rows = []
     for mode in modes:
@@ -193,6 +192,13 @@ def bench_rows(r: Result) -> list[tuple]:
                 d["settings"]["num_iterations"],
             ))
     return rows
+
+
+def _modes(d: dict) -> list[dict]:
+    """A bench file's Mirage sides: ``modes`` where the bench recorded it, else its one side's fields."""
+    return d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage"),
+                               "tokens_per_step": d.get("mirage_tokens_per_step"),
+                               "mirage_status": d.get("mirage_status")}]
 
 
 def _single_mode(d: dict) -> str:
@@ -244,9 +250,7 @@ def grid_section(results: list[Result]) -> list[str]:
         if d["model"]["name"].startswith("random:") or not d["settings"].get("interleaved"):
             continue
         stock = [d["sides"][b["label"]] for b in d["baselines"]]
-        modes = d.get("modes") or [{"mode": _single_mode(d), "label": d.get("mirage_label", "mirage"),
-                                    "mirage_status": d.get("mirage_status")}]
-        for mode in modes:
+        for mode in _modes(d):
             status = mode.get("mirage_status") or {}
             shipped = mode["mode"] in ("fused", "megakernel") and str(status.get("plan")).startswith("shipped")
             if not shipped and mode["mode"] != "stock":
